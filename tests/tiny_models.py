@@ -1,0 +1,58 @@
+"""Tiny causal LMs for tests: random weights, or quickly trained to memorize given sequences."""
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoConfig,
+    LlamaConfig,
+    PhiConfig,
+)
+
+VOCAB = 97
+
+
+def make_tiny_model(arch: str = "llama", vocab: int = VOCAB, seed: int = 0, n_ctx: int = 64):
+    """A 2-layer model of the named architecture with random weights, float32, eval mode."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_ctx,
+                          tie_word_embeddings=False)
+    elif arch == "gpt_neo":
+        cfg = GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4,
+                           attention_types=[[["global", "local"], 1]], window_size=16,
+                           max_position_embeddings=n_ctx, intermediate_size=64)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=n_ctx)
+    elif arch == "phi":
+        cfg = PhiConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=n_ctx)
+    elif arch == "gemma":
+        cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                          max_position_embeddings=n_ctx)
+    else:
+        raise ValueError(arch)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    model = AutoModelForCausalLM.from_config(cfg)
+    return model.float().eval()
+
+
+def random_sequences(n: int, length: int, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g)
+
+
+def memorize(model, sequences: torch.Tensor, steps: int = 300, lr: float = 1e-2):
+    """Train ``model`` in place until it reproduces ``sequences`` greedily; returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        out = model(input_ids=sequences, labels=sequences)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    return model.eval()
