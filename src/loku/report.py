@@ -1,0 +1,116 @@
+"""report.json (everything needed to reproduce and audit a run), report.md (for people), plots."""
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .config import UnlearnConfig
+from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy, save_adapter
+
+LIBRARIES = ("loku", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "scipy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
+    return str(value)
+
+
+BEFORE_AFTER_ROWS = (
+    ("EL_n forget", "forget_el"),
+    ("MA forget", "forget_ma"),
+    ("EL_n held-out", "val_el"),
+    ("MA held-out", "val_ma"),
+    ("PPL held-out", "val_ppl"),
+)
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    lines = ["| metric | before | after |", "|---|---:|---:|"]
+    for label, key in BEFORE_AFTER_ROWS:
+        if key in before or key in after:
+            lines.append(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    th = report["thresholds"]
+    verdict = (f"**forgotten** after {report['epochs_to_success']} epoch(s)" if report["outcome"] == "success"
+               else f"**failed**: stop rule not met within {cfg['max_epochs']} epochs")
+    lines = [
+        f"# loku unlearning report: {cfg['method']} on {cfg['model']}",
+        "",
+        f"Outcome: {verdict}. Stop rule: forget EL_{cfg['el_n']} <= {th['el']:.4f} and forget MA <= {th['ma']:.4f} "
+        f"({th['source']}).",
+        "",
+        before_after_table(report["before"], report["after"]),
+        "",
+        "## Epochs",
+        "",
+        "| epoch | forget loss | retain loss | MA forget | EL forget | MA held-out | PPL held-out | s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in report["epochs"]:
+        lines.append(f"| {e['epoch']} | {_fmt(e.get('loss_forget'))} | {_fmt(e.get('loss_retain'))} | "
+                     f"{_fmt(e['forget_ma'])} | {_fmt(e.get('forget_el'))} | {_fmt(e.get('val_ma'))} | "
+                     f"{_fmt(e.get('val_ppl'))} | {e['seconds']:.1f} |")
+    flops = report["flops"]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"- trainable parameters: {report['trainable_parameters']:,} of {report['total_parameters']:,} "
+        f"({100 * report['trainable_share']:.2f}%)",
+        f"- estimated FLOPs: training {flops['training']:.3g}, Fisher {flops['fisher']:.3g}, "
+        f"evaluation (teacher-forced) {flops['evaluation_teacher_forced']:.3g}",
+        f"- wall time {report['seconds']['total']:.1f} s (initialisation {report['seconds']['init']:.1f} s), "
+        f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
+        f"- seed {cfg['seed']}; versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()
+                                                         if k != "platform"),
+        "",
+        "Outputs: `model/` (merged, loads with `AutoModelForCausalLM.from_pretrained`), "
+        "`adapter/` (LoRA adapter + residual base weights; `loku.models.load_model(BASE, adapter=...)`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write the whole output folder under a temporary name, then rename it into place."""
+    from peft import PeftModel
+
+    report = {"config": cfg.to_dict(), "versions": library_versions(), **result.report, **(extra or {})}
+    out = Path(cfg.out)
+    with atomic_dir(out) as tmp:
+        if cfg.save_model:
+            merged = merged_copy(result.model)
+            merged.save_pretrained(tmp / "model", safe_serialization=True)
+            result.tokenizer.save_pretrained(tmp / "model")
+        if isinstance(result.model, PeftModel):
+            save_adapter(result.model, tmp / "adapter", residual=result.residual,
+                         meta={"base_model": cfg.model, "base_fingerprint": report["base_fingerprint"],
+                               "method": cfg.method})
+        try:
+            from .plots import plot_epoch_curves
+
+            plot_epoch_curves(report["epochs"], tmp / "epochs.png")
+        except ImportError:  # plotting is optional; the numbers are all in report.json
+            pass
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", render_markdown(report))
+    return out

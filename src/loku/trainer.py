@@ -1,0 +1,343 @@
+"""The unlearning loop (ALGORITHMS.md §6): adapt, train on paired forget/retain batches, stop by EL/MA.
+
+Thin orchestration: the math lives in losses.py, fisher.py and init.py; data in data.py; metrics
+in metrics/. Runs unchanged under ``accelerate launch`` (batches are sharded by process index,
+only the main process writes).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .config import UnlearnConfig
+from .errors import ConfigError, TrainingDiverged
+from .save import check_output_dir
+from .models import check_rank, is_conv1d, load_model, model_fingerprint, resolve_targets
+
+
+@dataclass
+class Sets:
+    """Tokenized forget / retain / validation sets and their provenance."""
+
+    forget: data_mod.TextSet
+    retain: data_mod.TextSet | None
+    validation: data_mod.TextSet | None
+    forget_ids: list[list[int]]
+    retain_ids: list[list[int]]
+    validation_ids: list[list[int]]
+
+
+@dataclass
+class RunResult:
+    model: torch.nn.Module  # the unlearned model (a PeftModel for LoRA methods)
+    tokenizer: Any
+    report: dict[str, Any]
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_sets(cfg: UnlearnConfig) -> tuple[data_mod.TextSet, data_mod.TextSet | None, data_mod.TextSet | None]:
+    """Read every input file before any model is loaded, so bad input fails in seconds."""
+    forget = data_mod.load_text_set(cfg.forget, "forget")
+    retain = data_mod.load_text_set(cfg.retain, "retain") if cfg.retain else None
+    validation = data_mod.load_text_set(cfg.validation, "validation") if cfg.validation else None
+    if retain is not None:
+        data_mod.check_forget_not_in_retain(forget.texts, retain.texts, cfg.forget, cfg.retain)
+    if validation is None and (cfg.ma_threshold is None or cfg.el_threshold is None):
+        raise ConfigError(
+            "the stop rule needs held-out thresholds: pass --validation FILE (sequences never trained on), "
+            "or both --ma-threshold and --el-threshold"
+        )
+    return forget, retain, validation
+
+
+def model_context(model, cfg: UnlearnConfig) -> int:
+    if cfg.max_length:
+        return cfg.max_length
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, key, None)
+        if value:
+            return int(value)
+    return 2048
+
+
+def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation) -> Sets:
+    overflow = "truncate" if cfg.truncate else "error"
+
+    def tok(text_set):
+        if text_set is None:
+            return []
+        return data_mod.tokenize_texts(tokenizer, text_set.texts, max_length=context,
+                                       source=text_set.path, on_overflow=overflow)
+
+    return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation))
+
+
+# --------------------------------------------------------------------------- metrics over batches
+
+
+def per_sequence(metric: Callable, model, batches: list[dict], **kwargs) -> torch.Tensor:
+    values = [metric(model, b["input_ids"].to(_device(model)), attention_mask=b["attention_mask"].to(_device(model)),
+                     **kwargs) for b in batches]
+    return torch.cat(values).float().cpu() if values else torch.zeros(0)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def memorization(model, batches) -> float:
+    from .metrics import memorization_accuracy
+
+    return float(per_sequence(memorization_accuracy, model, batches).mean())
+
+
+def extraction(model, batches, n: int) -> float:
+    from .metrics import extraction_likelihood
+
+    return float(per_sequence(extraction_likelihood, model, batches, n=n).mean())
+
+
+def heldout_perplexity(model, batches) -> float:
+    """Token-weighted perplexity of the held-out set, in float64 accumulation."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            b = {k: v.to(_device(model)) for k, v in b.items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            labels = b["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += float(nll)
+            count += int((labels != -100).sum())
+    return math.exp(total / max(count, 1))
+
+
+# --------------------------------------------------------------------------- adapting the model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches) -> tuple[Any, list[str], dict, dict]:
+    """Wrap the model for the method: all weights trainable, or a LoRA adapter started by an initialiser.
+
+    Returns (model, target names, init stats, residual base weights keyed by parameter name).
+    """
+    method = cfg.method_spec()
+    if method.adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, [], {}, {}
+    from peft import LoraConfig, get_peft_model
+
+    from .init import InitContext, apply_initializer
+
+    targets = resolve_targets(model, cfg.targets)
+    check_rank(model, targets, cfg.rank)
+    modules = dict(model.named_modules())
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=any(is_conv1d(modules[t]) for t in targets), bias="none")
+    peft_model = get_peft_model(model, lora)
+    ctx = InitContext(forget_batches=forget_batches, retain_batches=retain_batches, fisher_mode=cfg.fisher_mode,
+                      eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress)
+    stats = apply_initializer(peft_model, method.init, ctx)
+    residual = {}
+    if method.init in ("fila", "vila"):
+        base_modules = dict(peft_model.get_base_model().named_modules())
+        residual = {f"{t}.weight": base_modules[t].get_base_layer().weight.detach().clone() for t in targets}
+    return peft_model, targets, stats, residual
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None) -> RunResult:
+    """Run one unlearning job. The model passed in (or loaded) is never modified: a copy is trained."""
+    from accelerate import Accelerator
+
+    from .losses import needs_reference, unlearning_loss
+
+    cfg.validate()
+    started = time.time()
+    set_seed(cfg.seed)
+    accelerator = accelerator or Accelerator()
+    if accelerator.is_main_process and cfg.out:
+        check_output_dir(cfg.out, cfg.overwrite)
+    forget_set, retain_set, validation_set = load_sets(cfg)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = copy.deepcopy(model)
+    data_mod.ensure_pad_token(tokenizer)
+    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set)
+    base_fingerprint = model_fingerprint(model)
+    model.to(accelerator.device).eval()
+
+    pad = tokenizer.pad_token_id
+    eval_batches = {
+        "forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
+        "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad),
+    }
+    log = accelerator.print if cfg.progress else (lambda *a, **k: None)
+
+    # Thresholds and "before" numbers come from the original model (Jang et al.'s protocol).
+    log("loku: measuring the model before unlearning")
+    before = evaluate_state(model, eval_batches, cfg, with_el=True)
+    ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else before["val_ma"]
+    el_threshold = cfg.el_threshold if cfg.el_threshold is not None else before["val_el"]
+
+    reference = None
+    method = cfg.method_spec()
+    if needs_reference(method.loss, cfg.retain_term):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    fisher_sample = (cfg.fisher_batches or None)
+    init_forget = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad)[:fisher_sample]
+    init_retain = data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad)[:fisher_sample] if sets.retain_ids else []
+    t_init = time.time()
+    model, targets, init_stats, residual = adapt_model(model, cfg, init_forget, init_retain)
+    init_seconds = time.time() - t_init
+    params = trainable_parameters(model)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    epochs: list[dict[str, Any]] = []
+    tokens_trained = 0
+    outcome = "failed"
+    epoch_bar = tqdm(range(1, cfg.max_epochs + 1), desc="unlearning", unit="epoch", disable=not cfg.progress)
+    for epoch in epoch_bar:
+        t_epoch = time.time()
+        forget_batches = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + epoch)
+        retain_batches = (data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad, shuffle=True,
+                                                seed=cfg.seed + 10_000 + epoch) if sets.retain_ids else [])
+        pairs = data_mod.pair_batches(forget_batches, retain_batches or None)
+        pairs = pairs[accelerator.process_index::accelerator.num_processes]
+        accum = len(pairs) if cfg.one_step_per_epoch else cfg.grad_accum
+        sums: dict[str, float] = {}
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
+        for step, (fb, rb) in enumerate(pairs, start=1):
+            fb = {k: v.to(accelerator.device) for k, v in fb.items()}
+            rb = {k: v.to(accelerator.device) for k, v in rb.items()} if rb is not None else None
+            f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
+            r_logits = (model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
+                        if rb is not None and method.loss != "ga" and cfg.retain_term != "none" else None)
+            ref_f = ref_r = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_f = reference(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
+                    if r_logits is not None:
+                        ref_r = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
+            loss, parts = unlearning_loss(
+                method.loss, f_logits, fb["labels"], r_logits, rb["labels"] if r_logits is not None else None,
+                ref_forget_logits=ref_f, ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha,
+                retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"non-finite loss at epoch {epoch}, step {step}; the model is left at the end of epoch "
+                    f"{epoch - 1}: lower --lr or use --method fila-ihl (bounded loss)")
+            accelerator.backward(loss / accum)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if r_logits is not None else 0)
+            if step % accum == 0 or step == len(pairs):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        record = {"epoch": epoch, **{f"loss_{k}": v / max(len(pairs), 1) for k, v in sums.items()}}
+        state = evaluate_state(accelerator.unwrap_model(model), eval_batches, cfg,
+                               with_el=cfg.el_every_epoch, ma_threshold=ma_threshold)
+        record.update(state)
+        record["success"] = bool(record["forget_ma"] <= ma_threshold and record.get("forget_el") is not None
+                                 and record["forget_el"] <= el_threshold)
+        record["seconds"] = time.time() - t_epoch
+        epochs.append(record)
+        epoch_bar.set_postfix(ma=f"{record['forget_ma']:.3f}",
+                              el="-" if record.get("forget_el") is None else f"{record['forget_el']:.3f}")
+        if record["success"]:
+            outcome = "success"
+            break
+    epoch_bar.close()
+
+    model = accelerator.unwrap_model(model).eval()
+    after = evaluate_state(model, eval_batches, cfg, with_el=True)
+    report = {
+        "outcome": outcome,
+        "epochs_run": len(epochs),
+        "epochs_to_success": len(epochs) if outcome == "success" else None,
+        "thresholds": {"ma": ma_threshold, "el": el_threshold,
+                       "source": "given" if cfg.ma_threshold is not None else "validation set, before unlearning"},
+        "before": before,
+        "after": after,
+        "epochs": epochs,
+        "targets": targets,
+        "init": init_stats,
+        "trainable_parameters": n_trainable,
+        "total_parameters": n_total,
+        "trainable_share": n_trainable / n_total,
+        "flops": estimate_flops(n_total, method.adapter, tokens_trained, init_forget, init_retain,
+                                method.init, eval_batches, len(epochs)),
+        "seconds": {"init": init_seconds, "total": time.time() - started},
+        "peak_memory_bytes": peak_memory_bytes(),
+        "base_fingerprint": base_fingerprint,
+        "data": {name: {"path": s.path, "sha256": s.sha256, "sequences": len(ids)}
+                 for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
+                                      ("validation", sets.validation, sets.validation_ids)) if s is not None},
+    }
+    return RunResult(model=model, tokenizer=tokenizer, report=report, residual=residual)
+
+
+def evaluate_state(model, eval_batches, cfg: UnlearnConfig, *, with_el: bool, ma_threshold: float | None = None) -> dict:
+    """MA (always), EL (when asked, or once forget MA already passes: the same stopping epoch) and held-out PPL."""
+    model.eval()
+    out: dict[str, Any] = {"forget_ma": memorization(model, eval_batches["forget"])}
+    if eval_batches["validation"]:
+        out["val_ma"] = memorization(model, eval_batches["validation"])
+        out["val_ppl"] = heldout_perplexity(model, eval_batches["validation"])
+    if with_el or (ma_threshold is not None and out["forget_ma"] <= ma_threshold):
+        out["forget_el"] = extraction(model, eval_batches["forget"], cfg.el_n)
+        if with_el and eval_batches["validation"]:
+            out["val_el"] = extraction(model, eval_batches["validation"], cfg.el_n)
+    else:
+        out["forget_el"] = None
+    return out
+
+
+def estimate_flops(n_params: int, adapter: str, tokens_trained: int, fisher_forget, fisher_retain, init: str | None,
+                   eval_batches, epochs: int) -> dict[str, float]:
+    """Dense-transformer estimate: forward 2N per token, backward 4N (2N when base weights are frozen).
+
+    Evaluation counts the teacher-forced passes only (EL's generated tokens are not counted).
+    """
+    per_token_train = 6 * n_params if adapter == "full" else 4 * n_params
+    fisher_tokens = sum(int(b["attention_mask"].sum()) for b in [*fisher_forget, *fisher_retain])
+    fisher = 6 * n_params * fisher_tokens if init in ("fila", "vila") else 0.0
+    eval_tokens = sum(int(b["attention_mask"].sum()) for bs in eval_batches.values() for b in bs)
+    return {"training": float(per_token_train * tokens_trained), "fisher": float(fisher),
+            "evaluation_teacher_forced": float(2 * n_params * eval_tokens * (epochs + 2))}
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,88 @@
+"""Target resolution (ALGORITHMS.md §5), rank checks and safe model loading."""
+import json
+
+import pytest
+
+from loku.errors import ConfigError, ModelError
+from loku.models import check_rank, linear_layer_names, load_model, model_fingerprint, resolve_targets
+from tiny_models import make_tiny_model
+
+QV_FFN = {
+    "llama": {"self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "gemma": {"self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+    "gpt_neo": {"attn.attention.q_proj", "attn.attention.v_proj", "mlp.c_fc", "mlp.c_proj"},
+    "gpt2": {"attn.c_attn", "mlp.c_fc", "mlp.c_proj"},
+    "phi": {"self_attn.q_proj", "self_attn.v_proj", "mlp.fc1", "mlp.fc2"},
+}
+
+
+def _suffixes(names):
+    # "model.layers.0.self_attn.q_proj" -> "self_attn.q_proj": strip the per-layer prefix
+    return {".".join(n.split(".")[-2:]) if n.split(".")[-2] in ("self_attn", "mlp") else
+            ".".join(n.split(".")[-3:]) if "attention" in n else ".".join(n.split(".")[-2:]) for n in names}
+
+
+@pytest.mark.parametrize("arch", sorted(QV_FFN))
+def test_qv_ffn_default_per_architecture(arch):
+    model = make_tiny_model(arch)
+    names = resolve_targets(model)
+    assert len(names) == 2 * len(QV_FFN[arch])  # two layers
+    assert _suffixes(names) == QV_FFN[arch]
+    assert all("k_proj" not in n for n in names)
+
+
+@pytest.mark.parametrize("arch", sorted(QV_FFN))
+def test_all_linear_excludes_lm_head(arch):
+    model = make_tiny_model(arch)
+    names = resolve_targets(model, "all-linear")
+    assert names == linear_layer_names(model)
+    assert not any(n.endswith("lm_head") for n in names)
+    assert set(resolve_targets(model, "attn")) | set(resolve_targets(model, "mlp")) <= set(names)
+
+
+def test_explicit_list_and_unmatched_error_lists_layers():
+    model = make_tiny_model("llama")
+    assert resolve_targets(model, "k_proj,o_proj") == [n for n in linear_layer_names(model)
+                                                      if n.endswith(("k_proj", "o_proj"))]
+    with pytest.raises(ModelError) as err:
+        resolve_targets(model, ["q_proj", "c_attn"])
+    message = str(err.value)
+    assert "c_attn" in message and "model.layers.N.self_attn.q_proj" in message
+
+
+def test_rank_larger_than_layer_is_refused():
+    model = make_tiny_model("llama")  # k_proj/v_proj are 32 -> 16 (2 kv heads of 8)
+    targets = resolve_targets(model)
+    check_rank(model, targets, 16)
+    with pytest.raises(ConfigError, match="--rank 17 is larger"):
+        check_rank(model, targets, 17)
+    with pytest.raises(ConfigError, match="positive"):
+        check_rank(model, targets, 0)
+
+
+def test_load_local_folder_and_refuse_remote_code(tmp_path):
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "a": 1}, unk_token="<pad>")),
+                                  eos_token="a")
+    tok.save_pretrained(tmp_path / "m")
+    loaded, tokenizer = load_model(tmp_path / "m")
+    assert model_fingerprint(loaded) == model_fingerprint(model)
+    assert tokenizer.pad_token == "a"  # no pad token: falls back to eos
+
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="--trust-remote-code"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(str(tmp_path / "nope") if str(tmp_path).startswith("/") else "./nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(tmp_path / "empty")

@@ -1,0 +1,246 @@
+"""TOFU: loaders, templates, and each metric against hand-computed values."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from loku.errors import ConfigError, DataError
+from loku.metrics import tofu as T
+from test_reasoning import StubLM, fixed_distribution, gpt2_tok  # noqa: F401  (fixture re-used)
+from tiny_models import make_tiny_model
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_loader_row_counts_and_fields(shared_data):
+    assert len(T.load_tofu("forget01", data_dir=shared_data)) == 40
+    assert len(T.load_tofu("full", data_dir=shared_data)) == 4000
+    assert len(T.load_tofu("full", data_dir=shared_data, limit=7)) == 7
+    for name, n in (("forget01_perturbed", 40), ("forget10_perturbed", 400), ("retain_perturbed", 400)):
+        rows = T.load_tofu(name, data_dir=shared_data)
+        assert len(rows) == n
+        assert all(isinstance(r["paraphrased_answer"], str) and len(r["perturbed_answer"]) == 5 for r in rows)
+    for name, n in (("real_authors_perturbed", 100), ("world_facts_perturbed", 117)):
+        rows = T.load_tofu(name, data_dir=shared_data)
+        assert len(rows) == n and all(len(r["perturbed_answer"]) == 3 for r in rows)
+    direct = T.load_tofu(shared_data / "tofu" / "holdout01.jsonl")
+    assert len(direct) == 40 and set(direct[0]) >= {"question", "answer"}
+
+
+def test_malformed_tofu_files(tmp_path, shared_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2", \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl"):
+        T.load_tofu(bad)
+    missing = tmp_path / "missing_answer.jsonl"
+    missing.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"missing_answer\.jsonl.*answer"):
+        T.load_tofu(missing)
+    pert = tmp_path / "pert.jsonl"
+    pert.write_text(json.dumps({"question": "q", "answer": "a", "perturbed_answer": "not a list"}) + "\n")
+    with pytest.raises(DataError, match=r"pert\.jsonl: row 1: 'perturbed_answer' must be a non-empty list"):
+        T.load_tofu(pert)
+    para = tmp_path / "para.jsonl"
+    para.write_text(json.dumps({"question": "q", "answer": "a", "paraphrased_answer": "p", "perturbed_answer": ["x"]})
+                    + "\n" + json.dumps({"question": "q", "answer": "a", "perturbed_answer": ["x"]}) + "\n")
+    with pytest.raises(DataError, match=r"para\.jsonl: row 2: 'paraphrased_answer' missing"):
+        T.load_tofu(para)
+    with pytest.raises(DataError, match="split 'nope' not found"):
+        T.load_tofu("nope", data_dir=shared_data)
+
+
+def test_hub_loading_without_datasets_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="pip install datasets"):
+        T.load_tofu("forget01")
+    with pytest.raises(ConfigError, match="unknown TOFU split"):
+        T.load_tofu("forget02")
+
+
+def test_hub_loading_goes_through_datasets(monkeypatch):
+    calls = []
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return [{"question": "q", "answer": "a"}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert T.load_tofu("forget01") == [{"question": "q", "answer": "a"}]
+    assert calls == [("locuslab/TOFU", "forget01", "train")]
+
+
+# ----------------------------------------------------------------------------- templates
+
+def test_template_choice(gpt2_tok):
+    assert T.choose_template(make_tiny_model("gpt2"), gpt2_tok).name == "generic"
+    assert T.choose_template(make_tiny_model("phi"), gpt2_tok).name == "phi"
+    assert T.choose_template(make_tiny_model("llama"), gpt2_tok).name == "llama2"
+    chatml = types.SimpleNamespace(chat_template="{% for m in messages %}<|im_start|>{{m}}{% endfor %}",
+                                   get_vocab=lambda: {})
+    assert T.choose_template(make_tiny_model("llama"), chatml).name == "chatml"
+    inst = types.SimpleNamespace(chat_template="[INST] {{ x }} [/INST]", get_vocab=lambda: {})
+    assert T.choose_template(make_tiny_model("gpt2"), inst).name == "llama2"
+    assert T.choose_template(None, gpt2_tok, "phi").format_prompt("Q?") == "Question: Q?\nAnswer:"
+    assert T.TEMPLATES["llama2"].format_prompt("Q?") == "[INST] Q? [/INST]"
+    with pytest.raises(ConfigError):
+        T.choose_template(None, gpt2_tok, "vicuna")
+
+
+def test_answer_tokens_are_split_after_the_prompt(gpt2_tok):
+    prompt, answer = T.qa_token_pair(gpt2_tok, T.TEMPLATES["generic"], "Where?", "Paris")
+    assert gpt2_tok.decode(prompt) == "Question: Where?\nAnswer:"
+    assert gpt2_tok.decode(answer) == " Paris"
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+def test_rouge_l_recall_by_hand():
+    assert T.rouge_l_recall("the cat sat", "the cat sat on the mat") == pytest.approx(3 / 6)
+    assert T.rouge_l_recall("cats running", "cat run") == pytest.approx(1.0)  # stemmer on
+    assert T.rouge_l_recall("mat the on", "the cat sat on the mat") == pytest.approx(2 / 6)
+    assert T.rouge_l_recall("", "anything") == 0.0
+
+
+def test_ks_forget_quality_by_hand():
+    # fully separated samples of 3 and 3: exact two-sided p = 2 / C(6, 3) = 0.1
+    assert T.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
+    assert T.forget_quality(torch.tensor([1.0, 2.0, 3.0]), [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    with pytest.raises(ConfigError):
+        T.forget_quality([], [1.0])
+
+
+def test_model_utility_harmonic_mean():
+    assert T.model_utility([1.0, 2.0, 4.0]) == pytest.approx(3 / (1 + 0.5 + 0.25))
+    assert T.model_utility({"a": 0.5, "b": 0.5}) == pytest.approx(0.5)
+    assert T.model_utility([0.3, 0.0, 0.9]) == 0.0
+    with pytest.raises(ConfigError):
+        T.model_utility([0.5, float("nan")])
+
+
+def test_truth_ratio_statistics_by_hand():
+    para = torch.tensor([-math.log(0.5)])
+    pert = torch.tensor([[-math.log(0.25), -math.log(0.125)]])
+    r = T.truth_ratio(para, pert)
+    assert r.item() == pytest.approx(0.5 / math.sqrt(0.25 * 0.125), rel=1e-5)  # P_para / geo-mean P_pert
+    ragged = torch.tensor([[-math.log(0.25), float("nan")]])
+    assert T.truth_ratio(para, ragged).item() == pytest.approx(2.0, rel=1e-5)
+    ratios = torch.tensor([2.0, 0.5])
+    assert T.truth_ratio_forget_stat(ratios) == pytest.approx(0.5)
+    assert T.truth_ratio_utility(ratios) == pytest.approx((0.5 + 0.0) / 2)
+    assert T.normalized_prob(para, pert).item() == pytest.approx(0.5 / (0.5 + 0.25 + 0.125), rel=1e-5)
+    assert T.prob_from_nll(para).item() == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- model scoring
+
+@pytest.fixture()
+def city_model(gpt2_tok):
+    ids = {w: gpt2_tok(" " + w)["input_ids"] for w in ("Paris", "London", "Rome", "Berlin")}
+    assert all(len(v) == 1 for v in ids.values())
+    probs = {ids["Paris"][0]: 0.5, ids["London"][0]: 0.25, ids["Rome"][0]: 0.125, ids["Berlin"][0]: 0.0625}
+    return StubLM(50257, fixed_distribution(50257, probs))
+
+
+def test_prob_and_truth_ratio_with_known_probabilities(city_model, gpt2_tok):
+    tmpl = T.TEMPLATES["generic"]
+    nll = T.answer_nll(city_model, gpt2_tok, ["Capital?", "Capital?"], ["Paris", "London Rome"], template=tmpl)
+    assert nll[0].item() == pytest.approx(-math.log(0.5), rel=1e-5)
+    assert nll[1].item() == pytest.approx(-(math.log(0.25) + math.log(0.125)) / 2, rel=1e-5)
+
+    rows = [{"question": "Capital of France?", "answer": "Paris", "paraphrased_answer": "Paris",
+             "perturbed_answer": ["London", "Rome"]},
+            {"question": "Capital of Italy?", "answer": "Rome", "paraphrased_answer": "London",
+             "perturbed_answer": ["Paris", "Berlin"]}]
+    res = T.evaluate_tofu_split(city_model, gpt2_tok, rows, role="retain", template=tmpl, max_new_tokens=3)
+    assert res["per_item"]["prob"] == pytest.approx([0.5, 0.125], rel=1e-5)
+    r = [0.5 / math.sqrt(0.25 * 0.125), 0.25 / math.sqrt(0.5 * 0.0625)]
+    assert res["per_item"]["truth_ratio"] == pytest.approx(r, rel=1e-5)
+    assert res["truth_ratio"] == pytest.approx(sum(max(0.0, 1 - 1 / x) for x in r) / 2, rel=1e-5)
+    # greedy answer " Paris Paris Paris": recall 1 against "Paris", 0 against "Rome"
+    assert res["generations"] == ["Paris Paris Paris"] * 2
+    assert res["per_item"]["rouge_l_recall"] == [1.0, 0.0] and res["rouge_l_recall"] == 0.5
+
+    forget = T.evaluate_tofu_split(city_model, gpt2_tok, rows, role="forget", template=tmpl, max_new_tokens=2)
+    assert forget["truth_ratio"] == pytest.approx(sum(min(x, 1 / x) for x in r) / 2, rel=1e-5)
+
+    facts = [{"question": "Capital of France?", "answer": "Paris", "perturbed_answer": ["London", "Rome", "Berlin"]}]
+    res = T.evaluate_tofu_split(city_model, gpt2_tok, facts, role="world_facts", template=tmpl, max_new_tokens=1)
+    assert res["prob"] == pytest.approx(0.5 / (0.5 + 0.25 + 0.125 + 0.0625), rel=1e-5)
+    # no paraphrase in the file: the true answer takes its place
+    assert res["per_item"]["truth_ratio"][0] == pytest.approx(0.5 / (0.25 * 0.125 * 0.0625) ** (1 / 3), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- reference logs
+
+def test_reference_log_round_trip_and_errors(tmp_path):
+    path = tmp_path / "ref" / "reference.json"
+    T.save_reference_log(path, [1.5, 0.7, 2.0], forget_split="forget01", model="retain-model")
+    ref = T.load_reference_log(path)
+    assert ref["truth_ratios"] == [1.5, 0.7, 2.0] and ref["forget_split"] == "forget01"
+    assert not list(path.parent.glob(".*.tmp"))
+    with pytest.raises(ConfigError):
+        T.save_reference_log(path, [1.0, -1.0], forget_split="forget01")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"format": "loku-tofu-reference", "truth_ratios": [1.0,')
+    with pytest.raises(DataError, match=r"broken\.json: line 1: invalid JSON"):
+        T.load_reference_log(broken)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"format": "loku-tofu-reference", "truth_ratios": ["x"]}))
+    with pytest.raises(DataError, match="truth_ratios"):
+        T.load_reference_log(wrong)
+    with pytest.raises(DataError, match="not found"):
+        T.load_reference_log(tmp_path / "none.json")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(DataError, match="not a TOFU reference log"):
+        T.load_reference_log(other)
+
+
+def test_reference_from_a_tofu_eval_log(tmp_path):
+    log = tmp_path / "eval_log_forget.json"
+    log.write_text(json.dumps({"avg_paraphrased_loss": {"0": 1.0, "1": 2.0},
+                               "average_perturb_loss": {"0": [2.0, 3.0], "1": [1.0, 2.0]}}))
+    ref = T.load_reference_log(log)
+    assert ref["truth_ratios"] == pytest.approx([math.exp(1.5), math.exp(-0.5)], rel=1e-6)
+
+
+def test_evaluate_tofu_end_to_end_on_a_tiny_model(shared_data, gpt2_tok, tmp_path):
+    model = make_tiny_model("gpt_neo", vocab=50257, n_ctx=256)
+    out = T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget01", limit=3, batch_size=4,
+                          max_new_tokens=4)
+    assert out["template"] == "generic" and set(out["splits"]) == {"forget", "retain", "real_authors", "world_facts"}
+    assert all(s["n"] == 3 for s in out["splits"].values())
+    assert len(out["utility_values"]) == 9 and 0 <= out["model_utility"] <= 1
+    assert out["forget_quality"] is None and len(out["forget_truth_ratios"]) == 3
+    ref = tmp_path / "reference.json"
+    T.save_reference_log(ref, out["forget_truth_ratios"], forget_split="forget01")
+    again = T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget01", limit=3,
+                            max_new_tokens=2, reference_log=ref)
+    assert again["forget_quality"] == pytest.approx(1.0)  # same model, same items
+    with pytest.raises(ConfigError, match="reference log is for forget01"):
+        T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget05", limit=1,
+                        max_new_tokens=1, reference_log=ref)
+
+
+def test_legacy_300_truncation(shared_data, gpt2_tok, monkeypatch):
+    seen = {}
+
+    def fake_split(model, tokenizer, rows, *, role, **kwargs):
+        seen[role] = len(rows)
+        return {"n": len(rows), "prob": 0.5, "rouge_l_recall": 0.5, "truth_ratio": 0.5,
+                "per_item": {"truth_ratio": [1.0] * len(rows)}}
+
+    monkeypatch.setattr(T, "evaluate_tofu_split", fake_split)
+    out = T.evaluate_tofu(None, gpt2_tok, data_dir=shared_data, forget_split="forget10", legacy_300=True,
+                          template="generic")
+    assert seen == {"forget": 300, "retain": 300, "real_authors": 100, "world_facts": 117}
+    assert out["model_utility"] == pytest.approx(0.5)
+    T.evaluate_tofu(None, gpt2_tok, data_dir=shared_data, forget_split="forget10", template="generic")
+    assert seen == {"forget": 400, "retain": 400, "real_authors": 100, "world_facts": 117}
