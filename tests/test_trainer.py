@@ -6,47 +6,15 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from loku.cli import main
 from loku.config import UnlearnConfig
 from loku.errors import ModelError
-from loku.metrics import extraction_likelihood, memorization_accuracy
 from loku.models import load_model, model_fingerprint
 from loku.report import write_run
 from loku.trainer import unlearn
-from tiny_models import VOCAB, make_tiny_model, memorize
-
-WORDS = ["<pad>", "<bos>", "<eos>"] + [f"w{i}" for i in range(3, VOCAB)]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-
-
-def texts_of(ids: torch.Tensor) -> list[str]:
-    return [" ".join(WORDS[i] for i in row) for row in ids.tolist()]
-
-
-@pytest.fixture(scope="module")
-def memorized(tmp_path_factory):
-    """A tiny Llama that reproduces 4 forget sequences, saved as a model folder, plus the data files."""
-    root = tmp_path_factory.mktemp("memorized")
-    g = torch.Generator().manual_seed(3)
-    seqs = torch.randint(3, VOCAB, (16, 24), generator=g)
-    forget, validation, retain = seqs[:4], seqs[4:8], seqs[8:]
-    model = make_tiny_model("llama")
-    memorize(model, torch.cat([forget, retain]), steps=300)
-    assert memorization_accuracy(model, forget).min() > 0.95
-    model.save_pretrained(root / "base")
-    word_tokenizer().save_pretrained(root / "base")
-    for name, ids in (("forget", forget), ("validation", validation), ("retain", retain)):
-        (root / f"{name}.txt").write_text("\n".join(texts_of(ids)) + "\n")
-    return root
-
+from tiny_models import VOCAB, make_tiny_model, texts_of
 
 def config(root, out, **kw) -> UnlearnConfig:
     base = dict(model=str(root / "base"), forget=str(root / "forget.txt"), retain=str(root / "retain.txt"),

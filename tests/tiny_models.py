@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GemmaConfig,
@@ -9,6 +10,7 @@ from transformers import (
     GPTNeoConfig,
     LlamaConfig,
     PhiConfig,
+    PreTrainedTokenizerFast,
 )
 
 VOCAB = 97
@@ -56,3 +58,16 @@ def memorize(model, sequences: torch.Tensor, steps: int = 300, lr: float = 1e-2)
         out.loss.backward()
         opt.step()
     return model.eval()
+
+
+WORDS = ["<pad>", "<bos>", "<eos>"] + [f"w{i}" for i in range(3, VOCAB)]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def texts_of(ids: torch.Tensor) -> list[str]:
+    return [" ".join(WORDS[i] for i in row) for row in ids.tolist()]

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     unlearn = sub.add_parser("unlearn", help="unlearn a forget set from a model")
     unlearn.add_argument("--config", help="YAML file of options; command-line options override it")
+    unlearn.add_argument("--resume", metavar="OUT", help="continue the killed run that was writing to OUT, "
+                         "from its last per-epoch checkpoint (OUT.ckpt), with its original options")
     _add_config_arguments(unlearn)
 
     demo = sub.add_parser("demo", help="plant memorized text in SmolLM2-135M, then unlearn it with fila-ihl")
@@ -95,12 +97,36 @@ def run_unlearn(args: argparse.Namespace) -> int:
     from .trainer import unlearn
 
     overrides = {name: getattr(args, name) for name in config_fields()}
-    cfg = load_config(args.config, overrides).validate()
-    result = unlearn(cfg)
+    if args.resume:
+        cfg = resumed_config(args.resume, overrides)
+    else:
+        cfg = load_config(args.config, overrides).validate()
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
+    if not accelerator.is_main_process:
+        return 0
     out = write_run(result, cfg)
     report = result.report
     print(f"loku: {report['outcome']} after {report['epochs_run']} epoch(s); results in {out}/report.md")
     return 0 if report["outcome"] == "success" else 3
+
+
+def resumed_config(out: str, overrides: dict) -> UnlearnConfig:
+    """The killed run's own options; only those that cannot change the result may be overridden."""
+    import json
+
+    from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir
+    from .errors import ConfigError
+
+    state_file = checkpoint_dir(out) / STATE
+    if not state_file.is_file():
+        raise ConfigError(f"{state_file}: no checkpoint to resume from; run without --resume to start afresh")
+    values = json.loads(state_file.read_text())["config"]
+    values.update({k: v for k, v in overrides.items() if v is not None and k in RESUME_MAY_CHANGE})
+    values["out"] = out
+    return UnlearnConfig(**values).validate()
 
 
 if __name__ == "__main__":

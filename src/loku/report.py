@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import checkpoint_dir
 from .config import UnlearnConfig
 from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy, save_adapter
 
@@ -113,4 +115,5 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
             pass
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_markdown(report))
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the complete output supersedes it
     return out

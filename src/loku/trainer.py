@@ -6,9 +6,14 @@ only the main process writes).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +26,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .config import UnlearnConfig
 from .errors import ConfigError, TrainingDiverged
+from .checkpoint import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint
 from .save import check_output_dir
 from .models import check_rank, is_conv1d, load_model, model_fingerprint, resolve_targets
 
@@ -135,7 +141,8 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches) -> tuple[Any, list[str], dict, dict]:
+def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
+                run_initializer: bool = True) -> tuple[Any, list[str], dict, dict]:
     """Wrap the model for the method: all weights trainable, or a LoRA adapter started by an initialiser.
 
     Returns (model, target names, init stats, residual base weights keyed by parameter name).
@@ -157,6 +164,8 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches) -> tu
     peft_model = get_peft_model(model, lora)
     ctx = InitContext(forget_batches=forget_batches, retain_batches=retain_batches, fisher_mode=cfg.fisher_mode,
                       eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress)
+    if not run_initializer:  # resuming: the checkpoint supplies the adapter and residual weights
+        return peft_model, targets, {}, {}
     stats = apply_initializer(peft_model, method.init, ctx)
     residual = {}
     if method.init in ("fila", "vila"):
@@ -168,8 +177,12 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches) -> tu
 # --------------------------------------------------------------------------- the loop
 
 
-def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None) -> RunResult:
-    """Run one unlearning job. The model passed in (or loaded) is never modified: a copy is trained."""
+def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False) -> RunResult:
+    """Run one unlearning job. The model passed in (or loaded) is never modified: a copy is trained.
+
+    With ``resume`` the run continues from the checkpoint of ``cfg.out`` (written after every epoch)
+    and ends with exactly the result the uninterrupted run would have had.
+    """
     from accelerate import Accelerator
 
     from .losses import needs_reference, unlearning_loss
@@ -178,8 +191,13 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None)
     started = time.time()
     set_seed(cfg.seed)
     accelerator = accelerator or Accelerator()
-    if accelerator.is_main_process and cfg.out:
+    if accelerator.is_main_process and cfg.out and not resume:
         check_output_dir(cfg.out, cfg.overwrite)
+        stale = checkpoint_dir(cfg.out)
+        if stale.exists() and not cfg.overwrite:
+            raise ConfigError(f"{stale}: an unfinished run left this checkpoint; continue it with --resume {cfg.out} "
+                              f"or start afresh with --overwrite")
+        shutil.rmtree(stale, ignore_errors=True)
     forget_set, retain_set, validation_set = load_sets(cfg)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
@@ -188,6 +206,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None)
     data_mod.ensure_pad_token(tokenizer)
     sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set)
     base_fingerprint = model_fingerprint(model)
+    checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), base_fingerprint) if resume else None
     model.to(accelerator.device).eval()
 
     pad = tokenizer.pad_token_id
@@ -196,80 +215,105 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None)
         "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad),
     }
     log = accelerator.print if cfg.progress else (lambda *a, **k: None)
+    on_main = functools.partial(main_then_broadcast, accelerator)
 
     # Thresholds and "before" numbers come from the original model (Jang et al.'s protocol).
-    log("loku: measuring the model before unlearning")
-    before = evaluate_state(model, eval_batches, cfg, with_el=True)
+    if checkpoint is None:
+        log("loku: measuring the model before unlearning")
+        before = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
+    else:
+        before = checkpoint.state["before"]
     ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else before["val_ma"]
     el_threshold = cfg.el_threshold if cfg.el_threshold is not None else before["val_el"]
 
-    reference = None
     method = cfg.method_spec()
+    reference = None
     if needs_reference(method.loss, cfg.retain_term):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-    fisher_sample = (cfg.fisher_batches or None)
-    init_forget = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad)[:fisher_sample]
-    init_retain = data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad)[:fisher_sample] if sets.retain_ids else []
+    # Each process takes its share of the Fisher batches; fisher.py all-reduces sums and counts.
+    shard = slice(accelerator.process_index, None, accelerator.num_processes)
+    fisher_forget = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad)[: cfg.fisher_batches]
+    fisher_retain = data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad)[: cfg.fisher_batches]
+    init_forget, init_retain = fisher_forget[shard], fisher_retain[shard]
     t_init = time.time()
-    model, targets, init_stats, residual = adapt_model(model, cfg, init_forget, init_retain)
-    init_seconds = time.time() - t_init
+    model, targets, init_stats, residual = adapt_model(model, cfg, init_forget, init_retain,
+                                                       run_initializer=checkpoint is None)
+    if checkpoint is not None:
+        residual = restore_weights(model, checkpoint)
+        init_stats = checkpoint.state["init"]
+    init_seconds = time.time() - t_init if checkpoint is None else checkpoint.state["init_seconds"]
     params = trainable_parameters(model)
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        restore_rng(checkpoint)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    epochs: list[dict[str, Any]] = []
-    tokens_trained = 0
-    outcome = "failed"
-    epoch_bar = tqdm(range(1, cfg.max_epochs + 1), desc="unlearning", unit="epoch", disable=not cfg.progress)
-    for epoch in epoch_bar:
+    epochs: list[dict[str, Any]] = list(checkpoint.state["epochs"]) if checkpoint else []
+    tokens_trained = checkpoint.state["tokens_trained"] if checkpoint else 0
+    first_epoch = len(epochs) + 1
+    outcome = "success" if epochs and epochs[-1]["success"] else "failed"
+    epoch_bar = tqdm(range(first_epoch, cfg.max_epochs + 1), desc="unlearning", unit="epoch",
+                     disable=not cfg.progress or not accelerator.is_main_process)
+    for epoch in ([] if outcome == "success" else epoch_bar):
         t_epoch = time.time()
         forget_batches = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + epoch)
         retain_batches = (data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad, shuffle=True,
                                                 seed=cfg.seed + 10_000 + epoch) if sets.retain_ids else [])
-        pairs = data_mod.pair_batches(forget_batches, retain_batches or None)
-        pairs = pairs[accelerator.process_index::accelerator.num_processes]
+        pairs = data_mod.pair_batches(forget_batches, retain_batches or None)[shard]
         accum = len(pairs) if cfg.one_step_per_epoch else cfg.grad_accum
         sums: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
         for step, (fb, rb) in enumerate(pairs, start=1):
             fb = {k: v.to(accelerator.device) for k, v in fb.items()}
-            rb = {k: v.to(accelerator.device) for k, v in rb.items()} if rb is not None else None
-            f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-            r_logits = (model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-                        if rb is not None and method.loss != "ga" and cfg.retain_term != "none" else None)
-            ref_f = ref_r = None
-            if reference is not None:
-                with torch.no_grad():
-                    ref_f = reference(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-                    if r_logits is not None:
-                        ref_r = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-            loss, parts = unlearning_loss(
-                method.loss, f_logits, fb["labels"], r_logits, rb["labels"] if r_logits is not None else None,
-                ref_forget_logits=ref_f, ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha,
-                retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(
-                    f"non-finite loss at epoch {epoch}, step {step}; the model is left at the end of epoch "
-                    f"{epoch - 1}: lower --lr or use --method fila-ihl (bounded loss)")
-            accelerator.backward(loss / accum)
+            use_retain = rb is not None and method.loss != "ga" and cfg.retain_term != "none"
+            rb = {k: v.to(accelerator.device) for k, v in rb.items()} if use_retain else None
+            stepping = step % accum == 0 or step == len(pairs)
+            with contextlib.nullcontext() if stepping else accelerator.no_sync(model):
+                f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
+                r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits if rb else None
+                ref_f = ref_r = None
+                if reference is not None:
+                    with torch.no_grad():
+                        ref_f = reference(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
+                        if rb is not None:
+                            ref_r = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
+                loss, parts = unlearning_loss(
+                    method.loss, f_logits, fb["labels"], r_logits, rb["labels"] if rb else None,
+                    ref_forget_logits=ref_f, ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha,
+                    retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"non-finite loss at epoch {epoch}, step {step}; the last good state is the checkpoint of "
+                        f"epoch {epoch - 1} in {checkpoint_dir(cfg.out)}: lower --lr, or use a bounded loss (ihl)")
+                accelerator.backward(loss / accum)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if r_logits is not None else 0)
-            if step % accum == 0 or step == len(pairs):
+            tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
+            if stepping:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        record = {"epoch": epoch, **{f"loss_{k}": v / max(len(pairs), 1) for k, v in sums.items()}}
-        state = evaluate_state(accelerator.unwrap_model(model), eval_batches, cfg,
-                               with_el=cfg.el_every_epoch, ma_threshold=ma_threshold)
-        record.update(state)
+            failpoint("step")
+        record = {"epoch": epoch, **epoch_mean_losses(accelerator, sums, len(pairs))}
+        unwrapped = accelerator.unwrap_model(model)
+        record.update(on_main(lambda: evaluate_state(unwrapped, eval_batches, cfg, with_el=cfg.el_every_epoch,
+                                                     ma_threshold=ma_threshold)))
         record["success"] = bool(record["forget_ma"] <= ma_threshold and record.get("forget_el") is not None
                                  and record["forget_el"] <= el_threshold)
         record["seconds"] = time.time() - t_epoch
         epochs.append(record)
+        if cfg.out:
+            state = {"config": cfg.to_dict(), "base_fingerprint": base_fingerprint, "before": before,
+                     "epochs": epochs, "tokens_trained": tokens_trained, "init": init_stats,
+                     "init_seconds": init_seconds}
+            if accelerator.is_main_process:
+                save_checkpoint(cfg.out, state=state, trainable=trainable_state(unwrapped), residual=residual,
+                                optimizer=optimizer)
+            accelerator.wait_for_everyone()
         epoch_bar.set_postfix(ma=f"{record['forget_ma']:.3f}",
                               el="-" if record.get("forget_el") is None else f"{record['forget_el']:.3f}")
         if record["success"]:
@@ -278,7 +322,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None)
     epoch_bar.close()
 
     model = accelerator.unwrap_model(model).eval()
-    after = evaluate_state(model, eval_batches, cfg, with_el=True)
+    after = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
     report = {
         "outcome": outcome,
         "epochs_run": len(epochs),
@@ -293,16 +337,74 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None)
         "trainable_parameters": n_trainable,
         "total_parameters": n_total,
         "trainable_share": n_trainable / n_total,
-        "flops": estimate_flops(n_total, method.adapter, tokens_trained, init_forget, init_retain,
-                                method.init, eval_batches, len(epochs)),
+        "processes": accelerator.num_processes,
+        "flops": estimate_flops(n_total, method.adapter, int(accelerator.reduce(torch.tensor(tokens_trained,
+                                device=accelerator.device), "sum")), fisher_forget, fisher_retain, method.init,
+                                eval_batches, len(epochs)),
         "seconds": {"init": init_seconds, "total": time.time() - started},
         "peak_memory_bytes": peak_memory_bytes(),
         "base_fingerprint": base_fingerprint,
+        "resumed": resume,
         "data": {name: {"path": s.path, "sha256": s.sha256, "sequences": len(ids)}
                  for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
                                       ("validation", sets.validation, sets.validation_ids)) if s is not None},
     }
     return RunResult(model=model, tokenizer=tokenizer, report=report, residual=residual)
+
+
+def epoch_mean_losses(accelerator, sums: dict[str, float], n_pairs: int) -> dict[str, float]:
+    """Mean of each loss part over the epoch's micro-batches of every process."""
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] for k in keys] + [n_pairs], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, "sum")
+    return {f"loss_{k}": float(totals[i] / max(float(totals[-1]), 1.0)) for i, k in enumerate(keys)}
+
+
+def main_then_broadcast(accelerator, fn: Callable[[], Any]) -> Any:
+    """Compute on the main process only and hand the result to every process (metrics, thresholds)."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box = [fn() if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_weights(model, checkpoint) -> dict[str, torch.Tensor]:
+    """Put the checkpoint's residual base weights and trainable tensors into a freshly adapted model."""
+    from peft import PeftModel
+
+    with torch.no_grad():
+        if checkpoint.residual:
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            modules = dict(base.named_modules())
+            for key, value in checkpoint.residual.items():
+                layer = modules[key.removesuffix(".weight")]
+                layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                layer.weight.copy_(value)
+        params = dict(model.named_parameters())
+        for name, value in checkpoint.trainable.items():
+            params[name].copy_(value)
+    return dict(checkpoint.residual)
+
+
+def failpoint(name: str) -> None:
+    """Fault injection for the crash tests: LOKU_FAILPOINT=step:N kills this process (SIGKILL) at the N-th step."""
+    spec = os.environ.get("LOKU_FAILPOINT")
+    if not spec or not spec.startswith(name + ":"):
+        return
+    _FAILPOINT_COUNTS[name] = _FAILPOINT_COUNTS.get(name, 0) + 1
+    if _FAILPOINT_COUNTS[name] == int(spec.split(":", 1)[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAILPOINT_COUNTS: dict[str, int] = {}
 
 
 def evaluate_state(model, eval_batches, cfg: UnlearnConfig, *, with_el: bool, ma_threshold: float | None = None) -> dict:

@@ -230,10 +230,11 @@ def score_continuations(
             ids, mask = _left_pad(seqs, pad, device)
             keep = int(conts.max()) + 1
             logits = _forward_last_logits(model, ids, mask, keep)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts the last keep-1 tokens
+            scores = logits[:, :-1].float()  # predicts the last keep-1 tokens
             targets = ids[:, -(keep - 1):]
-            token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-            hit = (logp.argmax(-1) == targets).cpu()
+            # log p = logit - logsumexp: more accurate in float32 than log_softmax over a big vocabulary
+            token_lp = (scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scores, dim=-1)).cpu()
+            hit = (scores.argmax(-1) == targets).cpu()
             pos = torch.arange(keep - 1).unsqueeze(0)
             scored = pos >= (keep - 1 - conts).unsqueeze(1)  # the continuation's positions
             nll[idx] = -(token_lp * scored).sum(-1)

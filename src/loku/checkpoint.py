@@ -1,0 +1,96 @@
+"""Per-epoch checkpoints so a killed run resumes to exactly the result of an uninterrupted one.
+
+A checkpoint folder (``OUT.ckpt``) is replaced whole after each epoch (temp name, then rename):
+the trainable tensors and the residual base weights as safetensors, the optimizer state (read back
+with ``torch.load(weights_only=True)``, never unpickling code), RNG states and the run's records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError, ModelError
+from .save import atomic_dir, atomic_write_json
+
+STATE = "state.json"
+TRAINABLE = "trainable.safetensors"
+RESIDUAL = "residual.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.safetensors"
+
+# Options that may differ between the killed run and its resumption without changing the result.
+RESUME_MAY_CHANGE = {"max_epochs", "progress", "overwrite", "out", "resume"}
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, Any]  # epoch, epoch records, before, thresholds, counters, config, fingerprint
+    trainable: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    state["python"] = torch.tensor(list(json.dumps(random.getstate()).encode()), dtype=torch.uint8)
+    np_state = np.random.get_state()
+    state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = torch.tensor([np_state[2]], dtype=torch.int64)
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = json.loads(bytes(state["python"].tolist()).decode())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"][0]), 0, 0.0))
+
+
+def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[str, torch.Tensor],
+                    residual: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> Path:
+    folder = checkpoint_dir(out)
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
+        if residual and (folder / RESIDUAL).is_file():
+            os.link(folder / RESIDUAL, tmp / RESIDUAL)  # fixed for the whole run: written once, linked after
+        elif residual:
+            save_file({k: v.detach().cpu().contiguous() for k, v in residual.items()}, str(tmp / RESIDUAL))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        save_file(_rng_state(), str(tmp / RNG))
+        atomic_write_json(tmp / STATE, state)
+    return folder
+
+
+def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: str) -> Checkpoint:
+    """Read the checkpoint of the run writing to ``out``; refuse one made with other settings or another base."""
+    folder = checkpoint_dir(out)
+    if not (folder / STATE).is_file():
+        raise ConfigError(f"{folder}: no checkpoint to resume from; run without --resume to start afresh")
+    state = json.loads((folder / STATE).read_text())
+    changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and state["config"].get(k) != config[k])
+    if changed:
+        raise ConfigError(f"{folder}: the checkpoint was made with other settings ({', '.join(changed)}); "
+                          f"resume with the original options")
+    if state["base_fingerprint"] != base_fingerprint:
+        raise ModelError(f"{folder}: the checkpoint was made on a different base model; resume with the same --model")
+    residual = load_file(str(folder / RESIDUAL)) if (folder / RESIDUAL).is_file() else {}
+    optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
+    return Checkpoint(state, load_file(str(folder / TRAINABLE)), residual, optimizer, load_file(str(folder / RNG)))
+
+
+def restore_rng(checkpoint: Checkpoint) -> None:
+    _restore_rng(checkpoint.rng)

@@ -1,0 +1,184 @@
+"""LoRA initialisers (registry ``INITIALIZERS``): plain ``gaussian``, ``fila`` (§3) and ``vila`` (§4).
+
+FILA starts the adapter on the part of each weight that matters for the forget set: a weighted
+low-rank approximation of W, weighted row-wise by the relative Fisher. The base layer keeps the
+residual W_res = W - s*B@A, so the model computes exactly what it did before (up to rounding).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .fisher import empirical_fisher, relative_fisher, variance_fisher
+from .registry import Registry
+
+ADAPTER = "default"  # PEFT's adapter name
+
+
+# --------------------------------------------------------------------------- the math (pure)
+
+
+def row_weights(fisher_rel: Tensor) -> Tensor:
+    """d_i = sqrt(sum_j F_rel[i, j]): one weight per output row (§3)."""
+    return fisher_rel.float().sum(dim=1).clamp(min=0).sqrt()
+
+
+def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
+    """U [m, r], S [r], V^T [r, n] of the best rank-r approximation (randomized with ``lowrank``)."""
+    if method == "lowrank":
+        u, s, v = torch.svd_lowrank(matrix, q=min(rank + 8, *matrix.shape), niter=4)
+        return u[:, :rank], s[:rank], v[:, :rank].T
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, *, svd: str = "exact",
+                 eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """(A [r, in], B [out, r], W_res [out, in]) with ``scaling * B @ A + W_res == weight``.
+
+    s*B@A = D^-1 [D W]_r minimises ||D (W - M)||_F over rank-r M for D = diag(row_weights).
+    A layer the forget set does not reach at all (every d_i = 0) gets the unweighted SVD, so its
+    adapter does not start at exactly zero, where LoRA's gradients would vanish for good.
+    """
+    w = weight.float()
+    d = row_weights(fisher_rel)
+    if not bool(d.any()):
+        d = torch.ones_like(d)
+    u, s, vh = truncated_svd(d[:, None] * w, rank, svd)
+    root = (s / scaling).sqrt()
+    b = (u / (d + eps)[:, None]) * root
+    a = root[:, None] * vh
+    return a, b, w - scaling * (b @ a)
+
+
+def weighted_error(weight: Tensor, fisher_rel: Tensor, approximation: Tensor) -> Tensor:
+    """||D (W - M)||_F, the quantity FILA minimises."""
+    return torch.linalg.norm(row_weights(fisher_rel)[:, None] * (weight.float() - approximation.float()))
+
+
+# --------------------------------------------------------------------------- applying to a PEFT model
+
+
+@dataclass
+class InitContext:
+    forget_batches: list[dict[str, Tensor]]
+    retain_batches: list[dict[str, Tensor]]
+    fisher_mode: str = "per_sample"
+    eps: float = 1e-5
+    svd: str = "exact"
+    progress: bool = False
+    vila_sigma: float = 0.05
+
+
+Initializer = Callable[[nn.Module, InitContext], dict[str, Any]]
+INITIALIZERS: Registry[Initializer] = Registry("initialiser")
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every LoRA-wrapped layer, by its module name in the plain (unwrapped) model."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def _dense_weight(layer: nn.Module) -> nn.Parameter:
+    return layer.get_base_layer().weight
+
+
+def _as_out_in(layer: nn.Module, tensor: Tensor) -> Tensor:
+    """GPT-2's Conv1D stores [in, out]; the math is written for [out, in]."""
+    return tensor.T if layer.fan_in_fan_out else tensor
+
+
+@torch.no_grad()
+def _install(layer: nn.Module, a: Tensor, b: Tensor, w_res: Tensor) -> None:
+    base = _dense_weight(layer)
+    layer.lora_A[ADAPTER].weight.copy_(a.to(layer.lora_A[ADAPTER].weight.dtype))
+    layer.lora_B[ADAPTER].weight.copy_(b.to(layer.lora_B[ADAPTER].weight.dtype))
+    base.copy_(_as_out_in(layer, w_res).to(base.dtype))
+
+
+def _fila_per_layer(layers: dict[str, nn.Module], relative_of: Callable[[str], tuple[Tensor, float]],
+                    ctx: InitContext) -> dict[str, Any]:
+    """Replace every layer by W_res + FILA adapter, building one layer's relative Fisher at a time.
+
+    Returns the share of eps-dominated entries (overall and per layer) and each layer's relative
+    weighted error ||D (W - sBA)|| / ||D W||.
+    """
+    shares, sizes, errors = {}, {}, {}
+    for name, layer in layers.items():
+        rel, shares[name] = relative_of(name)
+        sizes[name] = rel.numel()
+        w = _as_out_in(layer, _dense_weight(layer).detach()).float()
+        a, b, w_res = fila_factors(w, rel, layer.r[ADAPTER], layer.scaling[ADAPTER], svd=ctx.svd)
+        scale = torch.linalg.norm(row_weights(rel)[:, None] * w).clamp(min=1e-30)
+        errors[name] = float(weighted_error(w, rel, layer.scaling[ADAPTER] * (b @ a)) / scale)
+        _install(layer, a, b, w_res)
+    overall = sum(shares[n] * sizes[n] for n in shares) / max(sum(sizes.values()), 1)
+    return {"eps_dominated_share": overall, "eps_dominated_share_per_layer": shares,
+            "relative_weighted_error": errors}
+
+
+@INITIALIZERS.register("gaussian")
+def init_gaussian(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
+    """Plain LoRA: A ~ N(0, 1/r), B = 0, base weights untouched."""
+    for layer in lora_layers(model).values():
+        layer.reset_lora_parameters(ADAPTER, "gaussian")
+    return {}
+
+
+@INITIALIZERS.register("fila")
+def init_fila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
+    """Relative Fisher of the full weights, then the row-weighted SVD per layer (§2-3)."""
+    layers = lora_layers(model)
+    weights = {name: _dense_weight(layer) for name, layer in layers.items()}
+    t0 = time.time()
+    f_forget = empirical_fisher(model, ctx.forget_batches, weights, mode=ctx.fisher_mode, progress=ctx.progress,
+                                desc="Fisher (forget)")
+    f_retain = empirical_fisher(model, ctx.retain_batches, weights, mode=ctx.fisher_mode, progress=ctx.progress,
+                                desc="Fisher (retain)")
+    t1 = time.time()
+
+    def relative_of(name: str) -> tuple[Tensor, float]:
+        layer = layers[name]
+        return relative_fisher(_as_out_in(layer, f_forget.pop(name)), _as_out_in(layer, f_retain.pop(name)), ctx.eps)
+
+    stats = _fila_per_layer(layers, relative_of, ctx)
+    return {**stats, "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
+
+
+@INITIALIZERS.register("vila")
+def init_vila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
+    """Fisher measured in LoRA space (A, B random), lifted as F_B @ F_A, then FILA's solve (§4)."""
+    layers = lora_layers(model)
+    factors: dict[str, nn.Parameter] = {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for kind, module in (("A", layer.lora_A[ADAPTER]), ("B", layer.lora_B[ADAPTER])):
+                module.weight.normal_(0.0, ctx.vila_sigma)
+                factors[f"{name}/{kind}"] = module.weight
+    t0 = time.time()
+    f_forget = variance_fisher(model, ctx.forget_batches, factors, progress=ctx.progress, desc="LoRA Fisher (forget)")
+    f_retain = variance_fisher(model, ctx.retain_batches, factors, progress=ctx.progress, desc="LoRA Fisher (retain)")
+    t1 = time.time()
+
+    def relative_of(name: str) -> tuple[Tensor, float]:
+        # Lifted to [out, in] one layer at a time: no full-size Fisher exists for the whole model.
+        lifted_forget = f_forget[f"{name}/B"] @ f_forget[f"{name}/A"]
+        lifted_retain = f_retain[f"{name}/B"] @ f_retain[f"{name}/A"]
+        return relative_fisher(lifted_forget, lifted_retain, ctx.eps)
+
+    stats = _fila_per_layer(layers, relative_of, ctx)
+    return {**stats, "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
+
+
+def apply_initializer(model: nn.Module, name: str, ctx: InitContext) -> dict[str, Any]:
+    """Run the named initialiser on a PEFT LoRA model in place; returns its statistics for the report."""
+    stats = INITIALIZERS.get(name)(model, ctx)
+    return {"initializer": name, "fisher_mode": ctx.fisher_mode if name == "fila" else None,
+            "eps": ctx.eps if name != "gaussian" else None, "layers": len(lora_layers(model)), **stats}

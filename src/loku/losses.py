@@ -1,0 +1,169 @@
+"""Unlearning losses (ALGORITHMS.md §1). Every function returns a scalar to MINIMISE.
+
+A method's loss is a forget term (registry ``FORGET_TERMS``) weighted by gamma plus a retain term
+(registry ``RETAIN_TERMS``) weighted by alpha; ``LOSSES`` names the paper's combinations. All math
+runs in float32, whatever dtype the model computes in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Registry
+
+IGNORE_INDEX = -100
+
+
+def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Align position t's logits with token t+1, as Hugging Face causal LMs do."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token NLL [B, T-1] in float32; 0 where the label is masked."""
+    logits, labels = shift(logits, labels)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return nll * (labels != IGNORE_INDEX)
+
+
+def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean token NLL over the unmasked tokens of the batch (the usual causal-LM loss)."""
+    _, shifted = shift(logits, labels)
+    return token_nll(logits, labels).sum() / (shifted != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+    """log pi(x) per sequence [B]: the sum of token log-probabilities over unmasked tokens."""
+    return -token_nll(logits, labels).sum(dim=1)
+
+
+def inverted_hinge_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """IHL = mean over unmasked tokens of max(0, 1 + p(x_t) - max_{v != x_t} p(v)) (§1).
+
+    ``logits`` [B, T, V] unshifted, ``labels`` [B, T] with -100 masked. Only the top-2 of the
+    probabilities is taken to find the runner-up, never an [N, V-1] copy.
+    """
+    logits, labels = shift(logits, labels)
+    keep = labels != IGNORE_INDEX
+    probs = torch.softmax(logits[keep].float(), dim=-1)  # [N, V], N = unmasked tokens only
+    target = labels[keep]
+    p_true = probs.gather(1, target[:, None]).squeeze(1)
+    top_p, top_i = probs.topk(2, dim=-1)
+    p_runner_up = torch.where(top_i[:, 0] == target, top_p[:, 1], top_p[:, 0])
+    hinge = torch.clamp(1.0 + p_true - p_runner_up, min=0.0)  # always in [0, 2]; kept as the paper writes it
+    return hinge.sum() / max(int(keep.sum()), 1)
+
+
+def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
+    """KL(p_ref || p_model) per unmasked token, averaged: keeps the retain distribution where it was."""
+    logits, labels = shift(logits, labels)
+    ref_logits, _ = shift(ref_logits, labels)
+    keep = labels != IGNORE_INDEX
+    log_p = torch.log_softmax(logits[keep].float(), dim=-1)
+    log_ref = torch.log_softmax(ref_logits[keep].float(), dim=-1)
+    kl = F.kl_div(log_p, log_ref, log_target=True, reduction="sum")
+    return kl / max(int(keep.sum()), 1)
+
+
+def npo_loss(logits: Tensor, ref_logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """NPO: (2/beta) * mean over sequences of log(1 + (pi/pi_ref)^beta), as a stable softplus."""
+    log_ratio = sequence_logprob(logits, labels) - sequence_logprob(ref_logits, labels).detach()
+    return (2.0 / beta) * F.softplus(beta * log_ratio).mean()
+
+
+# --------------------------------------------------------------------------- registries
+
+
+@dataclass
+class LossInputs:
+    """What a term may need; reference logits come from a frozen copy of the original model."""
+
+    logits: Tensor
+    labels: Tensor
+    ref_logits: Tensor | None = None
+    npo_beta: float = 0.1
+
+
+Term = Callable[[LossInputs], Tensor]
+FORGET_TERMS: Registry[Term] = Registry("forget term")
+RETAIN_TERMS: Registry[Term] = Registry("retain term")
+
+
+@FORGET_TERMS.register("ga")
+def _forget_ga(x: LossInputs) -> Tensor:
+    return -mean_nll(x.logits, x.labels)
+
+
+@FORGET_TERMS.register("ihl")
+def _forget_ihl(x: LossInputs) -> Tensor:
+    return inverted_hinge_loss(x.logits, x.labels)
+
+
+@FORGET_TERMS.register("npo")
+def _forget_npo(x: LossInputs) -> Tensor:
+    return npo_loss(x.logits, x.ref_logits, x.labels, x.npo_beta)
+
+
+@RETAIN_TERMS.register("nll")
+def _retain_nll(x: LossInputs) -> Tensor:
+    return mean_nll(x.logits, x.labels)
+
+
+@RETAIN_TERMS.register("kl")
+def _retain_kl(x: LossInputs) -> Tensor:
+    return kl_to_reference(x.logits, x.ref_logits, x.labels)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    forget: str
+    retain: str  # default retain term; "none" for plain gradient ascent
+
+
+LOSSES: dict[str, LossSpec] = {
+    "ga": LossSpec("ga", "none"),
+    "gd": LossSpec("ga", "nll"),
+    "ihl": LossSpec("ihl", "nll"),
+    "npo": LossSpec("npo", "nll"),
+}
+
+
+def retain_term_of(loss: str, retain_term: str | None) -> str:
+    return retain_term if retain_term is not None else LOSSES[loss].retain
+
+
+def needs_reference(loss: str, retain_term: str | None) -> bool:
+    """NPO and the KL retain term compare against the original model's logits."""
+    return LOSSES[loss].forget == "npo" or retain_term_of(loss, retain_term) == "kl"
+
+
+def unlearning_loss(
+    loss: str,
+    forget_logits: Tensor,
+    forget_labels: Tensor,
+    retain_logits: Tensor | None = None,
+    retain_labels: Tensor | None = None,
+    *,
+    ref_forget_logits: Tensor | None = None,
+    ref_retain_logits: Tensor | None = None,
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    retain_term: str | None = None,
+    npo_beta: float = 0.1,
+) -> tuple[Tensor, dict[str, float]]:
+    """gamma * forget term + alpha * retain term, and each part's value for the logs."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
+    spec = LOSSES[loss]
+    forget = FORGET_TERMS.get(spec.forget)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta))
+    total, parts = gamma * forget, {"forget": float(forget.detach())}
+    term = retain_term_of(loss, retain_term)
+    if term != "none" and retain_logits is not None:
+        retain = RETAIN_TERMS.get(term)(LossInputs(retain_logits, retain_labels, ref_retain_logits, npo_beta))
+        total = total + alpha * retain
+        parts["retain"] = float(retain.detach())
+    return total, parts

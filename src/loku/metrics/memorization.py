@@ -1,0 +1,181 @@
+"""Memorization accuracy MA and extraction likelihood EL_n (ALGORITHMS.md §6), plain and fast.
+
+Batches are right-padded (``attention_mask`` 1 then 0); each sequence counts only its own tokens.
+Indexing (0-based): for a sequence of T tokens, EL_n averages over the T-n prefixes x[:L],
+L = 1..T-n, the n-gram overlap between the greedy continuation of x[:L] up to length T and the
+true suffix x[L:]; it is the (1/(T-n)) sum of Jang et al. (the empty prefix cannot be continued).
+A greedy continuation here is T-L argmax steps with no early stop at EOS.
+
+``extraction_likelihood`` (fast, exact) needs no generation where the model already follows the
+text: if the teacher-forced argmax at position L-1 equals x[L], the continuation of x[:L] is
+x[L] followed by the continuation of x[:L+1]. Only prefixes where the argmax misses are
+generated, batched, from the keys/values of ONE forward pass of the whole sequence (causal
+attention: the cache of x[:m] is the first m positions of the cache of x).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+__all__ = ["extraction_likelihood", "extraction_likelihood_plain", "memorization_accuracy", "ngram_overlap"]
+
+
+def _lengths(input_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
+    if attention_mask is None:
+        return [input_ids.shape[1]] * input_ids.shape[0]
+    lengths = attention_mask.sum(dim=1)
+    right_padded = attention_mask.gather(1, (lengths - 1).clamp(min=0)[:, None]).all() and bool(
+        (attention_mask.cumsum(1).amax(1) == lengths).all() and (attention_mask[:, 0] == 1).all())
+    if not right_padded:
+        raise ValueError("memorization metrics expect right-padded batches (attention mask 1...1 0...0)")
+    return [int(n) for n in lengths.tolist()]
+
+
+def _forward(model, input_ids: Tensor, attention_mask: Tensor | None, **kwargs):
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return model(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+
+@torch.no_grad()
+def memorization_accuracy(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """MA per sequence [B]: the share of positions t = 1..T-1 where argmax p(.|x_<t) == x_t."""
+    lengths = _lengths(input_ids, attention_mask)
+    predicted = _forward(model, input_ids, attention_mask).logits[:, :-1].argmax(dim=-1)
+    hits = (predicted == input_ids[:, 1:]).float()
+    valid = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)[None, :] < (
+        torch.tensor(lengths, device=input_ids.device)[:, None] - 1)
+    return (hits * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def ngram_overlap(prediction: list[int], reference: list[int], n: int) -> float:
+    """OVERLAP_n(a, b): the share of a's n-grams (counted with repetition) that occur in b."""
+    grams = [tuple(prediction[i : i + n]) for i in range(len(prediction) - n + 1)]
+    if not grams:
+        return 0.0
+    present = {tuple(reference[i : i + n]) for i in range(len(reference) - n + 1)}
+    return sum(g in present for g in grams) / len(grams)
+
+
+def _el_from_continuations(sequence: list[int], continuation_of, n: int) -> float:
+    """Mean overlap over prefixes L = 1..T-n; a sequence of n tokens or fewer has no n-gram: 0."""
+    total = len(sequence)
+    if total <= n:
+        return 0.0
+    score = 0.0
+    for prefix in range(1, total - n + 1):
+        continuation = continuation_of(prefix)
+        score += 1.0 if continuation is None else ngram_overlap(continuation, sequence[prefix:], n)
+    return score / (total - n)
+
+
+# --------------------------------------------------------------------------- plain reference
+
+
+@torch.no_grad()
+def _greedy(model, prefix: Tensor, steps: int) -> list[int]:
+    """``steps`` argmax tokens after ``prefix`` [1, L], decoding with the model's KV cache."""
+    out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
+    generated = [int(out.logits[0, -1].argmax())]
+    cache, length = out.past_key_values, prefix.shape[1]
+    for _ in range(steps - 1):
+        token = torch.tensor([[generated[-1]]], device=prefix.device)
+        out = model(input_ids=token, attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=prefix.device),
+                    past_key_values=cache, use_cache=True)
+        cache, length = out.past_key_values, length + 1
+        generated.append(int(out.logits[0, -1].argmax()))
+    return generated
+
+
+@torch.no_grad()
+def extraction_likelihood_plain(model, input_ids: Tensor, n: int = 10, attention_mask: Tensor | None = None) -> Tensor:
+    """EL_n per sequence [B] by the definition: one greedy generation per prefix (the reference)."""
+    scores = []
+    for row, length in zip(input_ids, _lengths(input_ids, attention_mask)):
+        sequence = row[:length]
+        tokens = sequence.tolist()
+        scores.append(_el_from_continuations(
+            tokens, lambda p: _greedy(model, sequence[None, :p], length - p), n))
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- fast, exact
+
+
+@torch.no_grad()
+def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first_tokens: list[int],
+                         steps: list[int], device) -> list[list[int]]:
+    """Greedy continuations for rows (sequence b, prefix length m), batched, from sliced caches.
+
+    Each row's prefix keys/values are right-aligned in one left-padded cache; positions are
+    passed explicitly so padding shifts nothing (relative distances, hence sliding windows, too).
+    """
+    from transformers import DynamicCache
+
+    width = max(m for _, m in rows)
+    count = len(rows)
+    layers = []
+    for keys, values in cache_layers:
+        k = keys.new_zeros((count, keys.shape[1], width, keys.shape[3]))
+        v = values.new_zeros((count, values.shape[1], width, values.shape[3]))
+        for r, (b, m) in enumerate(rows):
+            k[r, :, width - m:] = keys[b, :, :m]
+            v[r, :, width - m:] = values[b, :, :m]
+        layers.append((k, v))
+    cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+    mask = torch.zeros((count, width), dtype=torch.long, device=device)
+    for r, (_, m) in enumerate(rows):
+        mask[r, width - m:] = 1
+    positions = torch.tensor([m for _, m in rows], device=device)
+    tokens = torch.tensor(first_tokens, device=device)
+    generated = [tokens]
+    for step in range(max(steps) - 1):
+        mask = torch.cat([mask, mask.new_ones((count, 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        tokens = out.logits[:, -1].argmax(dim=-1)
+        generated.append(tokens)
+    table = torch.stack(generated, dim=1).tolist()
+    return [table[r][: steps[r]] for r in range(count)]
+
+
+@torch.no_grad()
+def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask: Tensor | None = None, *,
+                          rows_per_batch: int = 64) -> Tensor:
+    """EL_n per sequence [B], exactly as :func:`extraction_likelihood_plain`, generating only where needed.
+
+    ``rows_per_batch`` bounds how many continuations decode at once (memory: one KV cache each).
+    """
+    lengths = _lengths(input_ids, attention_mask)
+    out = _forward(model, input_ids, attention_mask, use_cache=True)
+    argmax = out.logits.argmax(dim=-1).tolist()  # argmax[b][j] predicts position j+1
+    cache_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    sequences = [row[:length].tolist() for row, length in zip(input_ids, lengths)]
+
+    # Prefix lengths m whose greedy step misses the text: the only continuations to generate.
+    misses = [(b, m) for b, seq in enumerate(sequences) for m in range(1, len(seq))
+              if argmax[b][m - 1] != seq[m]]
+    misses.sort(key=lambda bm: lengths[bm[0]] - bm[1], reverse=True)  # similar lengths decode together
+    generated: dict[tuple[int, int], list[int]] = {}
+    for start in range(0, len(misses), rows_per_batch):
+        chunk = misses[start : start + rows_per_batch]
+        conts = _generate_from_cache(model, cache_layers, chunk, [argmax[b][m - 1] for b, m in chunk],
+                                     [lengths[b] - m for b, m in chunk], input_ids.device)
+        generated.update(zip(chunk, conts))
+
+    scores = []
+    for b, seq in enumerate(sequences):
+        next_miss, upcoming = {}, None  # for each prefix, the first miss at or after it
+        for m in range(len(seq) - 1, 0, -1):
+            if (b, m) in generated:
+                upcoming = m
+            next_miss[m] = upcoming
+
+        def continuation(prefix: int, seq=seq, next_miss=next_miss, b=b):
+            m = next_miss[prefix]
+            return None if m is None else seq[prefix:m] + generated[(b, m)]  # None: the text itself, overlap 1
+
+        scores.append(_el_from_continuations(seq, continuation, n))
+    return torch.tensor(scores, dtype=torch.float32)

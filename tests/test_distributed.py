@@ -1,0 +1,49 @@
+"""Multi-process unlearning (gloo, 2 CPU processes) equals one process with the same global batch:
+Fisher sums are reduced across processes, metrics computed once and broadcast, one writer."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def launch(root, out, processes: int, grad_accum: int):
+    args = ["unlearn", "--model", str(root / "base"), "--forget", str(root / "forget.txt"),
+            "--retain", str(root / "retain.txt"), "--validation", str(root / "validation.txt"),
+            "--method", "fila-ihl", "--rank", "4", "--lora-alpha", "8", "--lr", "5e-3", "--batch-size", "1",
+            "--grad-accum", str(grad_accum), "--max-epochs", "3", "--no-progress", "--out", str(out)]
+    if processes == 1:
+        cmd = [sys.executable, "-m", "loku.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", "29531", "-m", "loku.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+def test_two_processes_equal_one_with_same_global_batch(memorized, tmp_path):
+    # Global batch 2 sequences per optimizer step: 2 processes x 1, or 1 process x 1 x 2 accumulation.
+    two = launch(memorized, tmp_path / "two", processes=2, grad_accum=1)
+    one = launch(memorized, tmp_path / "one", processes=1, grad_accum=2)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["init"].keys() == one["init"].keys()
+    for a, b in zip(two["epochs"], one["epochs"]):
+        for key in ("forget_ma", "val_ma", "val_ppl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+    assert [e["success"] for e in two["epochs"]] == [e["success"] for e in one["epochs"]]
+    wa = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+    ra = load_file(str(tmp_path / "two" / "adapter" / "residual_base.safetensors"))
+    rb = load_file(str(tmp_path / "one" / "adapter" / "residual_base.safetensors"))
+    for key in ra:
+        torch.testing.assert_close(ra[key], rb[key], atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.glob(".*partial"))

@@ -1,0 +1,115 @@
+"""Crash safety: a run killed with SIGKILL mid-epoch resumes to exactly the uninterrupted result,
+and a killed run never leaves an output folder that looks complete."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loku.checkpoint import checkpoint_dir
+from loku.config import UnlearnConfig
+from loku.errors import ConfigError, ModelError, TrainingDiverged
+from loku.trainer import unlearn
+
+TIMING_KEYS = {"seconds", "peak_memory_bytes", "resumed", "config", "versions"}
+
+
+def cli_args(root, out, *extra):
+    return [sys.executable, "-m", "loku.cli", "unlearn", "--model", str(root / "base"),
+            "--forget", str(root / "forget.txt"), "--retain", str(root / "retain.txt"),
+            "--validation", str(root / "validation.txt"), "--method", "fila-ihl", "--rank", "4",
+            "--lora-alpha", "8", "--lr", "1e-3", "--batch-size", "2", "--max-epochs", "4",
+            "--no-progress", "--out", str(out), *extra]
+
+
+def run(args, **env):
+    return subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+
+
+def comparable(report: dict) -> dict:
+    """The report without wall-clock numbers (which differ between any two runs)."""
+    out = {k: v for k, v in report.items() if k not in TIMING_KEYS}
+    out["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in report["epochs"]]
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(memorized, tmp_path):
+    killed = tmp_path / "killed"
+    # 4 forget sequences, batch 2 -> 2 steps per epoch: step 5 is inside epoch 3.
+    crash = run(cli_args(memorized, killed), LOKU_FAILPOINT="step:5")
+    assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
+    assert not killed.exists(), "a killed run must not leave an output folder"
+    state = json.loads((checkpoint_dir(killed) / "state.json").read_text())
+    assert [e["epoch"] for e in state["epochs"]] == [1, 2]
+
+    resumed = run([sys.executable, "-m", "loku.cli", "unlearn", "--resume", str(killed), "--no-progress"])
+    assert resumed.returncode in (0, 3), resumed.stderr[-2000:]
+    assert not checkpoint_dir(killed).exists()
+
+    straight = tmp_path / "straight"
+    done = run(cli_args(memorized, straight))
+    assert done.returncode == resumed.returncode, done.stderr[-2000:]
+
+    a = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    ra = json.loads((killed / "report.json").read_text())
+    rb = json.loads((straight / "report.json").read_text())
+    assert ra["resumed"] is True and rb["resumed"] is False
+    assert comparable(ra) == comparable(rb)
+
+
+def test_resume_refuses_other_settings_or_base(memorized, tmp_path):
+    out = tmp_path / "run"
+    crash = run(cli_args(memorized, out), LOKU_FAILPOINT="step:3")
+    assert crash.returncode == -signal.SIGKILL
+    cfg = UnlearnConfig(**json.loads((checkpoint_dir(out) / "state.json").read_text())["config"])
+    cfg.rank = 2
+    with pytest.raises(ConfigError, match="other settings.*rank"):
+        unlearn(cfg, resume=True)
+    # A fresh run onto the same folder must not silently discard the unfinished one.
+    cfg.rank = 4
+    with pytest.raises(ConfigError, match="--resume"):
+        unlearn(cfg)
+    other = tmp_path / "other-base"
+    from tiny_models import make_tiny_model, word_tokenizer
+    make_tiny_model("llama", seed=9).save_pretrained(other)
+    word_tokenizer().save_pretrained(other)
+    state_file = checkpoint_dir(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"] = str(other)
+    state_file.write_text(json.dumps(state))
+    cfg.model = str(other)
+    with pytest.raises(ModelError, match="different base"):
+        unlearn(cfg, resume=True)
+
+
+def test_nan_loss_stops_and_names_the_epoch(memorized, tmp_path, monkeypatch):
+    import loku.losses as losses
+
+    real = losses.unlearning_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(losses, "unlearning_loss", poisoned)
+    cfg = UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
+                        retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),
+                        out=str(tmp_path / "run"), rank=4, lora_alpha=8, lr=1e-3, batch_size=2, max_epochs=4,
+                        progress=False)
+    with pytest.raises(TrainingDiverged, match="epoch 2, step 1.*checkpoint of epoch 1"):
+        unlearn(cfg)
+    state = json.loads((checkpoint_dir(cfg.out) / "state.json").read_text())
+    assert [e["epoch"] for e in state["epochs"]] == [1]
+    assert not (tmp_path / "run").exists()
