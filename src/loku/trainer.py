@@ -51,6 +51,14 @@ class RunResult:
     residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced
 
 
+def make_accelerator():
+    """accelerate's Accelerator; a multi-process launch without CUDA runs on CPU processes (gloo)."""
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=launched and not torch.cuda.is_available())
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -183,14 +191,12 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     With ``resume`` the run continues from the checkpoint of ``cfg.out`` (written after every epoch)
     and ends with exactly the result the uninterrupted run would have had.
     """
-    from accelerate import Accelerator
-
     from .losses import needs_reference, unlearning_loss
 
     cfg.validate()
     started = time.time()
     set_seed(cfg.seed)
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     if accelerator.is_main_process and cfg.out and not resume:
         check_output_dir(cfg.out, cfg.overwrite)
         stale = checkpoint_dir(cfg.out)
