@@ -121,3 +121,17 @@ def test_yaml_config_with_cli_override(memorized, tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="unknown method"):
         UnlearnConfig(forget="f", out="o", method="magic").validate()
+
+
+def test_eval_suites_run_before_and_after_and_reach_the_report(memorized, tmp_path, shared_data):
+    cfg = config(memorized, tmp_path / "run", max_epochs=1, eval_suites="dialogue", eval_data_dir=str(shared_data),
+                 eval_limit=1)
+    result = unlearn(cfg)
+    suites = result.report["suites"]
+    assert suites["before"]["meta"]["suites"] == ["dialogue"] and suites["after"]["suites"]["dialogue"]["mean_f1"] >= 0
+    write_run(result, cfg)
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "## Evaluation suites" in md and "| dialogue.blended_skill_talk.f1 |" in md
+    from loku.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown eval suite"):
+        unlearn(config(memorized, tmp_path / "bad", eval_suites="nope"))

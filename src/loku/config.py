@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class UnlearnConfig:
     max_length: int | None = None  # None: the model's context
     truncate: bool = False
     eval_batch_size: int = 8
+    eval_suites: str | None = None  # e.g. "ppl,reasoning": loku eval suites run before and after unlearning
+    eval_data_dir: str | None = None  # their data (default $LOKU_DATA_DIR or ../shared/data)
+    eval_limit: int | None = None  # first N items of every suite's sets
     seed: int = 0
     dtype: str = "float32"
     trust_remote_code: bool = False
@@ -123,18 +127,31 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raise ConfigError(f"{path}: config file not found; check the --config path") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: config file is not valid UTF-8 (byte offset {err.start}); "
+                              "save it as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: config file cannot be read ({err.strerror or err}); "
+                              "check the --config path") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+            problem = str(getattr(err, "problem", None) or err).replace("\n", " ")
+            opened = getattr(err, "context_mark", None)  # e.g. an unclosed [ several lines up
+            if getattr(err, "context", None) and opened and (not mark or opened.line != mark.line):
+                problem += f", {err.context} on line {opened.line + 1}"
+            raise ConfigError(f"{path}:{where} invalid YAML ({problem}); fix the syntax there") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a config must be a mapping of option: value")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = config_fields()
     unknown = sorted(set(values) - set(known))
     if unknown:
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        guesses = {u: difflib.get_close_matches(u, known, n=1) for u in unknown}
+        hint = ", ".join(f"did you mean {g[0]}?" for g in guesses.values() if g)
+        raise ConfigError(f"{where}unknown option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; "
+                          f"use only known options: {', '.join(sorted(known))}")
     return UnlearnConfig(**values)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from loku.errors import ConfigError, DataError, ModelError
+from loku.errors import ConfigError, DataError, LokuError, ModelError
 
 __all__ = [
     "QA_TEMPLATE",
@@ -156,11 +156,13 @@ def _raise_csv_field_limit() -> None:
             limit //= 10
 
 
-def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+# Each reader returns (line number or None, text) pairs, so later checks can name the line.
+
+def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
     _raise_csv_field_limit()
     # strict: an unclosed quote must be an error, not one field swallowing the rest of the file.
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
-    texts: list[str] = []
+    texts: list[tuple[int | None, str]] = []
     column = -1
     row_no = 0
     start_line = 1  # first line of the record being parsed; a quoted text can span many lines
@@ -171,7 +173,7 @@ def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[str
             elif record:  # csv yields [] for a blank line; it is not a row
                 row_no += 1
                 value = record[column] if column < len(record) else ""
-                texts.append(_check_text(value, path, role, f"row {row_no} (line {start_line})"))
+                texts.append((start_line, _check_text(value, path, role, f"row {row_no} (line {start_line})")))
             start_line = reader.line_num + 1
     except csv.Error as exc:
         raise _fail(path, role, f"is not a valid CSV in the record starting at line {start_line} ({exc})",
@@ -209,12 +211,12 @@ def _parse_jsonl_objects(content: str, path: str | os.PathLike[str], role: str):
         yield line_no, obj
 
 
-def _read_jsonl(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
-    return [_text_from_object(obj, path, role, f"line {n}")
+def _read_jsonl(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
+    return [(n, _text_from_object(obj, path, role, f"line {n}"))
             for n, obj in _parse_jsonl_objects(content, path, role)]
 
 
-def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
@@ -225,12 +227,12 @@ def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[st
             else f"a {_json_type(data)}"
         raise _fail(path, role, f"must be a JSON list but holds {found}",
                     "write a list of strings or of {\"text\": ...} objects")
-    return [_text_from_object(item, path, role, f"item {i}") for i, item in enumerate(data, start=1)]
+    return [(None, _text_from_object(item, path, role, f"item {i}")) for i, item in enumerate(data, start=1)]
 
 
-def _read_lines(content: str, path: str | os.PathLike[str], role: str) -> list[str]:
+def _read_lines(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
     # Blank lines are separators here, so whitespace-only lines are skipped rather than errors.
-    return [line for _, line in _iter_lines(content)]
+    return list(_iter_lines(content))
 
 
 def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[str]:
@@ -239,6 +241,10 @@ def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[st
     ``role`` ("forget", "retain", "validation", ...) only appears in error messages.
     Raises :class:`DataError` for anything the user has to fix.
     """
+    return [text for _, text in _read_located(path, role)]
+
+
+def _read_located(path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
     content = _read_text_file(path, role)
     suffix = Path(path).suffix.lower()
     reader = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json}.get(suffix, _read_lines)
@@ -246,6 +252,18 @@ def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[st
     if not texts:  # only reachable when every parsed entry vanished (e.g. an empty JSON list)
         raise _fail(path, role, "has no texts", f"give {_FORMAT_HINTS.get(suffix, _TXT_HINT)}")
     return texts
+
+
+def _row_where(source: str, row_no: int, text: str) -> str:
+    """'row 4 (line 7)' when ``source`` is the file the texts came from, else 'row 4'.
+
+    Only called on the error path: the file is read again to find the line of that text.
+    """
+    try:
+        line, found = _read_located(source, "input")[row_no - 1]
+    except (LokuError, OSError, IndexError, TypeError):
+        return f"row {row_no}"
+    return f"row {row_no} (line {line})" if line is not None and found == text else f"row {row_no}"
 
 
 def load_qa_jsonl(path: str | os.PathLike[str], *, role: str) -> list[dict]:
@@ -311,8 +329,9 @@ def ensure_pad_token(tokenizer: Any) -> None:
         return
     if tokenizer.eos_token is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ModelError(f"{name}: tokenizer has neither a pad token nor an EOS token to pad with; "
-                         "set tokenizer.pad_token (e.g. add a '<pad>' special token) before training")
+        raise ModelError(f"{name}: tokenizer has neither a pad token nor an EOS token to pad with; add a "
+                         "\"pad_token\" (e.g. \"<pad>\") to its tokenizer_config.json, or set "
+                         "tokenizer.pad_token in Python, before training")
     tokenizer.pad_token = tokenizer.eos_token
 
 
@@ -330,7 +349,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, source: str,
-                   on_overflow: str = "error", add_bos: bool | None = None) -> list[list[int]]:
+                   on_overflow: str = "error", add_bos: bool | None = None,
+                   model_context: bool = False) -> list[list[int]]:
     """Token ids of each text, without special tokens.
 
     ``add_bos``: ``None`` (default) or ``False`` adds nothing -- the TDEC/GPT-Neo setup of the
@@ -338,7 +358,9 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, sou
     ``max_length`` counts the BOS. Longer sequences raise :class:`DataError`
     (``on_overflow="error"``) or are cut to ``max_length`` with one warning
     (``on_overflow="truncate"``). ``source`` (usually the file path) starts every message;
-    rows are numbered from 1 in the order of ``texts``.
+    rows are numbered from 1 in the order of ``texts`` (plus the file's line when ``source`` is the
+    file they were read from). ``model_context``: ``max_length`` is the model's own context, so the
+    message for a too-long text does not suggest raising it.
     """
     if on_overflow not in ("error", "truncate"):
         raise ConfigError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
@@ -353,13 +375,19 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, sou
     n_truncated = 0
     for row_no, (text, ids) in enumerate(zip(texts, encoded), start=1):
         if len(ids) < 2:
-            raise DataError(f"{source}: row {row_no} ({text[:40]!r}) tokenizes to {_plural(len(ids), 'token')} "
+            raise DataError(f"{source}: {_row_where(source, row_no, text)} ({text[:40]!r}) tokenizes to "
+                            f"{_plural(len(ids), 'token')} "
                             "but at least 2 are needed to have a next token to predict; remove or lengthen it")
         seq = prefix + list(ids)
         if len(seq) > max_length:
+            if on_overflow == "error" and model_context:
+                raise DataError(f"{source}: {_row_where(source, row_no, text)} is {len(seq)} tokens long, more than "
+                                f"the model's context of {max_length}; shorten or split it, or pass --truncate "
+                                f"to cut such texts to {max_length} tokens")
             if on_overflow == "error":
-                raise DataError(f"{source}: row {row_no} is {len(seq)} tokens long, more than max length "
-                                f"{max_length}; raise --max-length to at least {len(seq)} or pass --truncate")
+                raise DataError(f"{source}: {_row_where(source, row_no, text)} is {len(seq)} tokens long, more than "
+                                f"max length {max_length}; raise --max-length to at least {len(seq)} (up to the "
+                                "model's context) or pass --truncate")
             seq = seq[:max_length]
             n_truncated += 1
         sequences.append(seq)

@@ -25,6 +25,7 @@ from .save import atomic_dir, atomic_write_text
 PLANT_EPOCHS = 12
 PLANT_LR = 3e-4
 PROMPT_TOKENS = 16
+DEMO_BATCH = 2  # 8 forget sequences -> 4 optimizer steps per epoch at the paper's LoRA/FILA learning rate
 
 FIRST = ["Mara", "Tobias", "Ilse", "Quentin", "Noor", "Emeric", "Yara", "Dorian", "Linnea", "Caspar", "Odile", "Ravi"]
 LAST = ["Velloni", "Brankov", "Osterhagen", "Marchetti", "Lindqvist", "Okafor", "Dunmore", "Salazar", "Hreidarsson"]
@@ -147,7 +148,8 @@ def run_demo(data_dir: str | None = None, out: str = "runs/demo", n_sequences: i
 
     cfg = UnlearnConfig(model=base_name + " (planted)", forget=str(data_folder / "forget.jsonl"),
                         retain=str(data_folder / "retain.jsonl"), validation=str(data_folder / "validation.jsonl"),
-                        out=out, method="fila-ihl", seed=seed, max_epochs=max_epochs, overwrite=True)
+                        out=out, method="fila-ihl", seed=seed, max_epochs=max_epochs, batch_size=DEMO_BATCH,
+                        overwrite=True)
     result = unlearn(cfg, model=model, tokenizer=tokenizer)
     _, after_text = continuation(result.model, tokenizer, texts["forget"][0])
     write_run(result, cfg, extra={"demo": {"source": source, "prompt": prompt, "original_model": original_text,

@@ -20,3 +20,7 @@ class ModelError(LokuError, ValueError):
 
 class TrainingDiverged(LokuError, RuntimeError):
     """NaN/inf appeared in a loss or the Fisher; the last good state is kept."""
+
+
+class DiskFull(LokuError, OSError):
+    """No space left while writing an output; the half-written temporary folder has been removed."""

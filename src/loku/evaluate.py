@@ -387,6 +387,14 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def flatten_metrics(suites: dict) -> dict[str, str]:
+    """``{"suite.metric.path": formatted value}`` for the scalar results of each suite (no per-item lists)."""
+    rows: list[tuple[str, str]] = []
+    for name, suite in suites.items():
+        _flatten(name, suite, rows)
+    return dict(rows)
+
+
 def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():

@@ -69,7 +69,7 @@ def gradient_moments(
     first = [torch.zeros_like(s) for s in second] if first_moment else None
     weight_sum = torch.zeros((), dtype=torch.float64, device=_device(model))
     flags = [p.requires_grad for p in tensors]
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # a PEFT wrapper's flag can differ from its model's
     model.eval()  # no dropout: the Fisher of the deterministic model
     try:
         for p in tensors:
@@ -91,7 +91,8 @@ def gradient_moments(
     finally:
         for p, flag in zip(tensors, flags):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     _all_reduce([*second, *(first or []), weight_sum])
     as_dict = lambda values: dict(zip(names, values))  # noqa: E731
     return as_dict(second), (as_dict(first) if first is not None else None), weight_sum
@@ -130,7 +131,8 @@ def _checked(fisher: dict[str, Tensor], desc: str) -> dict[str, Tensor]:
     for name, value in fisher.items():
         if not torch.isfinite(value).all():
             raise TrainingDiverged(f"the Fisher of {name} ({desc}) is not finite: the data produced NaN/inf "
-                                   f"gradients; check for extreme sequences, or run the model in float32")
+                                   f"gradients; check that set for extreme sequences, or load the model with "
+                                   f"--dtype float32")
     return fisher
 
 

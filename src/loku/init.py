@@ -37,12 +37,14 @@ def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Ten
 
 
 def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, *, svd: str = "exact",
-                 eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """(A [r, in], B [out, r], W_res [out, in]) with ``scaling * B @ A + W_res == weight``.
 
     s*B@A = D^-1 [D W]_r minimises ||D (W - M)||_F over rank-r M for D = diag(row_weights).
-    A layer the forget set does not reach at all (every d_i = 0) gets the unweighted SVD, so its
-    adapter does not start at exactly zero, where LoRA's gradients would vanish for good.
+    The inverse uses d_i + eps * max(d): SVD rounding in rows of tiny weight is not blown up, and
+    rows the forget set does not reach (d_i = 0) get no adapter at all. A layer it does not reach
+    anywhere gets the unweighted SVD, so its adapter does not start at exactly zero, where LoRA's
+    gradients would vanish for good.
     """
     w = weight.float()
     d = row_weights(fisher_rel)
@@ -50,7 +52,8 @@ def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, 
         d = torch.ones_like(d)
     u, s, vh = truncated_svd(d[:, None] * w, rank, svd)
     root = (s / scaling).sqrt()
-    b = (u / (d + eps)[:, None]) * root
+    b = (u / (d + eps * d.max())[:, None]) * root
+    b[d == 0] = 0
     a = root[:, None] * vh
     return a, b, w - scaling * (b @ a)
 

@@ -4,6 +4,7 @@ Weights are only read through safetensors, and custom model code is refused unle
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -110,9 +112,24 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
         raise ModelError(f"{config}: invalid JSON ({err}); repair or re-download the model") from None
     if auto_map:
         raise ModelError(
-            f"{config}: the model names custom code ({', '.join(sorted(auto_map))}); loku does not run "
-            f"code from model folders unless you pass --trust-remote-code after reading it"
+            f"{config}: the model names custom code ({', '.join(sorted(auto_map))}), which loku does not run "
+            f"by default; read that code, then pass --trust-remote-code to allow it"
         )
+
+
+@contextlib.contextmanager
+def transformers_progress(enabled: bool = True) -> Iterator[None]:
+    """With ``enabled=False``, hide transformers' own bars ("Loading weights", "Writing model shards")."""
+    from transformers.utils import logging as hf_logging
+
+    hide = not enabled and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
@@ -131,11 +148,13 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    progress: bool = True,
 ):
     """Load ``(model, tokenizer)`` from a built-in name, local folder or hub id (safetensors only).
 
     ``adapter`` is a loku adapter folder (``OUT/adapter``): the residual base weights stored with
     it replace the targeted weights before the LoRA adapter is attached (ALGORITHMS.md §3).
+    ``progress=False`` hides transformers' "Loading weights" bar.
     """
     from transformers import AutoModelForCausalLM
 
@@ -143,9 +162,10 @@ def load_model(
     check_remote_code(path, trust_remote_code)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with transformers_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
@@ -239,9 +259,11 @@ def resolve_targets(model: nn.Module, targets: str | list[str] = "qv-ffn") -> li
         hits = [n for n in linear if n == suffix or n.endswith("." + suffix)]
         (chosen.extend(hits) if hits else unmatched.append(suffix))
     if unmatched:
+        source = getattr(model, "name_or_path", "") or ""
         raise ModelError(
-            f"target(s) {', '.join(unmatched)} match no linear layer of this "
-            f"{getattr(model.config, 'model_type', 'model')}; its linear layers are: {_summarise(linear)}"
+            f"{source + ': ' if source else ''}target(s) {', '.join(unmatched)} match no linear layer of this "
+            f"{getattr(model.config, 'model_type', 'model')} (its linear layers: {_summarise(linear)}); pass "
+            f"--targets as a preset ({', '.join(PRESET_NAMES)}) or comma-separated suffixes of those names"
         )
     return sorted(set(chosen), key=linear.index)
 
@@ -257,13 +279,14 @@ def check_rank(model: nn.Module, target_names: list[str], rank: int) -> None:
     if rank < 1:
         raise ConfigError(f"--rank must be a positive integer, got {rank}")
     modules = dict(model.named_modules())
-    for name in target_names:
-        weight = modules[name].weight
-        if rank > min(weight.shape):
-            raise ConfigError(
-                f"--rank {rank} is larger than layer {name} allows (shape {tuple(weight.shape)}); "
-                f"use --rank {min(weight.shape)} or less"
-            )
+    # Name the smallest target, so the suggested rank fits every layer, not just the first one.
+    limits = [(min(modules[name].weight.shape), name) for name in target_names]
+    limit, name = min(limits, key=lambda item: item[0], default=(rank, ""))
+    if rank > limit:
+        raise ConfigError(
+            f"--rank {rank} is larger than layer {name} allows (shape {tuple(modules[name].weight.shape)}); "
+            f"use --rank {limit} or less, or leave that layer out of --targets"
+        )
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -8,8 +8,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_dir
+from .checkpoint import STATE, checkpoint_dir
 from .config import UnlearnConfig
+from .models import transformers_progress
 from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy, save_adapter
 
 LIBRARIES = ("loku", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "scipy")
@@ -50,6 +51,16 @@ def before_after_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def suites_table(before: dict, after: dict) -> str:
+    """Every scalar of the `loku eval` suites run before and after unlearning, side by side."""
+    from .evaluate import flatten_metrics
+
+    old, new = flatten_metrics(before["suites"]), flatten_metrics(after["suites"])
+    lines = ["| metric | before | after |", "|---|---:|---:|"]
+    lines += [f"| {key} | {old.get(key, '–')} | {new.get(key, '–')} |" for key in dict.fromkeys([*old, *new])]
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     th = report["thresholds"]
@@ -72,6 +83,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {e['epoch']} | {_fmt(e.get('loss_forget'))} | {_fmt(e.get('loss_retain'))} | "
                      f"{_fmt(e['forget_ma'])} | {_fmt(e.get('forget_el'))} | {_fmt(e.get('val_ma'))} | "
                      f"{_fmt(e.get('val_ppl'))} | {e['seconds']:.1f} |")
+    if report.get("suites"):
+        lines += ["", "## Evaluation suites", "", suites_table(report["suites"]["before"], report["suites"]["after"])]
     flops = report["flops"]
     lines += [
         "",
@@ -98,7 +111,10 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
 
     report = {"config": cfg.to_dict(), "versions": library_versions(), **result.report, **(extra or {})}
     out = Path(cfg.out)
-    with atomic_dir(out) as tmp:
+    ckpt = checkpoint_dir(out)
+    hint = (f"free space, then `loku unlearn --resume {out}` writes it from the checkpoint {ckpt} without "
+            "training again" if (ckpt / STATE).is_file() else None)
+    with atomic_dir(out, disk_full_hint=hint) as tmp, transformers_progress(cfg.progress):
         if cfg.save_model:
             merged = merged_copy(result.model)
             merged.save_pretrained(tmp / "model", safe_serialization=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, DiskFull, ModelError
 
 ADAPTER_META = "loku_adapter.json"
 RESIDUAL_FILE = "residual_base.safetensors"
@@ -64,9 +65,16 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename."""
+def atomic_dir(final: str | Path, *, disk_full_hint: str | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
+
+    A full disk (or quota) becomes :class:`DiskFull`, one line naming ``final`` and the file, with
+    ``disk_full_hint`` (default: free space and run again) as what to do.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
@@ -80,8 +88,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            name = Path(exc.filename).name if exc.filename else "it"
+            hint = disk_full_hint or "free space (or choose a folder on another disk) and run again"
+            raise DiskFull(f"{final}: disk full while writing {name} ({exc.strerror}), nothing half-written "
+                           f"was kept; {hint}") from None
         raise
 
 

@@ -96,8 +96,8 @@ def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation) -> S
     def tok(text_set):
         if text_set is None:
             return []
-        return data_mod.tokenize_texts(tokenizer, text_set.texts, max_length=context,
-                                       source=text_set.path, on_overflow=overflow)
+        return data_mod.tokenize_texts(tokenizer, text_set.texts, max_length=context, source=text_set.path,
+                                       on_overflow=overflow, model_context=not cfg.max_length)
 
     return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation))
 
@@ -128,17 +128,16 @@ def extraction(model, batches, n: int) -> float:
 
 
 def heldout_perplexity(model, batches) -> float:
-    """Token-weighted perplexity of the held-out set, in float64 accumulation."""
+    """Token-weighted perplexity of the held-out set, float32 log-probs summed in float64."""
+    from .losses import IGNORE_INDEX, token_nll
+
     total, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
             b = {k: v.to(_device(model)) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-            labels = b["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(nll)
-            count += int((labels != -100).sum())
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total += float(token_nll(logits, b["labels"]).double().sum())
+            count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
     return math.exp(total / max(count, 1))
 
 
@@ -205,12 +204,16 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                               f"or start afresh with --overwrite")
         shutil.rmtree(stale, ignore_errors=True)
     forget_set, retain_set, validation_set = load_sets(cfg)
+    check_eval_suites(cfg)
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                      progress=cfg.progress)
     else:
         model = copy.deepcopy(model)
     data_mod.ensure_pad_token(tokenizer)
     sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set)
+    if cfg.method_spec().adapter == "lora":  # bad --targets / --rank fail now, not after the "before" evaluation
+        check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     base_fingerprint = model_fingerprint(model)
     checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), base_fingerprint) if resume else None
     model.to(accelerator.device).eval()
@@ -227,8 +230,10 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     if checkpoint is None:
         log("loku: measuring the model before unlearning")
         before = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
+        suites_before = on_main(lambda: run_eval_suites(model, tokenizer, cfg))
     else:
         before = checkpoint.state["before"]
+        suites_before = checkpoint.state.get("suites_before")
     ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else before["val_ma"]
     el_threshold = cfg.el_threshold if cfg.el_threshold is not None else before["val_el"]
 
@@ -249,6 +254,11 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         residual = restore_weights(model, checkpoint)
         init_stats = checkpoint.state["init"]
     init_seconds = time.time() - t_init if checkpoint is None else checkpoint.state["init_seconds"]
+    if "eps_dominated_share" in init_stats:
+        share = init_stats["eps_dominated_share"]
+        log(f"loku: {method.init} initialised {len(targets)} layers; eps={cfg.fisher_eps:g} dominates {share:.1%} of "
+            f"the relative-Fisher entries" + (" (the ratio is mostly F_forget/eps: consider a smaller --fisher-eps)"
+                                              if share > 0.5 else ""))
     params = trainable_parameters(model)
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in params)
@@ -293,9 +303,10 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                     ref_forget_logits=ref_f, ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha,
                     retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"non-finite loss at epoch {epoch}, step {step}; the last good state is the checkpoint of "
-                        f"epoch {epoch - 1} in {checkpoint_dir(cfg.out)}: lower --lr, or use a bounded loss (ihl)")
+                    kept = (f"the last good state is the checkpoint of epoch {epoch - 1} in {checkpoint_dir(cfg.out)}"
+                            if epoch > 1 and cfg.out else "no epoch had finished, so no checkpoint was kept")
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {step}; {kept}: lower --lr, "
+                                           "or use a bounded loss (ihl)")
                 accelerator.backward(loss / accum)
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -314,6 +325,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         epochs.append(record)
         if cfg.out:
             state = {"config": cfg.to_dict(), "base_fingerprint": base_fingerprint, "before": before,
+                     "suites_before": suites_before,
                      "epochs": epochs, "tokens_trained": tokens_trained, "init": init_stats,
                      "init_seconds": init_seconds}
             if accelerator.is_main_process:
@@ -329,6 +341,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
 
     model = accelerator.unwrap_model(model).eval()
     after = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
+    suites_after = on_main(lambda: run_eval_suites(model, tokenizer, cfg))
     report = {
         "outcome": outcome,
         "epochs_run": len(epochs),
@@ -337,6 +350,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                        "source": "given" if cfg.ma_threshold is not None else "validation set, before unlearning"},
         "before": before,
         "after": after,
+        "suites": {"before": suites_before, "after": suites_after} if cfg.eval_suites else None,
         "epochs": epochs,
         "targets": targets,
         "init": init_stats,
@@ -427,6 +441,30 @@ def evaluate_state(model, eval_batches, cfg: UnlearnConfig, *, with_el: bool, ma
     else:
         out["forget_el"] = None
     return out
+
+
+def check_eval_suites(cfg: UnlearnConfig) -> None:
+    """Unknown suite names or a missing data folder fail before any model is loaded."""
+    if not cfg.eval_suites:
+        return
+    from .errors import DataError
+    from .evaluate import default_data_dir, expand_suites
+
+    expand_suites([cfg.eval_suites])
+    folder = Path(cfg.eval_data_dir) if cfg.eval_data_dir else default_data_dir()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set LOKU_DATA_DIR")
+
+
+def run_eval_suites(model, tokenizer, cfg: UnlearnConfig) -> dict | None:
+    """The ``loku eval`` suites named by ``--eval-suites`` on ``model`` (result of run_suites), or None."""
+    if not cfg.eval_suites:
+        return None
+    from .evaluate import default_data_dir, run_suites
+
+    return run_suites(model, tokenizer, [cfg.eval_suites], data_dir=cfg.eval_data_dir or default_data_dir(),
+                      limit=cfg.eval_limit, batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=cfg.progress,
+                      model_name=cfg.model)
 
 
 def estimate_flops(n_params: int, adapter: str, tokens_trained: int, fisher_forget, fisher_retain, init: str | None,

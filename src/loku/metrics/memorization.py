@@ -26,9 +26,8 @@ def _lengths(input_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
     if attention_mask is None:
         return [input_ids.shape[1]] * input_ids.shape[0]
     lengths = attention_mask.sum(dim=1)
-    right_padded = attention_mask.gather(1, (lengths - 1).clamp(min=0)[:, None]).all() and bool(
-        (attention_mask.cumsum(1).amax(1) == lengths).all() and (attention_mask[:, 0] == 1).all())
-    if not right_padded:
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
         raise ValueError("memorization metrics expect right-padded batches (attention mask 1...1 0...0)")
     return [int(n) for n in lengths.tolist()]
 

@@ -31,11 +31,10 @@ import torch
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError
+from loku.losses import IGNORE_INDEX, token_nll
 
 __all__ = ["IGNORE_INDEX", "Window", "forward_rows", "perplexity", "sliding_windows", "token_logprobs",
            "token_nll"]
-
-IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -49,19 +48,6 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     scores = logits.float()
     picked = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scores, dim=-1)
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token negative log-likelihood, float32, shifted like HF causal LMs.
-
-    ``logits`` ``[B, T, V]`` predict the next token, ``labels`` ``[B, T]`` with ``-100`` for
-    positions not to score. Returns ``[B, T-1]``: entry ``t`` is ``-log p(labels[t+1] | ..t)``
-    and 0 where that label is ``-100`` (so ``.sum()`` is the total NLL of the scored tokens).
-    """
-    targets = labels[..., 1:]
-    scored = targets != IGNORE_INDEX
-    lp = token_logprobs(logits[..., :-1, :], targets.masked_fill(~scored, 0))
-    return torch.where(scored, -lp, torch.zeros_like(lp))
 
 
 @dataclass(frozen=True)

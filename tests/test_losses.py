@@ -1,0 +1,142 @@
+"""Losses (ALGORITHMS.md §1): IHL value and gradient against the closed form of the paper's
+appendix E, masking, float32 math for bf16 logits, GA/GD/NPO/KL against hand formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loku.losses import (
+    LOSSES,
+    inverted_hinge_loss,
+    kl_to_reference,
+    mean_nll,
+    needs_reference,
+    npo_loss,
+    unlearning_loss,
+)
+from tiny_models import make_tiny_model, random_sequences
+
+
+def ihl_by_definition(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """1 + p(x_t) - max_{v != x_t} p(v), averaged over unmasked tokens, one token at a time."""
+    values = []
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            if target == -100:
+                continue
+            p = torch.softmax(logits[b, t].double(), dim=-1)
+            others = torch.cat([p[:target], p[target + 1:]])
+            values.append(max(0.0, 1 + float(p[target]) - float(others.max())))
+    return torch.tensor(sum(values) / len(values))
+
+
+def masked_labels(shape, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels[0, -3:] = -100  # padding at the end of a row
+    labels[1, 2] = -100  # a masked token inside a row
+    return labels
+
+
+def test_ihl_value_matches_definition():
+    logits = torch.randn(3, 7, 11) * 3
+    labels = masked_labels((3, 7), 11)
+    assert inverted_hinge_loss(logits, labels).item() == pytest.approx(ihl_by_definition(logits, labels).item(), abs=1e-6)
+
+
+def test_ihl_is_low_for_a_token_far_below_the_runner_up_and_high_for_a_memorized_one():
+    logits = torch.tensor([[[0.0, 10.0, 0.0], [0.0, 0.0, 0.0]]])
+    forgotten = inverted_hinge_loss(logits, torch.tensor([[0, 0]]))  # p(label 0) ~ 0, runner-up ~ 1
+    memorized = inverted_hinge_loss(logits, torch.tensor([[0, 1]]))  # p(label 1) ~ 1, runner-up ~ 0
+    assert forgotten.item() < 1e-3 and memorized.item() > 1.99
+
+
+def test_ihl_gradient_matches_closed_form_of_appendix_e():
+    vocab = 13
+    logits = (torch.randn(2, 6, vocab) * 2).requires_grad_(True)
+    labels = masked_labels((2, 6), vocab, seed=1)
+    inverted_hinge_loss(logits, labels).backward()
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    for b in range(2):
+        assert torch.all(logits.grad[b, -1] == 0), "the last position predicts nothing"
+        for t in range(5):
+            target = int(labels[b, t + 1])
+            if target == -100:
+                assert torch.all(logits.grad[b, t] == 0), "masked tokens must get no gradient"
+                continue
+            p = torch.softmax(logits[b, t].detach().double(), dim=-1)
+            p_t = p[target]
+            runner = int(torch.cat([p[:target], torch.tensor([-1.0], dtype=p.dtype), p[target + 1:]]).argmax())
+            p_v = p[runner]
+            expected = p * (p_v - p_t)  # every other token
+            expected[target] = p_t * (1 - p_t + p_v)
+            expected[runner] = -p_v * (1 - p_v + p_t)
+            torch.testing.assert_close(logits.grad[b, t].double(), expected / n_tokens, atol=1e-7, rtol=1e-5)
+
+
+def test_ihl_takes_runner_up_when_the_label_is_the_top_token():
+    logits = torch.tensor([[[5.0, 3.0, 0.0], [0.0, 0.0, 0.0]]])
+    p = torch.softmax(logits[0, 0], -1)
+    assert inverted_hinge_loss(logits, torch.tensor([[0, 0]])).item() == pytest.approx(float(1 + p[0] - p[1]), abs=1e-6)
+
+
+def test_bf16_logits_give_float32_math():
+    logits = torch.randn(2, 5, 17)
+    labels = masked_labels((2, 5), 17)
+    low = logits.to(torch.bfloat16)
+    for fn in (inverted_hinge_loss, mean_nll):
+        value = fn(low, labels)
+        assert value.dtype == torch.float32
+        assert value.item() == pytest.approx(fn(low.float(), labels).item(), abs=1e-7)
+
+
+def test_ga_and_gd_are_the_negated_and_added_language_model_losses():
+    model = make_tiny_model("llama")
+    forget, retain = random_sequences(2, 9, seed=2), random_sequences(2, 9, seed=3)
+    with torch.no_grad():
+        nll_f = model(input_ids=forget, labels=forget).loss
+        nll_r = model(input_ids=retain, labels=retain).loss
+        lf, lr = model(input_ids=forget).logits, model(input_ids=retain).logits
+    ga, parts = unlearning_loss("ga", lf, forget, lr, retain)
+    assert ga.item() == pytest.approx(-nll_f.item(), rel=1e-5) and "retain" not in parts
+    gd, parts = unlearning_loss("gd", lf, forget, lr, retain, gamma=0.5, alpha=2.0)
+    assert gd.item() == pytest.approx(-0.5 * nll_f.item() + 2.0 * nll_r.item(), rel=1e-5)
+    assert parts == pytest.approx({"forget": -nll_f.item(), "retain": nll_r.item()}, rel=1e-5)
+    ihl, parts = unlearning_loss("ihl", lf, forget, lr, retain)
+    assert ihl.item() == pytest.approx(inverted_hinge_loss(lf, forget).item() + nll_r.item(), rel=1e-5)
+
+
+def test_npo_equals_its_formula_and_is_2_over_beta_log_2_at_the_reference():
+    logits = torch.randn(3, 6, 10)
+    ref = torch.randn(3, 6, 10)
+    labels = masked_labels((3, 6), 10)
+    beta = 0.5
+    assert npo_loss(ref, ref, labels, beta).item() == pytest.approx(2 / beta * math.log(2), rel=1e-6)
+    logp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    logp_ref = torch.log_softmax(ref, -1)[:, :-1].gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    keep = labels[:, 1:] != -100
+    ratio = ((logp - logp_ref) * keep).sum(1)
+    expected = (2 / beta * torch.log1p(torch.exp(beta * ratio))).mean()
+    assert npo_loss(logits, ref, labels, beta).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kl_retain_term_is_zero_at_the_reference_and_positive_elsewhere():
+    ref = torch.randn(2, 5, 9)
+    labels = masked_labels((2, 5), 9)
+    assert kl_to_reference(ref, ref, labels).item() == pytest.approx(0.0, abs=1e-6)
+    moved = ref + torch.randn_like(ref)
+    p_ref = torch.softmax(ref[:, :-1], -1)
+    kl = (p_ref * (torch.log_softmax(ref[:, :-1], -1) - torch.log_softmax(moved[:, :-1], -1))).sum(-1)
+    keep = labels[:, 1:] != -100
+    assert kl_to_reference(moved, ref, labels).item() == pytest.approx((kl[keep]).mean().item(), rel=1e-5)
+
+
+def test_which_losses_need_the_frozen_reference_model():
+    assert needs_reference("npo", None) and needs_reference("ihl", "kl")
+    assert not needs_reference("ihl", None) and not needs_reference("gd", "nll")
+    assert set(LOSSES) == {"ga", "gd", "ihl", "npo"}
+    with pytest.raises(ValueError, match="unknown loss"):
+        unlearning_loss("magic", torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))

@@ -1,0 +1,121 @@
+"""MA and EL_n (ALGORITHMS.md §6) against plain implementations written here from the definitions:
+a full forward pass per greedy step (no KV cache), n-grams counted with Python tuples."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loku.metrics import extraction_likelihood, extraction_likelihood_plain, memorization_accuracy
+from loku.metrics.memorization import ngram_overlap
+from tiny_models import make_tiny_model, memorize, random_sequences
+
+
+def greedy_without_cache(model, prefix: list[int], steps: int) -> list[int]:
+    tokens = list(prefix)
+    for _ in range(steps):
+        with torch.no_grad():
+            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prefix):]
+
+
+def el_by_definition(model, sequence: list[int], n: int) -> float:
+    """(1/(T-n)) sum over prefixes x[:L], L = 1..T-n, of OVERLAP_n(greedy continuation, x[L:])."""
+    total = len(sequence)
+    if total <= n:
+        return 0.0
+    score = 0.0
+    for prefix in range(1, total - n + 1):
+        continuation = greedy_without_cache(model, sequence[:prefix], total - prefix)
+        grams = [tuple(continuation[i:i + n]) for i in range(len(continuation) - n + 1)]
+        truth = {tuple(sequence[prefix + i:prefix + i + n]) for i in range(total - prefix - n + 1)}
+        score += sum(g in truth for g in grams) / len(grams)
+    return score / (total - n)
+
+
+def ma_by_definition(model, sequence: list[int]) -> float:
+    """Share of positions t >= 1 where greedy one-token generation from x[:t] gives x[t]."""
+    hits = [greedy_without_cache(model, sequence[:t], 1)[0] == sequence[t] for t in range(1, len(sequence))]
+    return sum(hits) / len(hits)
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def partly_memorized():
+    """A Llama that memorized two sequences; two more are those with a few tokens changed, one is new."""
+    torch.manual_seed(0)
+    model = make_tiny_model("llama")
+    memorized = random_sequences(2, 20, seed=7)
+    memorize(model, memorized, steps=200)
+    changed = memorized.clone()
+    changed[0, [5, 12]] = (changed[0, [5, 12]] + 1) % 90 + 3
+    changed[1, 9] = (changed[1, 9] + 7) % 90 + 3
+    rows = [*memorized.tolist(), *changed.tolist(), random_sequences(1, 20, seed=8)[0].tolist()]
+    rows[3] = rows[3][:15]  # a shorter row: padding in the batch
+    return model, rows
+
+
+def test_ma_matches_greedy_one_token_generation(partly_memorized):
+    model, rows = partly_memorized
+    ids, mask = padded(rows)
+    ma = memorization_accuracy(model, ids, attention_mask=mask)
+    expected = [ma_by_definition(model, r) for r in rows]
+    assert ma.tolist() == pytest.approx(expected, abs=1e-6)
+    assert ma[0] == 1.0 and ma[1] == 1.0 and 0 < ma[2] < 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_fast_el_is_identical_to_the_plain_definition(partly_memorized, n):
+    model, rows = partly_memorized
+    ids, mask = padded(rows)
+    fast = extraction_likelihood(model, ids, n=n, attention_mask=mask)
+    plain = extraction_likelihood_plain(model, ids, n=n, attention_mask=mask)
+    expected = torch.tensor([el_by_definition(model, r, n) for r in rows])
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(fast, expected, atol=1e-6, rtol=0)
+    assert fast[0] == 1.0 and fast[1] == 1.0 and 0 < fast[2] < 1, "memorized = 1, partly memorized in between"
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "phi", "gemma"])
+def test_fast_el_identical_on_random_models_of_every_architecture(arch):
+    # GPT-Neo's local attention window (16) is shorter than these sequences: the padded caches must respect it.
+    model = make_tiny_model(arch)
+    ids, mask = padded([r[:l] for r, l in zip(random_sequences(3, 24, seed=5).tolist(), (24, 19, 22))])
+    fast = extraction_likelihood(model, ids, n=1, attention_mask=mask, rows_per_batch=16)
+    plain = extraction_likelihood_plain(model, ids, n=1, attention_mask=mask)
+    assert torch.equal(fast, plain) and fast.sum() > 0
+
+
+def test_a_memorized_sequence_needs_one_forward_pass_and_scores_one():
+    model = make_tiny_model("gpt_neo")
+    seqs = random_sequences(2, 16, seed=9)
+    memorize(model, seqs, steps=200)
+    assert memorization_accuracy(model, seqs).tolist() == [1.0, 1.0]
+    calls = {"n": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    assert extraction_likelihood(model, seqs, n=10).tolist() == [1.0, 1.0]
+    assert calls["n"] == 1, "nothing to generate when every greedy step follows the text"
+
+
+def test_ngram_overlap_and_short_sequences():
+    assert ngram_overlap([1, 2, 3, 1, 2], [9, 1, 2, 9], 2) == pytest.approx(2 / 4)  # (1,2) twice of 4 bigrams
+    assert ngram_overlap([1, 2], [1, 2], 3) == 0.0
+    model = make_tiny_model("llama")
+    ids = random_sequences(1, 5)
+    assert extraction_likelihood(model, ids, n=10).tolist() == [0.0]  # no 10-gram fits in 5 tokens
+
+
+def test_left_padding_is_refused():
+    model = make_tiny_model("llama")
+    ids = random_sequences(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="right-padded"):
+        memorization_accuracy(model, ids, attention_mask=mask)
