@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import UnlearnConfig
-from .models import cache_dir, load_model
+from .models import CACHE_FORMAT, cache_dir, load_model
 from .report import before_after_table, write_run
 from .save import atomic_dir, atomic_write_text
 
@@ -103,7 +103,8 @@ def planted_model(base_name: str, texts: list[str], seed: int):
     """The base model fine-tuned to memorize ``texts``; cached so a second demo skips planting."""
     from transformers import AutoModelForCausalLM
 
-    key = hashlib.sha256(json.dumps([base_name, texts, seed, PLANT_EPOCHS, PLANT_LR]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([base_name, CACHE_FORMAT, texts, seed, PLANT_EPOCHS, PLANT_LR]).encode()
+                         ).hexdigest()[:16]
     folder = cache_dir() / "planted" / f"{base_name}-{key}"
     model, tokenizer = load_model(base_name)
     if (folder / "config.json").is_file():

@@ -42,6 +42,9 @@ BUILTIN_MODELS = {
 }
 
 
+CACHE_FORMAT = 2  # bump when the cached conversion changes, so stale caches are not reused
+
+
 def cache_dir() -> Path:
     """Where dequantized built-in models live: $LOKU_CACHE, else $XDG_CACHE_HOME/loku, else ~/.cache/loku."""
     root = os.environ.get("LOKU_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loku"
@@ -51,7 +54,7 @@ def cache_dir() -> Path:
 def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
     """Dequantize the packaged GGUF once into a plain safetensors folder and return that folder."""
     spec = BUILTIN_MODELS[name]
-    target = cache_dir() / "models" / name
+    target = cache_dir() / "models" / f"{name}-v{CACHE_FORMAT}"
     if (target / "config.json").is_file():
         return target
     found = importlib.util.find_spec(spec.module)
@@ -68,7 +71,11 @@ def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
     # A model loaded from GGUF cannot be saved directly; rebuild it from its config and weights.
-    plain = AutoModelForCausalLM.from_config(gguf_model.config)
+    config = gguf_model.config
+    # The weights are dequantized now; a leftover GGUF quantization_config would make the model unsavable.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
