@@ -84,9 +84,10 @@ def test_fast_el_is_identical_to_the_plain_definition(partly_memorized, n):
     assert fast[0] == 1.0 and fast[1] == 1.0 and 0 < fast[2] < 1, "memorized = 1, partly memorized in between"
 
 
-@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "phi", "gemma"])
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "phi", "gemma", "gemma3", "mistral"])
 def test_fast_el_identical_on_random_models_of_every_architecture(arch):
-    # GPT-Neo's local attention window (16) is shorter than these sequences: the padded caches must respect it.
+    # GPT-Neo's local attention (16), Gemma-3's and Mistral's sliding windows (6) are shorter than these
+    # sequences: the sliced, left-padded caches must keep every prefix position and respect the windows.
     model = make_tiny_model(arch)
     ids, mask = padded([r[:l] for r, l in zip(random_sequences(3, 24, seed=5).tolist(), (24, 19, 22))])
     fast = extraction_likelihood(model, ids, n=1, attention_mask=mask, rows_per_batch=16)

@@ -5,10 +5,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoConfig,
     LlamaConfig,
+    MistralConfig,
     PhiConfig,
     PreTrainedTokenizerFast,
 )
@@ -36,6 +38,13 @@ def make_tiny_model(arch: str = "llama", vocab: int = VOCAB, seed: int = 0, n_ct
         cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=1, head_dim=8,
                           max_position_embeddings=n_ctx)
+    elif arch == "gemma3":  # a sliding-window layer (window 6) before a global one
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=n_ctx,
+                               sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    elif arch == "mistral":  # sliding window 6 in every layer
+        cfg = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_ctx, sliding_window=6)
     else:
         raise ValueError(arch)
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2

@@ -360,7 +360,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         "processes": accelerator.num_processes,
         "flops": estimate_flops(n_total, method.adapter, int(accelerator.reduce(torch.tensor(tokens_trained,
                                 device=accelerator.device), "sum")), fisher_forget, fisher_retain, method.init,
-                                eval_batches, len(epochs)),
+                                eval_batches, len(epochs), reference=reference is not None),
         "seconds": {"init": init_seconds, "total": time.time() - started},
         "peak_memory_bytes": peak_memory_bytes(),
         "base_fingerprint": base_fingerprint,
@@ -468,12 +468,13 @@ def run_eval_suites(model, tokenizer, cfg: UnlearnConfig) -> dict | None:
 
 
 def estimate_flops(n_params: int, adapter: str, tokens_trained: int, fisher_forget, fisher_retain, init: str | None,
-                   eval_batches, epochs: int) -> dict[str, float]:
-    """Dense-transformer estimate: forward 2N per token, backward 4N (2N when base weights are frozen).
+                   eval_batches, epochs: int, *, reference: bool = False) -> dict[str, float]:
+    """Dense-transformer estimate: forward 2N per token, backward 4N (2N when base weights are frozen),
+    plus 2N per token for the frozen reference model's forward (NPO, KL retain term).
 
     Evaluation counts the teacher-forced passes only (EL's generated tokens are not counted).
     """
-    per_token_train = 6 * n_params if adapter == "full" else 4 * n_params
+    per_token_train = (6 if adapter == "full" else 4) * n_params + (2 * n_params if reference else 0)
     fisher_tokens = sum(int(b["attention_mask"].sum()) for b in [*fisher_forget, *fisher_retain])
     fisher = 6 * n_params * fisher_tokens if init in ("fila", "vila") else 0.0
     eval_tokens = sum(int(b["attention_mask"].sum()) for bs in eval_batches.values() for b in bs)

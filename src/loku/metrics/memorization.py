@@ -122,7 +122,7 @@ def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first
             k[r, :, width - m:] = keys[b, :, :m]
             v[r, :, width - m:] = values[b, :, :m]
         layers.append((k, v))
-    cache = DynamicCache(ddp_cache_data=layers, config=model.config)
+    cache = DynamicCache(ddp_cache_data=layers)  # plain layers: sliding windows come from the attention mask
     mask = torch.zeros((count, width), dtype=torch.long, device=device)
     for r, (_, m) in enumerate(rows):
         mask[r, width - m:] = 1
@@ -147,8 +147,12 @@ def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask:
 
     ``rows_per_batch`` bounds how many continuations decode at once (memory: one KV cache each).
     """
+    from transformers import DynamicCache
+
     lengths = _lengths(input_ids, attention_mask)
-    out = _forward(model, input_ids, attention_mask, use_cache=True)
+    # A cache built without the model's config keeps every position, also in sliding-window layers
+    # (which would otherwise keep only the last window and lose the prefixes' keys).
+    out = _forward(model, input_ids, attention_mask, use_cache=True, past_key_values=DynamicCache())
     argmax = out.logits.argmax(dim=-1).tolist()  # argmax[b][j] predicts position j+1
     cache_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     sequences = [row[:length].tolist() for row, length in zip(input_ids, lengths)]
