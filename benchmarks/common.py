@@ -111,6 +111,7 @@ def timed(fn, device: str):
 
 
 def git_commit() -> dict:
+    """HEAD and whether tracked files differ from it (untracked files, e.g. new scripts, are not counted)."""
     def git(*args):
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=20)
         return out.stdout.strip() if out.returncode == 0 else None
@@ -160,6 +161,7 @@ def write_json_atomic(path: Path, data: dict) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -236,11 +236,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = common.environment(args.device, args.dtype)  # before the run: the commit that is measured
     results = [run_model(name, args) for name in args.models]
     ok = [r for r in results if r["status"] == "ok"]
     report = {
         "benchmark": "el_speed",
-        "environment": common.environment(args.device, args.dtype),
+        "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "targets": {"memorized_min_ratio": MEMORIZED_TARGET, "never_slower": True},
         "results": results,

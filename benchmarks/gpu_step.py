@@ -312,11 +312,12 @@ def gib(value) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    env = common.environment(args.device, args.dtype)  # before the run: the commit that is measured
     results = run_all(args)
     peak, peak_source = peak_tflops(args)
     report = {
         "benchmark": "gpu_step",
-        "environment": common.environment(args.device, args.dtype),
+        "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "peak_tflops": peak,
         "peak_tflops_source": peak_source,
