@@ -177,9 +177,9 @@ def svd_phase(model, targets, fishers, cfg, args) -> dict:
     return {"seconds": seconds, "layers": len(targets), "svd": args.svd, "peak_memory_bytes": peak_bytes(args.device)}
 
 
-def step_phase(model, method, forget, retain, reference, args) -> dict:
+def step_phase(model, method, forget, retain, reference, cfg, args) -> dict:
     """Time the unlearning step of loku.trainer.unlearn: two forwards, loku's loss, backward, AdamW step."""
-    from loku.losses import unlearning_loss
+    from loku.trainer import batch_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
@@ -188,15 +188,7 @@ def step_phase(model, method, forget, retain, reference, args) -> dict:
     model.eval()  # no dropout while unlearning, as the trainer does
 
     def step():
-        f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-        r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits if use_retain else None
-        ref_f = ref_r = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_f = reference(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-                ref_r = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits if use_retain else None
-        loss, _ = unlearning_loss(method.loss, f_logits, fb["labels"], r_logits, rb["labels"] if use_retain else None,
-                                  ref_forget_logits=ref_f, ref_retain_logits=ref_r)
+        loss, _ = batch_loss(model, reference, method.loss, fb, rb if use_retain else None, cfg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -272,7 +264,7 @@ def run_one(model_name: str, method_name: str, args, record: dict) -> None:
     record.update(trainable_parameters=trainable, trainable_share=trainable / n_params)
 
     record["phase"] = "step"
-    record["step"] = step = step_phase(model, method, forget, retain, reference, args)
+    record["step"] = step = step_phase(model, method, forget, retain, reference, cfg, args)
     per_token = (6 if method.adapter == "full" else 4) * n_params + (2 * n_params if reference is not None else 0)
     record["flops_per_step"] = float(per_token * step["tokens_per_step"])
     record["achieved_tflops"] = record["flops_per_step"] / step["median_seconds"] / 1e12

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import UnlearnConfig
+from .metrics.perplexity import perplexity
 from .models import CACHE_FORMAT, cache_dir, load_model
 from .report import before_after_table, write_run
 from .save import atomic_dir, atomic_write_text
@@ -26,6 +27,9 @@ PLANT_EPOCHS = 12
 PLANT_LR = 3e-4
 PROMPT_TOKENS = 16
 DEMO_BATCH = 2  # 8 forget sequences -> 4 optimizer steps per epoch at the paper's LoRA/FILA learning rate
+# A retain set of a few texts, cycled every epoch, gets memorized (retain NLL 4.6 -> 0.4 with 16 texts) and
+# the model drifts (held-out perplexity x14 when the stop rule was met); 128 texts keep it a regulariser.
+RETAIN_TEXTS = 128
 
 FIRST = ["Mara", "Tobias", "Ilse", "Quentin", "Noor", "Emeric", "Yara", "Dorian", "Linnea", "Caspar", "Odile", "Ravi"]
 LAST = ["Velloni", "Brankov", "Osterhagen", "Marchetti", "Lindqvist", "Okafor", "Dunmore", "Salazar", "Hreidarsson"]
@@ -62,8 +66,8 @@ def demo_texts(data_dir: Path | None, n: int, seed: int) -> tuple[dict[str, list
     if tdec.is_file() and wiki.is_file():
         pool = read_texts(tdec, role="forget")
         retain = [t for t in read_texts(wiki, role="retain") if len(t.split()) > 60]
-        return {"forget": pool[:n], "validation": pool[n:2 * n], "retain": retain[: 2 * n]}, f"TDEC ({tdec})"
-    records = fictitious_records(3 * n, seed)
+        return {"forget": pool[:n], "validation": pool[n:2 * n], "retain": retain[:RETAIN_TEXTS]}, f"TDEC ({tdec})"
+    records = fictitious_records(2 * n + RETAIN_TEXTS, seed)
     return ({"forget": records[:n], "validation": records[n:2 * n], "retain": records[2 * n:]},
             "generated fictitious records (shared data not found)")
 
@@ -128,7 +132,7 @@ def continuation(model, tokenizer, text: str, n_prompt: int = PROMPT_TOKENS, n_n
 
 
 def run_demo(data_dir: str | None = None, out: str = "runs/demo", n_sequences: int = 8, n_tokens: int = 64,
-             seed: int = 0, base_name: str = "smollm2-135m", max_epochs: int = 20) -> int:
+             seed: int = 0, base_name: str = "smollm2-135m", max_epochs: int = 30) -> int:
     from .trainer import unlearn
 
     started = time.time()
@@ -145,6 +149,7 @@ def run_demo(data_dir: str | None = None, out: str = "runs/demo", n_sequences: i
     model, tokenizer, original = planted_model(base_name, texts["forget"], seed)
     prompt, leaked = continuation(model, tokenizer, texts["forget"][0])
     _, original_text = continuation(original, tokenizer, texts["forget"][0])
+    original_ppl = perplexity(original, tokenizer, texts["validation"])["ppl"]  # planting moves it too
     del original
 
     cfg = UnlearnConfig(model=base_name + " (planted)", forget=str(data_folder / "forget.jsonl"),
@@ -154,10 +159,12 @@ def run_demo(data_dir: str | None = None, out: str = "runs/demo", n_sequences: i
     result = unlearn(cfg, model=model, tokenizer=tokenizer)
     _, after_text = continuation(result.model, tokenizer, texts["forget"][0])
     write_run(result, cfg, extra={"demo": {"source": source, "prompt": prompt, "original_model": original_text,
+                                           "original_model_heldout_ppl": original_ppl,
                                            "planted_model": leaked, "unlearned_model": after_text}})
     report = result.report
     print()
     print(before_after_table(report["before"], report["after"]))
+    print(f"(held-out perplexity of {base_name} itself, before planting: {original_ppl:.4f})")
     print()
     print(f"prompt:              {prompt!r}")
     print(f"true continuation:   {texts['forget'][0][len(prompt):][:120]!r}")

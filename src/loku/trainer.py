@@ -190,7 +190,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     With ``resume`` the run continues from the checkpoint of ``cfg.out`` (written after every epoch)
     and ends with exactly the result the uninterrupted run would have had.
     """
-    from .losses import needs_reference, unlearning_loss
+    from .losses import needs_reference
 
     cfg.validate()
     started = time.time()
@@ -290,18 +290,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
             rb = {k: v.to(accelerator.device) for k, v in rb.items()} if use_retain else None
             stepping = step % accum == 0 or step == len(pairs)
             with contextlib.nullcontext() if stepping else accelerator.no_sync(model):
-                f_logits = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-                r_logits = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits if rb else None
-                ref_f = ref_r = None
-                if reference is not None:
-                    with torch.no_grad():
-                        ref_f = reference(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"]).logits
-                        if rb is not None:
-                            ref_r = reference(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"]).logits
-                loss, parts = unlearning_loss(
-                    method.loss, f_logits, fb["labels"], r_logits, rb["labels"] if rb else None,
-                    ref_forget_logits=ref_f, ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha,
-                    retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
+                loss, parts = batch_loss(model, reference, method.loss, fb, rb, cfg)
                 if not torch.isfinite(loss):
                     kept = (f"the last good state is the checkpoint of epoch {epoch - 1} in {checkpoint_dir(cfg.out)}"
                             if epoch > 1 and cfg.out else "no epoch had finished, so no checkpoint was kept")
@@ -370,6 +359,25 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                                       ("validation", sets.validation, sets.validation_ids)) if s is not None},
     }
     return RunResult(model=model, tokenizer=tokenizer, report=report, residual=residual)
+
+
+def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, cfg: UnlearnConfig):
+    """One micro-batch's unlearning loss: the model on the forget (and retain) batch, the frozen
+    reference model too where the loss compares against it. Returns (loss, parts for the logs)."""
+    from . import losses  # looked up at call time, so the loss can be swapped (tests inject NaN this way)
+
+    def logits(m, batch):
+        return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    ref_f = ref_r = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_f = logits(reference, forget)
+            ref_r = logits(reference, retain) if retain is not None else None
+    return losses.unlearning_loss(
+        loss, logits(model, forget), forget["labels"], logits(model, retain) if retain is not None else None,
+        retain["labels"] if retain is not None else None, ref_forget_logits=ref_f, ref_retain_logits=ref_r,
+        gamma=cfg.gamma, alpha=cfg.alpha, retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
 
 
 def epoch_mean_losses(accelerator, sums: dict[str, float], n_pairs: int) -> dict[str, float]:
