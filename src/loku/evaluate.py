@@ -126,7 +126,7 @@ def _ma_el(model: Any, batches: list[dict], el_n: int, progress: bool, desc: str
         for b in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
             ma.append(memorization_accuracy(model, ids, attention_mask=mask).float().cpu())
-            el.append(extraction_likelihood(model, ids, n=el_n, attention_mask=mask).float().cpu())
+            el.append(extraction_likelihood(model, ids, n=el_n, attention_mask=mask, progress=progress).float().cpu())
     ma_t, el_t = torch.cat(ma), torch.cat(el)
     return {"ma": float(ma_t.mean()), f"el_{el_n}": float(el_t.mean()), "n": int(ma_t.numel()),
             "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist()}}

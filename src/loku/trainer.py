@@ -121,10 +121,10 @@ def memorization(model, batches) -> float:
     return float(per_sequence(memorization_accuracy, model, batches).mean())
 
 
-def extraction(model, batches, n: int) -> float:
+def extraction(model, batches, n: int, progress: bool = False) -> float:
     from .metrics import extraction_likelihood
 
-    return float(per_sequence(extraction_likelihood, model, batches, n=n).mean())
+    return float(per_sequence(extraction_likelihood, model, batches, n=n, progress=progress).mean())
 
 
 def heldout_perplexity(model, batches) -> float:
@@ -443,9 +443,9 @@ def evaluate_state(model, eval_batches, cfg: UnlearnConfig, *, with_el: bool, ma
         out["val_ma"] = memorization(model, eval_batches["validation"])
         out["val_ppl"] = heldout_perplexity(model, eval_batches["validation"])
     if with_el or (ma_threshold is not None and out["forget_ma"] <= ma_threshold):
-        out["forget_el"] = extraction(model, eval_batches["forget"], cfg.el_n)
+        out["forget_el"] = extraction(model, eval_batches["forget"], cfg.el_n, cfg.progress)
         if with_el and eval_batches["validation"]:
-            out["val_el"] = extraction(model, eval_batches["validation"], cfg.el_n)
+            out["val_el"] = extraction(model, eval_batches["validation"], cfg.el_n, cfg.progress)
     else:
         out["forget_el"] = None
     return out

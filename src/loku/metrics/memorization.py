@@ -142,11 +142,14 @@ def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first
 
 @torch.no_grad()
 def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask: Tensor | None = None, *,
-                          rows_per_batch: int = 64) -> Tensor:
+                          rows_per_batch: int = 64, progress: bool = False) -> Tensor:
     """EL_n per sequence [B], exactly as :func:`extraction_likelihood_plain`, generating only where needed.
 
-    ``rows_per_batch`` bounds how many continuations decode at once (memory: one KV cache each).
+    ``rows_per_batch`` bounds how many continuations decode at once (memory: one KV cache each);
+    ``progress`` shows a bar over those decoding batches (the slow part on text the model does not know).
     """
+    from tqdm.auto import tqdm
+
     from transformers import DynamicCache
 
     lengths = _lengths(input_ids, attention_mask)
@@ -162,7 +165,9 @@ def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask:
               if argmax[b][m - 1] != seq[m]]
     misses.sort(key=lambda bm: lengths[bm[0]] - bm[1], reverse=True)  # similar lengths decode together
     generated: dict[tuple[int, int], list[int]] = {}
-    for start in range(0, len(misses), rows_per_batch):
+    starts = range(0, len(misses), rows_per_batch)
+    for start in tqdm(starts, desc=f"EL_{n}: generating {len(misses)} continuations", unit="batch",
+                      disable=not progress or not misses, leave=False):
         chunk = misses[start : start + rows_per_batch]
         conts = _generate_from_cache(model, cache_layers, chunk, [argmax[b][m - 1] for b, m in chunk],
                                      [lengths[b] - m for b, m in chunk], input_ids.device)
