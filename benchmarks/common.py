@@ -6,10 +6,8 @@ Python puts the script's own folder first on ``sys.path``).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,19 +152,10 @@ def environment(device: str, dtype: str) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> Path:
     """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from loku.save import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return Path(path)
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

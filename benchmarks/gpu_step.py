@@ -171,7 +171,8 @@ def svd_phase(model, targets, fishers, cfg, args) -> dict:
     for name in targets:
         rel, _ = relative_fisher(f_forget.pop(name), f_retain.pop(name), cfg.fisher_eps)
         weight = modules[name].weight.detach()  # nn.Linear: [out, in], as fila_factors expects
-        factors, took = common.timed(lambda: fila_factors(weight, rel, cfg.rank, scaling, svd=args.svd), args.device)
+        factors, took = common.timed(lambda w=weight, r=rel: fila_factors(w, r, cfg.rank, scaling, svd=args.svd),
+                                     args.device)
         seconds += took
         del rel, factors
     return {"seconds": seconds, "layers": len(targets), "svd": args.svd, "peak_memory_bytes": peak_bytes(args.device)}

@@ -15,7 +15,6 @@ import errno
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest

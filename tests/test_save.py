@@ -65,3 +65,15 @@ def test_existing_output_folder_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="not a folder"):
         check_output_dir(tmp_path / "file", overwrite=True)
+
+
+def test_outputs_get_the_usual_permissions_not_the_private_temp_ones(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a").write_text("1")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

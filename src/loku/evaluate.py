@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import torch
 
 from loku.errors import ConfigError, DataError, LokuError
 from loku.registry import Registry
+from loku.save import atomic_write_text
 
 __all__ = [
     "ALL_SUITES",
@@ -374,19 +374,6 @@ def _jsonable(value: Any) -> Any:
 
 # ----------------------------------------------------------------------------- outputs
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def flatten_metrics(suites: dict) -> dict[str, str]:
     """``{"suite.metric.path": formatted value}`` for the scalar results of each suite (no per-item lists)."""
     rows: list[tuple[str, str]] = []
@@ -444,8 +431,8 @@ def write_eval_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
     json_path, md_path = out / "eval.json", out / "eval.md"
-    _atomic_write(json_path, text + "\n")
-    _atomic_write(md_path, render_markdown(results))
+    atomic_write_text(json_path, text + "\n")
+    atomic_write_text(md_path, render_markdown(results))
     return json_path, md_path
 
 

@@ -126,7 +126,10 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
         try:
             from .plots import plot_epoch_curves
 
-            plot_epoch_curves(report["epochs"], tmp / "epochs.png")
+            # Epoch 0 is the model before unlearning; the stop-rule thresholds are drawn as lines.
+            thresholds = {"el_threshold": report["thresholds"]["el"], "ma_threshold": report["thresholds"]["ma"]}
+            plot_epoch_curves([{"epoch": 0, **report["before"], **thresholds}, *report["epochs"]], tmp / "epochs.png",
+                              title=f"{cfg.method} on {cfg.model}: {report['outcome']}")
         except ImportError:  # plotting is optional; the numbers are all in report.json
             pass
         atomic_write_json(tmp / "report.json", report)

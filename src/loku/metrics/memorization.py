@@ -14,7 +14,6 @@ attention: the cache of x[:m] is the first m positions of the cache of x).
 """
 from __future__ import annotations
 
-from collections import Counter
 
 import torch
 from torch import Tensor

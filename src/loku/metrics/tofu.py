@@ -26,11 +26,8 @@ first ``limit`` of those.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -39,6 +36,7 @@ import torch
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError
+from loku.save import atomic_write_text
 
 __all__ = [
     "HUB_DATASET",
@@ -389,19 +387,6 @@ def evaluate_tofu_split(
 
 # ----------------------------------------------------------------------------- reference logs
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_reference_log(
     path: str | Path,
     truth_ratios: Sequence[float] | Tensor,
@@ -419,7 +404,7 @@ def save_reference_log(
                "template": template, "n": len(ratios), "truth_ratios": ratios}
     if extra:
         payload["extra"] = dict(extra)
-    _atomic_write_text(Path(path), json.dumps(payload, indent=2))
+    atomic_write_text(Path(path), json.dumps(payload, indent=2))
 
 
 def load_reference_log(path: str | Path) -> dict:
