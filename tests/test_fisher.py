@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from loku.data import make_batches
 from loku.errors import TrainingDiverged
 from loku.fisher import empirical_fisher, relative_fisher, variance_fisher
 
@@ -38,13 +39,7 @@ def hand_gradient(w: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
 
 
 def batch(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return make_batches(seqs, len(seqs), pad_id=0)[0]
 
 
 BATCHES = [[[0, 1, 2, 3], [4, 4, 1]], [[2, 0, 3, 1, 1]]]  # two batches, padding in the first

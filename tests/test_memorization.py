@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loku.data import make_batches
 from loku.metrics import extraction_likelihood, extraction_likelihood_plain, memorization_accuracy
 from loku.metrics.memorization import ngram_overlap
 from tiny_models import make_tiny_model, memorize, random_sequences
@@ -39,13 +40,8 @@ def ma_by_definition(model, sequence: list[int]) -> float:
 
 
 def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids, mask
+    batch = make_batches(rows, len(rows), pad_id=0)[0]
+    return batch["input_ids"], batch["attention_mask"]
 
 
 @pytest.fixture(scope="module")
