@@ -75,12 +75,18 @@ def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[s
     return folder
 
 
+def read_state(out: str | Path) -> dict[str, Any]:
+    """The records of the checkpoint of the run writing to ``out`` (its config among them)."""
+    state_file = checkpoint_dir(out) / STATE
+    if not state_file.is_file():
+        raise ConfigError(f"{state_file}: no checkpoint to resume from; run without --resume to start afresh")
+    return json.loads(state_file.read_text())
+
+
 def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: str) -> Checkpoint:
     """Read the checkpoint of the run writing to ``out``; refuse one made with other settings or another base."""
     folder = checkpoint_dir(out)
-    if not (folder / STATE).is_file():
-        raise ConfigError(f"{folder}: no checkpoint to resume from; run without --resume to start afresh")
-    state = json.loads((folder / STATE).read_text())
+    state = read_state(out)
     changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and state["config"].get(k) != config[k])
     if changed:
         raise ConfigError(f"{folder}: the checkpoint was made with other settings ({', '.join(changed)}); "

@@ -113,15 +113,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
 
 def resumed_config(out: str, overrides: dict) -> UnlearnConfig:
     """The killed run's own options; only those that cannot change the result may be overridden."""
-    import json
+    from .checkpoint import RESUME_MAY_CHANGE, read_state
 
-    from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir
-    from .errors import ConfigError
-
-    state_file = checkpoint_dir(out) / STATE
-    if not state_file.is_file():
-        raise ConfigError(f"{state_file}: no checkpoint to resume from; run without --resume to start afresh")
-    values = json.loads(state_file.read_text())["config"]
+    values = read_state(out)["config"]
     values.update({k: v for k, v in overrides.items() if v is not None and k in RESUME_MAY_CHANGE})
     values["out"] = out
     return UnlearnConfig(**values).validate()

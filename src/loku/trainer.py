@@ -169,10 +169,10 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
                       fan_in_fan_out=any(is_conv1d(modules[t]) for t in targets), bias="none")
     peft_model = get_peft_model(model, lora)
-    ctx = InitContext(forget_batches=forget_batches, retain_batches=retain_batches, fisher_mode=cfg.fisher_mode,
-                      eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress)
     if not run_initializer:  # resuming: the checkpoint supplies the adapter and residual weights
         return peft_model, targets, {}, {}
+    ctx = InitContext(forget_batches=forget_batches, retain_batches=retain_batches, fisher_mode=cfg.fisher_mode,
+                      eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress)
     stats = apply_initializer(peft_model, method.init, ctx)
     residual = {}
     if method.init in ("fila", "vila"):
