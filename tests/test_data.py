@@ -303,3 +303,122 @@ def test_pair_batches_cycles_retain():
     assert pair_batches(forget[:2], [{"r": i} for i in range(4)]) == [({"f": 0}, {"r": 0}), ({"f": 1}, {"r": 1})]
     assert pair_batches(forget[:2], None) == [({"f": 0}, None), ({"f": 1}, None)]
     assert pair_batches(forget[:2], []) == [({"f": 0}, None), ({"f": 1}, None)]
+
+
+# ----------------------------------------------------------------------------- question/answer items
+
+IGNORE = -100  # loku.losses.IGNORE_INDEX, written out
+
+def _qa_file(tmp_path: Path) -> Path:
+    path = tmp_path / "forget.jsonl"
+    rows = [{"question": "Who wrote The Silent Harbor?", "answer": "Elena Marsh wrote it in 1999."},
+            {"text": "a plain text line"},
+            {"question": "Where was she born?", "answer": "In Lisbon."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_qa_items_stay_pairs(tmp_path: Path):
+    import loku.data as D
+
+    ts = D.load_text_set(_qa_file(tmp_path), "forget")
+    assert ts.qa == [("Who wrote The Silent Harbor?", "Elena Marsh wrote it in 1999."), None,
+                     ("Where was she born?", "In Lisbon.")]
+    assert ts.texts[1] == "a plain text line" and ts.texts[2] == "Question: Where was she born?\nAnswer: In Lisbon."
+    plain = tmp_path / "plain.txt"
+    plain.write_text("one two\nthree four\n")
+    assert D.load_text_set(plain, "retain").qa is None
+
+
+def test_qa_prompt_tokens_are_masked_from_the_labels(tmp_path: Path, tok):
+    """TOFU masks the question: labels are -100 on the prompt tokens, the answer (and EOS) are labels."""
+    import loku.data as D
+
+    ts = D.load_text_set(_qa_file(tmp_path), "forget")
+    tset = D.tokenize_set(tok, ts, max_length=64)  # no model, GPT-2 tokenizer: TOFU's generic/phi tags
+    assert tset.template == "generic" and len(tset) == 3
+    # the count TOFU masks: len(tokenizer.tokenize(question_start + question + question_end, add_special_tokens=True))
+    want = [len(tok.tokenize(f"Question: {q}\n", add_special_tokens=True)) for q in
+            ("Who wrote The Silent Harbor?", None, "Where was she born?") if q]
+    assert [tset.prompt_lengths[0], tset.prompt_lengths[2]] == want and tset.prompt_lengths[1] == 0
+    assert tset.ids[2] == tok("Question: Where was she born?\nAnswer: In Lisbon.")["input_ids"] + [tok.eos_token_id]
+    batch = D.make_batches(tset, batch_size=3, pad_id=0)[0]
+    for i, seq in enumerate(tset.ids):
+        n = tset.prompt_lengths[i]
+        labels = batch["labels"][i, :len(seq)].tolist()
+        assert labels[:n] == [IGNORE] * n and labels[n:] == seq[n:]
+        assert batch["input_ids"][i, :len(seq)].tolist() == seq  # the question is still the model's input
+    assert tok.decode([t for t in batch["labels"][2].tolist() if t != IGNORE]) == "Answer: In Lisbon.<|endoftext|>"
+    assert batch["labels"][1, :len(tset.ids[1])].tolist() == tset.ids[1]  # plain text: every token a label
+
+
+def test_qa_training_tokens_are_the_ones_tofu_scores(tmp_path: Path, tok):
+    """Template chosen from the model at tokenization time; the same sequence and the same answer tokens
+    as TOFU evaluation, so the training NLL of an item equals TOFU's answer NLL for it."""
+    import loku.data as D
+    from loku.losses import mean_nll
+    from loku.metrics import tofu as T
+    from tiny_models import make_tiny_model
+
+    ts = D.load_text_set(_qa_file(tmp_path), "forget")
+    for arch, name in (("llama", "llama2"), ("phi", "phi"), ("gpt_neo", "generic")):
+        model = make_tiny_model(arch, vocab=50257, n_ctx=128)
+        tset = D.tokenize_set(tok, ts, max_length=128, model=model)
+        assert tset.template == name
+        tmpl = T.choose_template(model, tok)
+        for i in (0, 2):
+            prompt, answer = T.qa_token_pair(tok, tmpl, *ts.qa[i])
+            assert tset.ids[i] == prompt + answer and tset.prompt_lengths[i] == len(prompt)
+        batches = D.make_batches(tset, batch_size=1, pad_id=0)
+        with torch.no_grad():
+            train_nll = [float(mean_nll(model(input_ids=b["input_ids"]).logits, b["labels"])) for b in batches]
+        tofu_nll = T.answer_nll(model, tok, [ts.qa[0][0], ts.qa[2][0]], [ts.qa[0][1], ts.qa[2][1]], template=tmpl)
+        assert [train_nll[0], train_nll[2]] == pytest.approx(tofu_nll.tolist(), rel=1e-5)
+    forced = D.tokenize_set(tok, ts, max_length=128, model=make_tiny_model("gpt_neo", vocab=50257), template="llama2")
+    assert forced.template == "llama2"
+
+
+def test_plain_sets_tokenize_as_before(tmp_path: Path, tok):
+    import loku.data as D
+
+    path = tmp_path / "plain.txt"
+    path.write_text("hello world\nsome more words\n")
+    tset = D.tokenize_set(tok, D.load_text_set(path, "forget"), max_length=8, add_bos=True)
+    assert tset.ids == tokenize_texts(tok, ["hello world", "some more words"], max_length=8, source="s", add_bos=True)
+    assert tset.prompt_lengths == [0, 0] and tset.template is None
+    assert make_batches(tset, 2, 0)[0]["labels"].tolist() == make_batches(tset.ids, 2, 0)[0]["labels"].tolist()
+
+
+def test_prompt_lengths_follow_their_sequence_when_shuffled():
+    import loku.data as D
+
+    seqs = [[10 + i] * (3 + i) for i in range(6)]
+    lengths = [i % 3 for i in range(6)]
+    batches = make_batches(seqs, 4, 0, shuffle=True, seed=3, prompt_lengths=lengths)
+    seen = 0
+    for b in batches:
+        for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist()):
+            i = ids[0] - 10
+            n = lengths[i]
+            assert labels[:n] == [IGNORE] * n and labels[n:len(seqs[i])] == seqs[i][n:]
+            seen += 1
+    assert seen == 6
+    with pytest.raises(LokuError, match="not both"):
+        make_batches(D.TokenizedSet([[1, 2]], [1]), 1, 0, prompt_lengths=[1])
+    with pytest.raises(LokuError, match="1 prompt lengths for 2 sequences"):
+        make_batches([[1, 2], [3, 4]], 1, 0, prompt_lengths=[1])
+    with pytest.raises(DataError, match="no token to train on"):
+        make_batches([[1, 2]], 1, 0, prompt_lengths=[2])
+
+
+def test_qa_items_too_long(tmp_path: Path, tok):
+    import loku.data as D
+
+    ts = D.load_text_set(_qa_file(tmp_path), "forget")
+    with pytest.raises(DataError, match=r"forget\.jsonl: row 1 \(line 1\) is \d+ tokens long, more than max length 12"):
+        D.tokenize_set(tok, ts, max_length=12)
+    with pytest.warns(UserWarning, match="2 of 3 texts were longer than 13 tokens"):
+        cut = D.tokenize_set(tok, ts, max_length=13, on_overflow="truncate")  # 19 and 14 tokens with EOS
+    assert [len(s) for s in cut.ids] == [13, 4, 13] and cut.prompt_lengths == [9, 0, 8]
+    with pytest.raises(DataError, match=r"row 1 \(line 1\): its question alone is \d+ tokens .* no answer token"):
+        D.tokenize_set(tok, ts, max_length=8, on_overflow="truncate")

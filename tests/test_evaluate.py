@@ -78,10 +78,15 @@ def test_tdec_ppl_mia_suites_on_a_tiny_model(tiny, shared_data):
     tdec = results["suites"]["tdec"]
     assert tdec["forget"]["n"] == 2 and tdec["heldout"]["n"] == 2
     assert 0 <= tdec["forget"]["ma"] <= 1 and 0 <= tdec["forget"]["el_10"] <= 1
-    assert tdec["thresholds"] == {"ma": tdec["heldout"]["ma"], "el_10": tdec["heldout"]["el_10"]}
-    assert isinstance(tdec["forgotten"], bool)
+    # No pre-unlearning thresholds: the model's own held-out numbers are reported, never used to decide.
+    assert tdec["thresholds"] is None and tdec["forgotten"] is None and tdec["threshold_source"] is None
+    assert tdec["forgotten_note"].startswith("undetermined (no pre-unlearning thresholds: pass --thresholds-from")
     fixed = E.run_suites(model, tok, ["tdec"], data_dir=shared_data, limit=1, thresholds={"ma": 1.0, "el": 1.0})
-    assert fixed["suites"]["tdec"]["forgotten"] is True
+    assert fixed["suites"]["tdec"]["forgotten"] is True and fixed["suites"]["tdec"]["threshold_source"] == "given"
+    # "self": the evaluated model is the one before unlearning, so its held-out means are the thresholds.
+    own = E.run_suites(model, tok, ["tdec"], data_dir=shared_data, limit=1, thresholds="self")["suites"]["tdec"]
+    assert own["thresholds"] == {"ma": own["heldout"]["ma"], "el_10": own["heldout"]["el_10"]}
+    assert isinstance(own["forgotten"], bool) and own["threshold_source"] == "self"
     ppl = results["suites"]["ppl"]
     assert set(ppl) == {"pile", "wikitext", "dm_mathematics"}
     assert all(v["ppl"] > 1 and v["n"] == 2 for v in ppl.values())
@@ -125,7 +130,7 @@ def test_cli_arguments_and_command(tiny, shared_data, tmp_path, monkeypatch):
     assert E.run_eval_command(args) == 0
     assert calls == {"name": "m", "adapter": None, "trust": False}
     data = json.loads((tmp_path / "o" / "eval.json").read_text())
-    assert data["meta"]["seed"] == 5 and data["meta"]["model"] == "m"
+    assert data["meta"]["seed"] == 5 and data["meta"]["model"] == "m" and data["meta"]["dtype"] == "float32"
     assert data["suites"]["dialogue"]["wizard_of_wikipedia"]["n"] == 1
     assert (tmp_path / "o" / "eval.md").is_file()
     bad = parser.parse_args(["--model", "m", "--out", "x", "--ma-threshold", "0.3"])
@@ -170,3 +175,118 @@ def test_utility_vs_forgetting_png(tmp_path):
     assert _is_png(plot_utility_vs_forgetting(points, tmp_path / "tradeoff.png", x_label="1 - EL_10"))
     with pytest.raises(ConfigError, match="point 0"):
         plot_utility_vs_forgetting([{"label": "bad"}], tmp_path / "bad.png")
+
+
+# ----------------------------------------------------------------------------- tdec thresholds (§6)
+
+# Made-up MA/EL numbers: the base memorized the forget set; unlearning forgot it but also lowered the
+# held-out numbers. Against the pre-unlearning held-out means it is forgotten; against its own, not.
+NUMBERS = {("base", "forget"): (0.9, 0.8), ("base", "heldout"): (0.5, 0.2),
+           ("unlearned", "forget"): (0.3, 0.1), ("unlearned", "heldout"): (0.1, 0.05)}
+
+
+@pytest.fixture
+def fake_models(gpt2_tok, monkeypatch):
+    """``load_model`` returning labelled stand-in models, and ``_ma_el`` giving NUMBERS for them."""
+    import torch
+
+    import loku.models
+
+    models = {}
+    loads = []
+
+    def fake_load_model(name, *, adapter=None, dtype="float32", trust_remote_code=False, **_):
+        label = "unlearned" if adapter is not None or "run" in str(name) else "base"
+        model = torch.nn.Linear(1, 1).to(getattr(torch, dtype))
+        models[id(model)] = label
+        loads.append({"name": str(name), "adapter": adapter, "dtype": dtype})
+        return model, gpt2_tok
+
+    def fake_ma_el(model, batches, el_n, progress, desc):
+        ma, el = NUMBERS[(models[id(model)], desc.split()[-1])]
+        return {"ma": ma, f"el_{el_n}": el, "n": 2}
+
+    monkeypatch.setattr(loku.models, "load_model", fake_load_model)
+    monkeypatch.setattr(E, "_ma_el", fake_ma_el)
+    return loads
+
+
+def _eval(shared_data, out, *argv):
+    parser = E.add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--suite", "tdec", "--data-dir", str(shared_data), "--limit", "2", "--no-progress",
+                              "--out", str(out), *argv])
+    assert E.run_eval_command(args) == 0
+    return json.loads((out / "eval.json").read_text())
+
+
+def _run_folder(tmp_path, shared_data, **thresholds):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "adapter").mkdir()
+    forget = shared_data / E.DEFAULT_FORGET
+    report = {"config": {"el_n": 10}, "outcome": "success",
+              "thresholds": {"ma": 0.5, "el": 0.2, "source": "validation set, before unlearning", **thresholds},
+              "data": {"forget": {"path": str(forget), "sha256": E.sha256_of(forget)}}}
+    (run / "report.json").write_text(json.dumps(report))
+    return run
+
+
+def test_tdec_thresholds_from_the_base_model_not_the_evaluated_one(fake_models, shared_data, tmp_path, capsys):
+    data = _eval(shared_data, tmp_path / "o", "--model", "unlearned-run", "--thresholds-from", "base-model",
+                 "--dtype", "bfloat16")
+    tdec = data["suites"]["tdec"]
+    assert tdec["thresholds"] == {"ma": 0.5, "el_10": 0.2}  # the base's held-out means, not 0.1 / 0.05
+    assert tdec["forgotten"] is True and tdec["heldout"]["ma"] == 0.1
+    assert tdec["threshold_source"] == "base model" and tdec["thresholds_from"] == "base-model"
+    assert [(c["name"], c["dtype"]) for c in fake_models] == [("base-model", "bfloat16"),
+                                                              ("unlearned-run", "bfloat16")]
+    assert data["meta"]["dtype"] == "bfloat16"
+    assert data["meta"]["options"]["thresholds"]["source"] == "base model"
+    assert "tdec forgotten: yes (thresholds: base model)" in capsys.readouterr().out
+    # --thresholds-from naming the evaluated model itself: measured once, its own held-out means.
+    same = _eval(shared_data, tmp_path / "s", "--model", "base-model", "--thresholds-from", "base-model")
+    assert same["suites"]["tdec"]["thresholds"] == {"ma": 0.5, "el_10": 0.2} and len(fake_models) == 3
+    assert same["suites"]["tdec"]["forgotten"] is False
+
+
+def test_tdec_thresholds_from_the_runs_report(fake_models, shared_data, tmp_path, capsys):
+    run = _run_folder(tmp_path, shared_data)
+    for argv in (["--model", str(run)], ["--model", str(run / "model")],
+                 ["--model", "base-model", "--adapter", str(run / "adapter")],
+                 ["--model", "base-model", "--adapter", str(run)]):
+        tdec = _eval(shared_data, tmp_path / "o", *argv)["suites"]["tdec"]
+        assert tdec["thresholds"] == {"ma": 0.5, "el_10": 0.2} and tdec["forgotten"] is True, argv
+        assert tdec["threshold_source"] == "run report" and tdec["thresholds_from"] == str(run / "report.json")
+        assert tdec["thresholds_note"] == "validation set, before unlearning"
+        assert "thresholds_warning" not in tdec
+    assert all(c["dtype"] == "float32" for c in fake_models)
+    # The run unlearned another forget file than the one evaluated: said in eval.json and on stderr.
+    report = json.loads((run / "report.json").read_text())
+    report["data"]["forget"] = {"path": "other.csv", "sha256": "0" * 64}
+    (run / "report.json").write_text(json.dumps(report))
+    tdec = _eval(shared_data, tmp_path / "o", "--model", str(run))["suites"]["tdec"]
+    assert "another forget file (other.csv)" in tdec["thresholds_warning"]
+    assert "warning: the run unlearned another forget file" in capsys.readouterr().err
+    # Explicit numbers win over the report, and say so.
+    tdec = _eval(shared_data, tmp_path / "o", "--model", str(run), "--ma-threshold", "0.2",
+                 "--el-threshold", "0.2")["suites"]["tdec"]
+    assert tdec["forgotten"] is False and tdec["threshold_source"] == "given"
+    # A report made with another EL_n cannot decide EL_10.
+    report = json.loads((run / "report.json").read_text())
+    report["config"]["el_n"] = 5
+    (run / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ConfigError, match="--el-n 5"):
+        _eval(shared_data, tmp_path / "o", "--model", str(run))
+
+
+def test_tdec_without_pre_unlearning_thresholds_is_undetermined(fake_models, shared_data, tmp_path, capsys):
+    data = _eval(shared_data, tmp_path / "o", "--model", "unlearned-run")
+    tdec = data["suites"]["tdec"]
+    assert tdec["forgotten"] is None and tdec["thresholds"] is None and tdec["threshold_source"] is None
+    assert tdec["heldout"] == {"ma": 0.1, "el_10": 0.05, "n": 2}  # still reported
+    assert "forgotten: undetermined (no pre-unlearning thresholds: pass --thresholds-from" in capsys.readouterr().out
+    assert "forgotten: undetermined" in (tmp_path / "o" / "eval.md").read_text()
+    with pytest.raises(ConfigError, match="either --thresholds-from or"):
+        _eval(shared_data, tmp_path / "o", "--model", "x", "--thresholds-from", "b", "--ma-threshold", "0.1",
+              "--el-threshold", "0.1")

@@ -33,6 +33,35 @@ def _pairwise_auc(members, nonmembers):
     return sum(wins) / len(wins)
 
 
+def _mann_whitney_auc(members, nonmembers):
+    """AUC from scipy's Mann-Whitney U of the members (ties count 1/2): U / (n1 * n0)."""
+    from scipy.stats import mannwhitneyu
+
+    u = mannwhitneyu(members, nonmembers, alternative="two-sided", method="asymptotic").statistic
+    return float(u) / (len(members) * len(nonmembers))
+
+
+def test_auc_against_scipy_mann_whitney_with_ties():
+    cases = [
+        ([3, 1, 2], [2, 0]),  # one tie
+        ([1, 1], [1, 1, 1]),  # all tied: 0.5
+        ([0.5, 0.5, 0.9, 0.1, 0.5], [0.5, 0.2, 0.2, 0.9]),  # ties inside and across the groups
+        ([-3.2, -1.0, -1.0, -0.4], [-2.0, -1.0, -5.5, -1.0, -0.4, -7.0]),
+    ]
+    g = torch.Generator().manual_seed(5)
+    cases.append((torch.randint(0, 6, (31,), generator=g).tolist(), torch.randint(0, 6, (17,), generator=g).tolist()))
+    cases.append(((torch.randn(40, generator=g) + 0.7).tolist(), torch.randn(25, generator=g).tolist()))
+    for members, nonmembers in cases:
+        assert auc(members, nonmembers) == pytest.approx(_mann_whitney_auc(members, nonmembers), abs=1e-12)
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:
+        return
+    for members, nonmembers in cases:
+        want = roc_auc_score([1] * len(members) + [0] * len(nonmembers), list(members) + list(nonmembers))
+        assert auc(members, nonmembers) == pytest.approx(want, abs=1e-12)
+
+
 def test_auc_by_hand():
     assert auc([3, 4, 5], [0, 1, 2]) == 1.0
     assert auc([0, 1, 2], [3, 4, 5]) == 0.0
@@ -134,8 +163,9 @@ def test_memorized_sequences_are_detected(tok):
     assert res["auc"]["loss"] > 0.9
     assert res["auc"]["min_k"] > 0.9
     assert res["k"] == 0.2 and res["n_scored"] == {"members": 4, "nonmembers": 8}
-    for a in ATTACKS:  # the reported AUC is the AUC of the reported scores
-        assert res["auc"][a] == pytest.approx(auc(res["scores"]["members"][a], res["scores"]["nonmembers"][a]))
+    for a in ATTACKS:  # the reported AUC is the Mann-Whitney AUC of the reported scores (computed by scipy)
+        want = _mann_whitney_auc(res["scores"]["members"][a], res["scores"]["nonmembers"][a])
+        assert res["auc"][a] == pytest.approx(want, abs=1e-12)
     json.dumps(res, allow_nan=False)
 
 

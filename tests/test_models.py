@@ -86,3 +86,80 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         load_model(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- fingerprints across dtypes
+
+def _saved_tiny(tmp_path, dtype="float32", seed=0, name="m"):
+    import torch
+    from tiny_models import word_tokenizer
+
+    model = make_tiny_model("llama", seed=seed).to(getattr(torch, dtype))
+    model.save_pretrained(tmp_path / name)
+    word_tokenizer().save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _loads(path):
+    import torch
+
+    out = {dt: load_model(path, dtype=dt, progress=False)[0] for dt in DTYPES}
+    assert all(next(m.parameters()).dtype == getattr(torch, dt) for dt, m in out.items())
+    return out
+
+
+def test_fingerprint_agrees_across_load_dtypes_of_a_float32_checkpoint(tmp_path):
+    from loku.models import fingerprints_match
+
+    loads = _loads(_saved_tiny(tmp_path))
+    prints = {dt: model_fingerprint(m) for dt, m in loads.items()}
+    # Every pair involving the float32 load matches, in both directions (each is one rounding of the file).
+    for dt in DTYPES:
+        assert fingerprints_match(prints["float32"], loads[dt]), dt
+        assert fingerprints_match(prints[dt], loads["float32"]), dt
+    # bf16 vs fp16 of a float32 checkpoint: each rounding keeps what the other loses, so they cannot be
+    # matched exactly (documented in model_fingerprint); save.attach_saved_adapter says what to do.
+    assert not fingerprints_match(prints["bfloat16"], loads["float16"])
+    assert prints["float32"].startswith("loku-fp2:float32:") and ":bf16=" in prints["float32"]
+
+
+@pytest.mark.parametrize("saved", ["bfloat16", "float16"])
+def test_fingerprint_agrees_across_all_load_dtypes_of_a_half_checkpoint(tmp_path, saved):
+    from loku.models import fingerprints_match
+
+    loads = _loads(_saved_tiny(tmp_path, saved))
+    for a in DTYPES:
+        for b in DTYPES:
+            assert fingerprints_match(model_fingerprint(loads[a]), loads[b]), (a, b)
+
+
+def test_fingerprint_refuses_another_base_in_every_dtype(tmp_path):
+    import copy
+
+    import torch
+
+    from loku.models import fingerprints_match
+
+    base = _loads(_saved_tiny(tmp_path))
+    other = _loads(_saved_tiny(tmp_path, seed=5, name="other"))
+    # The same base with one weight moved by 1 % (a "fine-tuned copy") is another base too.
+    nudged = make_tiny_model("llama")
+    with torch.no_grad():
+        nudged.model.layers[1].mlp.down_proj.weight[3, 7] *= 1.01
+    for a in DTYPES:
+        nudged_print = model_fingerprint(copy.deepcopy(nudged).to(getattr(torch, a)))
+        for b in DTYPES:
+            assert not fingerprints_match(model_fingerprint(base[a]), other[b]), (a, b)
+            assert not fingerprints_match(nudged_print, base[b]), (a, b)
+
+
+def test_legacy_fingerprint_of_older_runs_is_still_checked(tmp_path):
+    from loku.models import _legacy_fingerprint, fingerprints_match
+
+    loads = _loads(_saved_tiny(tmp_path))
+    old = _legacy_fingerprint(loads["float32"])
+    assert len(old) == 64 and fingerprints_match(old, loads["float32"])
+    assert not fingerprints_match(old, make_tiny_model("llama", seed=5))

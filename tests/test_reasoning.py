@@ -188,14 +188,57 @@ def test_lambada_accuracy_with_a_model_that_always_says_paris(tmp_path, gpt2_tok
                       [["0", "The city of light is Paris"], ["1", "The capital of England is London"],
                        ["2", "She said it was Paris."]])
     # generate: " Paris Paris Paris ..." -> first word "Paris": hits on rows 0 and 2 (punctuation stripped).
-    res = R.evaluate_lambada(model, gpt2_tok, path, batch_size=2)
+    res = R.evaluate_lambada(model, gpt2_tok, path, batch_size=2, method="generate")
     assert res == {"accuracy": pytest.approx(2 / 3), "n": 3, "method": "generate"}
-    # argmax (teacher-forced): target tokens " Paris" == argmax only on row 0 (" Paris." is 2 tokens).
-    res = R.evaluate_lambada(model, gpt2_tok, path, method="argmax")
-    assert res["accuracy"] == pytest.approx(1 / 3)
+    # argmax (teacher-forced, the default): " Paris" == argmax only on row 0 (" Paris." is 2 tokens).
+    res = R.evaluate_lambada(model, gpt2_tok, path, batch_size=2)
+    assert res == {"accuracy": pytest.approx(1 / 3), "n": 3, "method": "argmax"}
     assert R.evaluate_lambada(model, gpt2_tok, path, limit=1)["n"] == 1
     with pytest.raises(ConfigError):
         R.evaluate_lambada(model, gpt2_tok, path, method="beam")
+
+
+def test_lambada_default_is_teacher_forced_argmax_where_generation_differs(tmp_path, gpt2_tok):
+    """After " London" the stub says "er": the argmax of the word's token is right (a hit for Jang /
+    lm-eval), but greedy generation writes " Londoner" (a miss for the generate method)."""
+    london, er = gpt2_tok(" London")["input_ids"], gpt2_tok("er")["input_ids"]
+    assert len(london) == len(er) == 1
+
+    def table(prev: int):
+        return fixed_distribution(50257, {er[0] if prev == london[0] else london[0]: 0.9})
+
+    model = StubLM(50257, table)
+    path = _write_csv(tmp_path / "lambada.csv", ["id", "text"],
+                      [["0", "The capital of England is London"],  # argmax hit, generate miss (" Londoner")
+                       ["1", "The capital of England is Londoner"],  # " London" + "er": argmax hit on both tokens
+                       ["2", "The capital of Italy is Rome"]])  # miss either way
+    default = R.evaluate_lambada(model, gpt2_tok, path, batch_size=2)
+    assert default == {"accuracy": pytest.approx(2 / 3), "n": 3, "method": "argmax"}
+    generated = R.evaluate_lambada(model, gpt2_tok, path, batch_size=2, method="generate")
+    assert generated == {"accuracy": pytest.approx(1 / 3), "n": 3, "method": "generate"}  # only "Londoner"
+
+
+def test_lambada_argmax_against_an_independent_forward_pass(memorized, tmp_path):
+    """A tiny model that memorized some texts: hits computed here from one plain forward pass each."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import word_tokenizer
+
+    tok = word_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(memorized / "base").float().eval()
+    texts = [t for name in ("forget", "validation") for t in (memorized / f"{name}.txt").read_text().split("\n") if t]
+    path = _write_csv(tmp_path / "lambada.csv", ["id", "text"], [[str(i), t] for i, t in enumerate(texts)])
+    hits = []
+    for text in texts:
+        context, target = text.rsplit(" ", 1)
+        ctx = tok(context)["input_ids"]
+        word = tok(context + " " + target)["input_ids"][len(ctx):]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + word])).logits[0]
+        hits.append(all(int(logits[len(ctx) - 1 + j].argmax()) == t for j, t in enumerate(word)))
+    assert 0 < sum(hits) < len(hits)  # memorized texts hit, held-out ones (mostly) miss
+    res = R.evaluate_lambada(model, tok, path, batch_size=3)
+    assert res["method"] == "argmax" and res["accuracy"] == pytest.approx(sum(hits) / len(hits))
 
 
 def test_lambada_on_the_shared_file_runs_with_a_tiny_model(shared_data, gpt2_tok):

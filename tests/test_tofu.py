@@ -78,6 +78,41 @@ def test_hub_loading_goes_through_datasets(monkeypatch):
 
 # ----------------------------------------------------------------------------- templates
 
+# locuslab/tofu config/model_config.yaml: (question_start_tag, question_end_tag, answer_tag)
+TOFU_TAGS = {"llama2": ("[INST] ", " [/INST]", ""), "phi": ("Question: ", "\n", "Answer: ")}
+
+
+def tofu_convert(tokenizer, question, answer, tags, max_length=10_000):
+    """locuslab/tofu data_module.convert_raw_data_to_model_format, unpadded: (input_ids, labels)."""
+    start, end, answer_tag = tags
+    new_question = start + question + end
+    new_answer = answer_tag + answer
+    full_text = new_question + new_answer
+    num_question_tokens = len(tokenizer.tokenize(new_question, add_special_tokens=True))
+    encoded = tokenizer(full_text, add_special_tokens=True, max_length=max_length, truncation=True)
+    label = list(encoded["input_ids"]) + [tokenizer.eos_token_id]  # the label after the text is EOS
+    for i in range(num_question_tokens):
+        label[i] = -100
+    return list(encoded["input_ids"]) + [tokenizer.eos_token_id], label
+
+
+@pytest.fixture(scope="module")
+def bos_tok(shared_data):
+    """GPT-2's BPE with a post-processor that adds a BOS "<s>" (id 50257), as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    p = shared_data / "tokenizers" / "gpt2"
+    t = Tokenizer(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt")))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<s>"])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="<|endoftext|>")
+    assert tok("a")["input_ids"][0] == tok.bos_token_id == 50257
+    return tok
+
+
 def test_template_choice(gpt2_tok):
     assert T.choose_template(make_tiny_model("gpt2"), gpt2_tok).name == "generic"
     assert T.choose_template(make_tiny_model("phi"), gpt2_tok).name == "phi"
@@ -87,16 +122,51 @@ def test_template_choice(gpt2_tok):
     assert T.choose_template(make_tiny_model("llama"), chatml).name == "chatml"
     inst = types.SimpleNamespace(chat_template="[INST] {{ x }} [/INST]", get_vocab=lambda: {})
     assert T.choose_template(make_tiny_model("gpt2"), inst).name == "llama2"
-    assert T.choose_template(None, gpt2_tok, "phi").format_prompt("Q?") == "Question: Q?\nAnswer:"
-    assert T.TEMPLATES["llama2"].format_prompt("Q?") == "[INST] Q? [/INST]"
     with pytest.raises(ConfigError):
         T.choose_template(None, gpt2_tok, "vicuna")
 
 
+def test_template_strings_are_tofus():
+    """The exact prompt / full texts of locuslab/tofu's model_config.yaml tags."""
+    llama, phi = T.TEMPLATES["llama2"], T.TEMPLATES["phi"]
+    assert llama.format_prompt("Q?") == "[INST] Q? [/INST]"
+    assert llama.format_full("Q?", "A b.") == "[INST] Q? [/INST]A b."  # no space before the answer
+    assert phi.format_prompt("Q?") == "Question: Q?\n"
+    assert phi.format_full("Q?", "A b.") == "Question: Q?\nAnswer: A b."  # "Answer: " is in the answer part
+    assert T.TEMPLATES["generic"].format_full("Q?", "A b.") == "Question: Q?\nAnswer: A b."
+    # loku's own (TOFU had no ChatML model)
+    assert (T.TEMPLATES["chatml"].format_full("Q?", "A b.")
+            == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nA b.")
+    for name, tags in TOFU_TAGS.items():
+        t = T.TEMPLATES[name]
+        assert (t.question_start, t.question_end, t.answer_tag) == tags
+
+
+@pytest.mark.parametrize("name", ["llama2", "phi"])
+@pytest.mark.parametrize("which", ["gpt2", "bos"])
+def test_token_split_and_masked_count_match_tofu(name, which, gpt2_tok, bos_tok, shared_data):
+    tok = gpt2_tok if which == "gpt2" else bos_tok
+    rows = T.load_tofu("forget01", data_dir=shared_data, limit=5) + [{"question": "Who?", "answer": "Paris."}]
+    for row in rows:
+        ids, labels = tofu_convert(tok, row["question"], row["answer"], TOFU_TAGS[name])
+        prompt, answer = T.qa_token_pair(tok, T.TEMPLATES[name], row["question"], row["answer"])
+        assert prompt + answer == ids  # the same token sequence, EOS after the answer
+        masked = sum(1 for v in labels if v == -100)
+        assert len(prompt) == masked  # the question tokens TOFU masks (BOS included where added)
+        assert answer == [v for v in labels if v != -100]
+    if which == "bos":
+        prompt, _ = T.qa_token_pair(tok, T.TEMPLATES["llama2"], "Who?", "Paris.")
+        assert prompt[0] == tok.bos_token_id
+        assert len(prompt) == len(tok.tokenize("[INST] Who? [/INST]", add_special_tokens=True))
+
+
 def test_answer_tokens_are_split_after_the_prompt(gpt2_tok):
     prompt, answer = T.qa_token_pair(gpt2_tok, T.TEMPLATES["generic"], "Where?", "Paris")
-    assert gpt2_tok.decode(prompt) == "Question: Where?\nAnswer:"
-    assert gpt2_tok.decode(answer) == " Paris"
+    assert gpt2_tok.decode(prompt) == "Question: Where?\n"
+    assert gpt2_tok.decode(answer) == "Answer: Paris<|endoftext|>"
+    prompt, answer = T.qa_token_pair(gpt2_tok, T.TEMPLATES["llama2"], "Where?", "Paris")
+    assert gpt2_tok.decode(prompt) == "[INST] Where? [/INST]"
+    assert gpt2_tok.decode(answer) == "Paris<|endoftext|>"
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -114,6 +184,23 @@ def test_ks_forget_quality_by_hand():
     assert T.forget_quality(torch.tensor([1.0, 2.0, 3.0]), [1.0, 2.0, 3.0]) == pytest.approx(1.0)
     with pytest.raises(ConfigError):
         T.forget_quality([], [1.0])
+
+
+def test_forget_quality_is_scipys_two_sided_ks_p_value():
+    """Against scipy.stats.ks_2samp called here on known samples, not against loku itself."""
+    from scipy.stats import ks_2samp
+
+    g = torch.Generator().manual_seed(11)
+    same_a = torch.randn(40, generator=g).exp()  # log-normal truth ratios
+    same_b = torch.randn(55, generator=g).exp()
+    shifted = (torch.randn(40, generator=g) + 2.0).exp()  # a different distribution
+    for a, b in ((same_a, same_b), (same_a, shifted), (same_b, shifted)):
+        want = ks_2samp(a.tolist(), b.tolist(), alternative="two-sided").pvalue
+        assert T.forget_quality(a, b.tolist()) == pytest.approx(want, rel=1e-12)
+    assert T.forget_quality(same_a, same_b) > 0.05  # same distribution: not rejected
+    assert T.forget_quality(same_a, shifted) < 0.05  # shifted by 2 sd: rejected
+    # fully separated samples of 20 and 20: D = 1, exact p = 2 / C(40, 20)
+    assert T.forget_quality(list(range(20)), list(range(20, 40))) == pytest.approx(2 / math.comb(40, 20), rel=1e-6)
 
 
 def test_model_utility_harmonic_mean():
@@ -140,27 +227,43 @@ def test_truth_ratio_statistics_by_hand():
 
 # ----------------------------------------------------------------------------- model scoring
 
+EOS_P = 1 / 32  # the stub's probability of EOS (50256), which TOFU scores after every answer
+
+
 @pytest.fixture()
 def city_model(gpt2_tok):
     ids = {w: gpt2_tok(" " + w)["input_ids"] for w in ("Paris", "London", "Rome", "Berlin")}
     assert all(len(v) == 1 for v in ids.values())
-    probs = {ids["Paris"][0]: 0.5, ids["London"][0]: 0.25, ids["Rome"][0]: 0.125, ids["Berlin"][0]: 0.0625}
+    probs = {ids["Paris"][0]: 0.5, ids["London"][0]: 0.25, ids["Rome"][0]: 0.125, ids["Berlin"][0]: 0.0625,
+             gpt2_tok.eos_token_id: EOS_P}
     return StubLM(50257, fixed_distribution(50257, probs))
 
 
+def city_template():
+    """"Question: ...\\nAnswer:" as prompt and " Paris" as answer: every answer is its word's one token + EOS."""
+    return T.QATemplate("city", "Question: ", "\nAnswer:", " ")
+
+
+def geo(*probs):
+    """exp(-mean token NLL) of tokens with these probabilities."""
+    return math.exp(sum(math.log(p) for p in probs) / len(probs))
+
+
 def test_prob_and_truth_ratio_with_known_probabilities(city_model, gpt2_tok):
-    tmpl = T.TEMPLATES["generic"]
+    tmpl = city_template()
     nll = T.answer_nll(city_model, gpt2_tok, ["Capital?", "Capital?"], ["Paris", "London Rome"], template=tmpl)
-    assert nll[0].item() == pytest.approx(-math.log(0.5), rel=1e-5)
-    assert nll[1].item() == pytest.approx(-(math.log(0.25) + math.log(0.125)) / 2, rel=1e-5)
+    assert nll[0].item() == pytest.approx(-(math.log(0.5) + math.log(EOS_P)) / 2, rel=1e-5)
+    assert nll[1].item() == pytest.approx(-(math.log(0.25) + math.log(0.125) + math.log(EOS_P)) / 3, rel=1e-5)
 
     rows = [{"question": "Capital of France?", "answer": "Paris", "paraphrased_answer": "Paris",
              "perturbed_answer": ["London", "Rome"]},
             {"question": "Capital of Italy?", "answer": "Rome", "paraphrased_answer": "London",
              "perturbed_answer": ["Paris", "Berlin"]}]
     res = T.evaluate_tofu_split(city_model, gpt2_tok, rows, role="retain", template=tmpl, max_new_tokens=3)
-    assert res["per_item"]["prob"] == pytest.approx([0.5, 0.125], rel=1e-5)
-    r = [0.5 / math.sqrt(0.25 * 0.125), 0.25 / math.sqrt(0.5 * 0.0625)]
+    assert res["per_item"]["prob"] == pytest.approx([geo(0.5, EOS_P), geo(0.125, EOS_P)], rel=1e-5)
+    # R = P_para / geo-mean_k P_pert, each P = exp(-mean NLL) over the word and EOS
+    r = [geo(0.5, EOS_P) / math.sqrt(geo(0.25, EOS_P) * geo(0.125, EOS_P)),
+         geo(0.25, EOS_P) / math.sqrt(geo(0.5, EOS_P) * geo(0.0625, EOS_P))]
     assert res["per_item"]["truth_ratio"] == pytest.approx(r, rel=1e-5)
     assert res["truth_ratio"] == pytest.approx(sum(max(0.0, 1 - 1 / x) for x in r) / 2, rel=1e-5)
     # greedy answer " Paris Paris Paris": recall 1 against "Paris", 0 against "Rome"
@@ -172,21 +275,27 @@ def test_prob_and_truth_ratio_with_known_probabilities(city_model, gpt2_tok):
 
     facts = [{"question": "Capital of France?", "answer": "Paris", "perturbed_answer": ["London", "Rome", "Berlin"]}]
     res = T.evaluate_tofu_split(city_model, gpt2_tok, facts, role="world_facts", template=tmpl, max_new_tokens=1)
-    assert res["prob"] == pytest.approx(0.5 / (0.5 + 0.25 + 0.125 + 0.0625), rel=1e-5)
+    options = [geo(p, EOS_P) for p in (0.5, 0.25, 0.125, 0.0625)]
+    assert res["prob"] == pytest.approx(options[0] / sum(options), rel=1e-5)
     # no paraphrase in the file: the true answer takes its place
-    assert res["per_item"]["truth_ratio"][0] == pytest.approx(0.5 / (0.25 * 0.125 * 0.0625) ** (1 / 3), rel=1e-5)
+    assert res["per_item"]["truth_ratio"][0] == pytest.approx(
+        options[0] / (options[1] * options[2] * options[3]) ** (1 / 3), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- reference logs
 
 def test_reference_log_round_trip_and_errors(tmp_path):
     path = tmp_path / "ref" / "reference.json"
-    T.save_reference_log(path, [1.5, 0.7, 2.0], forget_split="forget01", model="retain-model")
+    T.save_reference_log(path, [1.5, 0.7, 2.0], forget_split="forget01", template="llama2", model="retain-model")
     ref = T.load_reference_log(path)
     assert ref["truth_ratios"] == [1.5, 0.7, 2.0] and ref["forget_split"] == "forget01"
+    assert ref["template"] == "llama2" and ref["legacy_300"] is False and ref["n"] == 3
+    assert ref["scoring_version"] == T.SCORING_VERSION
     assert not list(path.parent.glob(".*.tmp"))
     with pytest.raises(ConfigError):
-        T.save_reference_log(path, [1.0, -1.0], forget_split="forget01")
+        T.save_reference_log(path, [1.0, -1.0], forget_split="forget01", template="llama2")
+    with pytest.raises(ConfigError, match="unknown TOFU template"):
+        T.save_reference_log(path, [1.0], forget_split="forget01", template="vicuna")
     broken = tmp_path / "broken.json"
     broken.write_text('{"format": "loku-tofu-reference", "truth_ratios": [1.0,')
     with pytest.raises(DataError, match=r"broken\.json: line 1: invalid JSON"):
@@ -203,12 +312,84 @@ def test_reference_log_round_trip_and_errors(tmp_path):
         T.load_reference_log(other)
 
 
-def test_reference_from_a_tofu_eval_log(tmp_path):
+def test_a_tofu_original_eval_log_is_refused_with_the_reason(tmp_path):
+    """Its truth ratios come from TOFU's own pipeline; loku cannot show they were scored the same way."""
     log = tmp_path / "eval_log_forget.json"
     log.write_text(json.dumps({"avg_paraphrased_loss": {"0": 1.0, "1": 2.0},
                                "average_perturb_loss": {"0": [2.0, 3.0], "1": [1.0, 2.0]}}))
-    ref = T.load_reference_log(log)
-    assert ref["truth_ratios"] == pytest.approx([math.exp(1.5), math.exp(-0.5)], rel=1e-6)
+    with pytest.raises(DataError) as info:
+        T.load_reference_log(log)
+    msg = str(info.value)
+    assert msg.startswith(str(log)) and "original TOFU code" in msg
+    assert "would compare different things" in msg and "loku eval --suite tofu" in msg and "retain-only" in msg
+
+
+@pytest.fixture()
+def no_scoring(monkeypatch):
+    """evaluate_tofu with the per-split scoring replaced by a recorder (reference checks need no model)."""
+    seen = []
+
+    def fake_split(model, tokenizer, rows, *, role, **kwargs):
+        seen.append(role)
+        return {"n": len(rows), "prob": 0.5, "rouge_l_recall": 0.5, "truth_ratio": 0.5,
+                "per_item": {"truth_ratio": [1.0 + i for i in range(len(rows))]}}
+
+    monkeypatch.setattr(T, "evaluate_tofu_split", fake_split)
+    return seen
+
+
+def test_reference_scored_differently_is_refused_before_any_scoring(tmp_path, shared_data, gpt2_tok, no_scoring):
+    def run(ref, **kw):
+        args = dict(data_dir=shared_data, forget_split="forget10", template="llama2", limit=4)
+        args.update(kw)
+        return T.evaluate_tofu(None, gpt2_tok, reference_log=ref, **args)
+
+    good = tmp_path / "good.json"
+    T.save_reference_log(good, [1.0, 2.0, 3.0, 4.0], forget_split="forget10", template="llama2")
+    assert run(good)["forget_quality"] == pytest.approx(1.0)
+    cases = {
+        "template 'llama2' (this evaluation: 'phi')": dict(template="phi"),
+        "forget split 'forget10' (this evaluation: 'forget05')": dict(forget_split="forget05"),
+        "legacy_300 False (this evaluation: True)": dict(legacy_300=True),
+        "4 forget items (this evaluation: 3)": dict(limit=3),
+    }
+    for expected, kw in cases.items():
+        no_scoring.clear()
+        with pytest.raises(ConfigError, match="would compare different things") as info:
+            run(good, **kw)
+        assert expected in str(info.value) and "loku eval --suite tofu" in str(info.value)
+        assert no_scoring == []  # refused before scoring anything
+    # legacy_300 changes forget10 from 400 to 300 items: a full-split reference is refused
+    full = tmp_path / "full.json"
+    T.save_reference_log(full, [1.0] * 400, forget_split="forget10", template="llama2")
+    with pytest.raises(ConfigError, match="legacy_300 False .*400 forget items \\(this evaluation: 300\\)"):
+        run(full, legacy_300=True, limit=None)
+    # a reference scored by an older loku (other prompt formats, no EOS) does not record the version
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "loku-tofu-reference", "version": 1, "forget_split": "forget10",
+                               "template": "llama2", "n": 4, "truth_ratios": [1.0, 2.0, 3.0, 4.0]}))
+    with pytest.raises(ConfigError, match="conventions version None"):
+        run(old)
+    # a loku eval.json works the same way
+    evaljson = tmp_path / "eval.json"
+    evaljson.write_text(json.dumps({"meta": {"model": "m"}, "suites": {"tofu": {
+        "template": "llama2", "scoring_version": T.SCORING_VERSION, "forget_split": "forget10", "legacy_300": False,
+        "forget_truth_ratios": [1.0, 2.0, 3.0, 4.0]}}}))
+    assert run(evaljson)["reference"]["source"] == "loku eval.json"
+    with pytest.raises(ConfigError, match="template 'llama2'"):
+        run(evaljson, template="generic")
+
+
+def test_forget_quality_in_evaluate_tofu_is_the_ks_p_value(tmp_path, shared_data, gpt2_tok, no_scoring):
+    from scipy.stats import ks_2samp
+
+    ref_ratios = [0.05 * (i + 1) for i in range(10)]  # all below the fake model's 1..10
+    ref = tmp_path / "ref.json"
+    T.save_reference_log(ref, ref_ratios, forget_split="forget01", template="generic")
+    out = T.evaluate_tofu(None, gpt2_tok, data_dir=shared_data, forget_split="forget01", template="generic",
+                          limit=10, reference_log=ref)
+    want = ks_2samp(out["forget_truth_ratios"], ref_ratios).pvalue
+    assert out["forget_quality"] == pytest.approx(want, rel=1e-12) and out["forget_quality"] < 0.05
 
 
 def test_evaluate_tofu_end_to_end_on_a_tiny_model(shared_data, gpt2_tok, tmp_path):
@@ -216,16 +397,18 @@ def test_evaluate_tofu_end_to_end_on_a_tiny_model(shared_data, gpt2_tok, tmp_pat
     out = T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget01", limit=3, batch_size=4,
                           max_new_tokens=4)
     assert out["template"] == "generic" and set(out["splits"]) == {"forget", "retain", "real_authors", "world_facts"}
+    assert out["scoring_version"] == T.SCORING_VERSION
     assert all(s["n"] == 3 for s in out["splits"].values())
     assert len(out["utility_values"]) == 9 and 0 <= out["model_utility"] <= 1
     assert out["forget_quality"] is None and len(out["forget_truth_ratios"]) == 3
     ref = tmp_path / "reference.json"
-    T.save_reference_log(ref, out["forget_truth_ratios"], forget_split="forget01")
+    T.save_reference_log(ref, out["forget_truth_ratios"], forget_split="forget01", template=out["template"])
     again = T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget01", limit=3,
                             max_new_tokens=2, reference_log=ref)
+    assert again["forget_truth_ratios"] == pytest.approx(out["forget_truth_ratios"])
     assert again["forget_quality"] == pytest.approx(1.0)  # same model, same items
-    with pytest.raises(ConfigError, match="reference log is for forget01"):
-        T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget05", limit=1,
+    with pytest.raises(ConfigError, match="forget split 'forget01'"):
+        T.evaluate_tofu(model, gpt2_tok, data_dir=shared_data, forget_split="forget05", limit=3,
                         max_new_tokens=1, reference_log=ref)
 
 

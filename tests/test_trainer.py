@@ -135,3 +135,92 @@ def test_eval_suites_run_before_and_after_and_reach_the_report(memorized, tmp_pa
     from loku.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown eval suite"):
         unlearn(config(memorized, tmp_path / "bad", eval_suites="nope"))
+
+
+def test_one_step_per_epoch_makes_exactly_one_optimizer_step_per_epoch(memorized, tmp_path, monkeypatch):
+    # Jang et al.'s schedule (ALGORITHMS.md §6): effective batch = the whole forget set.
+    steps = []
+    original_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original_step(self, *a, **k))
+    cfg = config(memorized, tmp_path / "run", batch_size=1, one_step_per_epoch=True, max_epochs=3,
+                 ma_threshold=0.0, el_threshold=0.0)  # never met: all 3 epochs run
+    report = unlearn(cfg).report
+    assert report["epochs_run"] == 3 and len(steps) == 3
+    assert [e["optimizer_steps"] for e in report["epochs"]] == [1, 2, 3]
+    steps.clear()
+    report = unlearn(config(memorized, tmp_path / "accum", batch_size=1, grad_accum=3, max_epochs=1,
+                            ma_threshold=0.0, el_threshold=0.0)).report
+    assert len(steps) == 2 and report["epochs"][0]["optimizer_steps"] == 2  # 4 micro-batches in groups of 3, 1
+
+
+def test_plan_steps_weights_give_the_single_process_gradient():
+    from loku.trainer import plan_steps
+
+    pairs = list("abcde")
+    # One process, accumulation 2: the short last group is divided by its own size (1), not by 2.
+    assert plan_steps(pairs, 2, 1, 0) == [[("a", 0.5), ("b", 0.5)], [("c", 0.5), ("d", 0.5)], [("e", 1.0)]]
+    # Three processes, global group 3, 4 micro-batches: the processes with no batch left pad with weight 0,
+    # every process makes the same number of passes, and the DDP mean of the weighted gradients is the mean
+    # over each group's real micro-batches.
+    shares = [plan_steps(pairs[:4], 3, 3, rank) for rank in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 2] and all(len(step) == 1 for s in shares for step in s)
+    for step in range(2):
+        real = [(p, w) for s in shares for p, w in s[step] if w > 0]
+        assert sum(w / 3 for _, w in real) == pytest.approx(1.0)
+        assert len({w for _, w in real}) == 1
+    assert shares[0][1] == [("d", 3.0)] and shares[1][1] == [("d", 0.0)] and shares[2][1] == [("d", 0.0)]
+
+
+def test_lazy_el_stops_at_the_same_epoch_as_el_every_epoch(memorized, tmp_path):
+    # EL is measured only once MA passes (its threshold must hold too): the same stopping epoch.
+    lazy = unlearn(config(memorized, tmp_path / "lazy")).report
+    every = unlearn(config(memorized, tmp_path / "every", el_every_epoch=True)).report
+    assert lazy["outcome"] == every["outcome"] == "success"
+    assert lazy["epochs_to_success"] == every["epochs_to_success"]
+    assert all(e["forget_el"] is not None for e in every["epochs"])
+    assert lazy["epochs"][-1]["forget_el"] == every["epochs"][-1]["forget_el"]
+
+
+def test_bf16_full_fine_tuning_keeps_every_update(memorized, tmp_path):
+    # Adam steps of lr 5e-5 are below bf16's resolution for most weights: without float32 master weights
+    # about half of the weights never change at all.
+    cfg = config(memorized, tmp_path / "run", method="full-ga", lr=5e-5, batch_size=1, max_epochs=3, dtype="bfloat16",
+                 ma_threshold=0.0, el_threshold=0.0)
+    original, _ = load_model(cfg.model)
+    result = unlearn(cfg)
+    assert result.report["precision"] == {"weights": "float32", "compute": "bfloat16"}
+    after = dict(result.model.named_parameters())
+    changed = total = 0
+    for name, before in original.named_parameters():
+        if before.ndim != 2:
+            continue
+        now = after[name].detach().float()
+        changed += int(((now != before) & (now != before.bfloat16().float())).sum())
+        total += before.numel()
+    assert changed / total > 0.95
+
+
+def test_float16_full_fine_tuning_is_refused_and_threshold_sources_are_reported_each(memorized, tmp_path):
+    from loku.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bfloat16"):
+        config(memorized, tmp_path / "x", method="full-gd", dtype="float16").validate()
+    report = unlearn(config(memorized, tmp_path / "run", ma_threshold=0.5, max_epochs=1)).report
+    assert report["thresholds"]["ma"] == 0.5 and report["thresholds"]["el"] == report["before"]["val_el"]
+    assert report["thresholds"]["source"] == "MA given and EL from the validation set, before unlearning"
+
+
+def test_paper_config_takes_one_step_per_epoch_with_jangs_adam():
+    # configs/tdec-gptneo-125m.yaml claims the paper's schedule (ALGORITHMS.md §6): 32 sequences, one step per epoch.
+    from pathlib import Path
+
+    from loku.config import load_config
+    from loku.trainer import plan_steps, step_group_size
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tdec-gptneo-125m.yaml")
+    batches = list(range(32 // cfg.batch_size))
+    for world in (1, 3):
+        group = step_group_size(cfg, len(batches), world)
+        assert [len(plan_steps(batches, group, world, rank)) for rank in range(world)] == [1] * world
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay) == (0.9, 0.98, 0.0)
+    assert (cfg.method, cfg.rank, cfg.targets, cfg.learning_rate()) == ("fila-ihl", 16, "qv-ffn", 2e-4)

@@ -49,6 +49,8 @@ class UnlearnConfig:
     targets: str = "qv-ffn"
     lr: float | None = None  # None: the method's paper default
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999  # Jang et al.'s code: 0.98
     batch_size: int = 8
     grad_accum: int = 1
     one_step_per_epoch: bool = False  # Jang et al.: effective batch = the whole forget set
@@ -60,6 +62,7 @@ class UnlearnConfig:
     fisher_mode: str = "per_sample"  # paper; "batch" = official code
     fisher_eps: float = 1e-5
     fisher_batches: int | None = None  # limit the Fisher pass to this many batches per set
+    fisher_batch_size: int | None = None  # batch size of the Fisher pass; None = --batch-size
     svd: str = "exact"  # or "lowrank"
     el_n: int = 10
     el_every_epoch: bool = False
@@ -98,6 +101,11 @@ class UnlearnConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.learning_rate() <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"--adam-beta1/--adam-beta2 must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if self.fisher_batch_size is not None and (not isinstance(self.fisher_batch_size, int)
+                                                   or self.fisher_batch_size < 1):
+            raise ConfigError(f"--fisher-batch-size must be a positive integer, got {self.fisher_batch_size!r}")
         if self.fisher_mode not in ("per_sample", "batch"):
             raise ConfigError(f"--fisher-mode must be per_sample or batch, got {self.fisher_mode!r}")
         if self.svd not in ("exact", "lowrank"):
@@ -106,6 +114,9 @@ class UnlearnConfig:
             raise ConfigError(f"--retain-term must be nll, kl or none, got {self.retain_term!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.method_spec().adapter == "full" and self.dtype == "float16":
+            raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
+                              "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
         needs_retain = self.method_spec().loss != "ga" and self.retain_term != "none"
         if needs_retain and not self.retain:
             raise ConfigError(f"method {self.method} has a retain term: pass --retain FILE (or --retain-term none)")

@@ -3,10 +3,17 @@
 Supported files (chosen by suffix):
 
 * ``.csv``   -- must have a ``text`` column (the TDEC files are used as they are).
-* ``.jsonl`` -- one JSON object a line, with ``text`` or with ``question`` and ``answer``
-  (formatted with :data:`QA_TEMPLATE`).
+* ``.jsonl`` -- one JSON object a line, with ``text`` or with ``question`` and ``answer``.
 * ``.json``  -- a JSON list of strings or of such objects.
 * anything else (``.txt``) -- one text per non-blank line.
+
+A ``question``/``answer`` item stays a pair (:attr:`TextSet.qa`): :func:`tokenize_set` formats it,
+once the tokenizer (and model) are known, with the same per-model TOFU template and token split
+that :mod:`loku.metrics.tofu` scores (:func:`loku.metrics.tofu.qa_token_pair`), and records how
+many leading tokens are prompt; :func:`make_batches` sets those tokens' labels to
+:data:`IGNORE_INDEX`, so losses push only the answer (and its EOS) down, as TOFU does. Plain
+texts keep every token as a label. :attr:`TextSet.texts` holds a readable rendering of each
+pair (:data:`QA_TEMPLATE`) for messages, overlap checks and text-level metrics.
 
 Texts are kept verbatim (TDEC excerpts start with a space that matters to the tokenizer);
 every problem a user can fix raises :class:`~loku.errors.DataError` with one line that starts
@@ -24,16 +31,19 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError, LokuError, ModelError
+from loku.losses import IGNORE_INDEX  # label value the causal-LM losses skip
 
 __all__ = [
+    "IGNORE_INDEX",
     "QA_TEMPLATE",
     "TextSet",
+    "TokenizedSet",
     "check_forget_not_in_retain",
     "ensure_pad_token",
     "file_sha256",
@@ -42,14 +52,16 @@ __all__ = [
     "make_batches",
     "pair_batches",
     "read_texts",
+    "tokenize_set",
     "tokenize_texts",
 ]
 
-#: How a question/answer object becomes one training text (TOFU style).
+#: How a question/answer object reads as one text in :attr:`TextSet.texts` and :func:`read_texts`
+#: (TOFU's phi / generic format). Training does not use it: :func:`tokenize_set` formats pairs
+#: with the model's TOFU template.
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
-#: Label value ignored by the causal-LM loss (PyTorch / transformers convention).
-IGNORE_INDEX = -100
+QAPair = tuple[str, str]  # (question, answer)
 
 _FORMAT_HINTS = {
     ".csv": "a CSV file with a 'text' column",
@@ -125,19 +137,21 @@ def _check_text(text: Any, path: str | os.PathLike[str], role: str, where: str) 
     return text
 
 
-def _text_from_object(obj: Any, path: str | os.PathLike[str], role: str, where: str) -> str:
-    """A ``text`` field wins; otherwise ``question`` + ``answer`` through :data:`QA_TEMPLATE`."""
+def _item_from_object(obj: Any, path: str | os.PathLike[str], role: str,
+                      where: str) -> tuple[str, QAPair | None]:
+    """``(text, (question, answer) or None)``: a ``text`` field wins; otherwise ``question`` +
+    ``answer`` (rendered with :data:`QA_TEMPLATE` as the text)."""
     if isinstance(obj, str):
-        return _check_text(obj, path, role, where)
+        return _check_text(obj, path, role, where), None
     if not isinstance(obj, dict):
         raise _fail(path, role, f"{where} is a JSON {_json_type(obj)}, not a string or object",
                     "write each entry as {\"text\": ...} or {\"question\": ..., \"answer\": ...}")
     if "text" in obj:
-        return _check_text(obj["text"], path, role, where)
+        return _check_text(obj["text"], path, role, where), None
     if "question" in obj and "answer" in obj:
         q = _check_text(obj["question"], path, role, f"{where} ('question')")
         a = _check_text(obj["answer"], path, role, f"{where} ('answer')")
-        return QA_TEMPLATE.format(question=q, answer=a)
+        return QA_TEMPLATE.format(question=q, answer=a), (q, a)
     keys = ", ".join(map(str, obj)) or "none"
     raise _fail(path, role, f"{where} has neither 'text' nor 'question'+'answer' (keys found: {keys})",
                 "add a 'text' field or both 'question' and 'answer'")
@@ -156,13 +170,16 @@ def _raise_csv_field_limit() -> None:
             limit //= 10
 
 
-# Each reader returns (line number or None, text) pairs, so later checks can name the line.
+# Each reader returns (line number or None, text, (question, answer) or None) triples, so later
+# checks can name the line.
+_Located = tuple[Optional[int], str, Optional[QAPair]]
 
-def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
+
+def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
     _raise_csv_field_limit()
     # strict: an unclosed quote must be an error, not one field swallowing the rest of the file.
     reader = csv.reader(io.StringIO(content, newline=""), strict=True)
-    texts: list[tuple[int | None, str]] = []
+    texts: list[_Located] = []
     column = -1
     row_no = 0
     start_line = 1  # first line of the record being parsed; a quoted text can span many lines
@@ -173,7 +190,7 @@ def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[tup
             elif record:  # csv yields [] for a blank line; it is not a row
                 row_no += 1
                 value = record[column] if column < len(record) else ""
-                texts.append((start_line, _check_text(value, path, role, f"row {row_no} (line {start_line})")))
+                texts.append((start_line, _check_text(value, path, role, f"row {row_no} (line {start_line})"), None))
             start_line = reader.line_num + 1
     except csv.Error as exc:
         raise _fail(path, role, f"is not a valid CSV in the record starting at line {start_line} ({exc})",
@@ -211,12 +228,12 @@ def _parse_jsonl_objects(content: str, path: str | os.PathLike[str], role: str):
         yield line_no, obj
 
 
-def _read_jsonl(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
-    return [(n, _text_from_object(obj, path, role, f"line {n}"))
+def _read_jsonl(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
+    return [(n, *_item_from_object(obj, path, role, f"line {n}"))
             for n, obj in _parse_jsonl_objects(content, path, role)]
 
 
-def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
+def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
@@ -227,12 +244,12 @@ def _read_json(content: str, path: str | os.PathLike[str], role: str) -> list[tu
             else f"a {_json_type(data)}"
         raise _fail(path, role, f"must be a JSON list but holds {found}",
                     "write a list of strings or of {\"text\": ...} objects")
-    return [(None, _text_from_object(item, path, role, f"item {i}")) for i, item in enumerate(data, start=1)]
+    return [(None, *_item_from_object(item, path, role, f"item {i}")) for i, item in enumerate(data, start=1)]
 
 
-def _read_lines(content: str, path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
+def _read_lines(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
     # Blank lines are separators here, so whitespace-only lines are skipped rather than errors.
-    return list(_iter_lines(content))
+    return [(n, line, None) for n, line in _iter_lines(content)]
 
 
 def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[str]:
@@ -241,10 +258,10 @@ def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[st
     ``role`` ("forget", "retain", "validation", ...) only appears in error messages.
     Raises :class:`DataError` for anything the user has to fix.
     """
-    return [text for _, text in _read_located(path, role)]
+    return [text for _, text, _ in _read_located(path, role)]
 
 
-def _read_located(path: str | os.PathLike[str], role: str) -> list[tuple[int | None, str]]:
+def _read_located(path: str | os.PathLike[str], role: str) -> list[_Located]:
     content = _read_text_file(path, role)
     suffix = Path(path).suffix.lower()
     reader = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json}.get(suffix, _read_lines)
@@ -260,7 +277,7 @@ def _row_where(source: str, row_no: int, text: str) -> str:
     Only called on the error path: the file is read again to find the line of that text.
     """
     try:
-        line, found = _read_located(source, "input")[row_no - 1]
+        line, found, _ = _read_located(source, "input")[row_no - 1]
     except (LokuError, OSError, IndexError, TypeError):
         return f"row {row_no}"
     return f"row {row_no} (line {line})" if line is not None and found == text else f"row {row_no}"
@@ -304,17 +321,29 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 @dataclass
 class TextSet:
-    """The texts of one set plus where they came from."""
+    """The items of one set plus where they came from.
+
+    ``texts[i]`` is item i as text; ``qa[i]`` is ``(question, answer)`` when item i is a
+    question/answer pair (its text is then only the :data:`QA_TEMPLATE` rendering), else None.
+    ``qa`` None means no item is a pair.
+    """
 
     path: str
     role: str
     texts: list[str]
     sha256: str
+    qa: list[QAPair | None] | None = None
+
+    @property
+    def has_qa(self) -> bool:
+        return self.qa is not None and any(pair is not None for pair in self.qa)
 
 
 def load_text_set(path: str | os.PathLike[str], role: str) -> TextSet:
-    texts = read_texts(path, role=role)
-    return TextSet(path=str(path), role=role, texts=texts, sha256=file_sha256(path))
+    located = _read_located(path, role)
+    qa = [pair for _, _, pair in located]
+    return TextSet(path=str(path), role=role, texts=[text for _, text, _ in located], sha256=file_sha256(path),
+                   qa=qa if any(pair is not None for pair in qa) else None)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -348,6 +377,34 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _fit_length(seq: list[int], max_length: int, *, where: str, source: str, on_overflow: str,
+                model_context: bool) -> tuple[list[int], bool]:
+    """``seq`` if it fits ``max_length``, else an error or the cut sequence; also whether it was cut."""
+    if len(seq) <= max_length:
+        return seq, False
+    if on_overflow == "error" and model_context:
+        raise DataError(f"{source}: {where} is {len(seq)} tokens long, more than the model's context of "
+                        f"{max_length}; shorten or split it, or pass --truncate to cut such texts to {max_length} "
+                        f"tokens")
+    if on_overflow == "error":
+        raise DataError(f"{source}: {where} is {len(seq)} tokens long, more than max length {max_length}; raise "
+                        f"--max-length to at least {len(seq)} (up to the model's context) or pass --truncate")
+    return seq[:max_length], True
+
+
+def _check_tokenize_args(max_length: Any, on_overflow: str) -> None:
+    if on_overflow not in ("error", "truncate"):
+        raise ConfigError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+
+
+def _warn_truncated(source: str, n_truncated: int, n_texts: int, max_length: int) -> None:
+    if n_truncated:
+        warnings.warn(f"{source}: {n_truncated} of {_plural(n_texts, 'text')} were longer than "
+                      f"{max_length} tokens and were truncated to {max_length}", UserWarning, stacklevel=3)
+
+
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, source: str,
                    on_overflow: str = "error", add_bos: bool | None = None,
                    model_context: bool = False) -> list[list[int]]:
@@ -361,11 +418,10 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, sou
     rows are numbered from 1 in the order of ``texts`` (plus the file's line when ``source`` is the
     file they were read from). ``model_context``: ``max_length`` is the model's own context, so the
     message for a too-long text does not suggest raising it.
+
+    Question/answer items need the model's template and a prompt mask: use :func:`tokenize_set`.
     """
-    if on_overflow not in ("error", "truncate"):
-        raise ConfigError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
+    _check_tokenize_args(max_length, on_overflow)
     if not texts:
         raise DataError(f"{source}: no texts to tokenize; give a file with at least one text")
     prefix = _bos_prefix(tokenizer, add_bos, source)
@@ -378,23 +434,99 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, sou
             raise DataError(f"{source}: {_row_where(source, row_no, text)} ({text[:40]!r}) tokenizes to "
                             f"{_plural(len(ids), 'token')} "
                             "but at least 2 are needed to have a next token to predict; remove or lengthen it")
-        seq = prefix + list(ids)
-        if len(seq) > max_length:
-            if on_overflow == "error" and model_context:
-                raise DataError(f"{source}: {_row_where(source, row_no, text)} is {len(seq)} tokens long, more than "
-                                f"the model's context of {max_length}; shorten or split it, or pass --truncate "
-                                f"to cut such texts to {max_length} tokens")
-            if on_overflow == "error":
-                raise DataError(f"{source}: {_row_where(source, row_no, text)} is {len(seq)} tokens long, more than "
-                                f"max length {max_length}; raise --max-length to at least {len(seq)} (up to the "
-                                "model's context) or pass --truncate")
-            seq = seq[:max_length]
-            n_truncated += 1
+        seq, cut = _fit_length(prefix + list(ids), max_length, where=_LazyWhere(source, row_no, text), source=source,
+                               on_overflow=on_overflow, model_context=model_context)
+        n_truncated += cut
         sequences.append(seq)
-    if n_truncated:
-        warnings.warn(f"{source}: {n_truncated} of {_plural(len(texts), 'text')} were longer than "
-                      f"{max_length} tokens and were truncated to {max_length}", UserWarning, stacklevel=2)
+    _warn_truncated(source, n_truncated, len(texts), max_length)
     return sequences
+
+
+class _LazyWhere:
+    """'row N (line L)' computed only when a message needs it (it may re-read the file)."""
+
+    def __init__(self, source: str, row_no: int, text: str):
+        self.source, self.row_no, self.text = source, row_no, text
+
+    def __str__(self) -> str:
+        return _row_where(self.source, self.row_no, self.text)
+
+
+@dataclass
+class TokenizedSet:
+    """Token ids of a set's items and, per item, how many leading tokens are prompt.
+
+    :func:`make_batches` takes it directly and sets the labels of the first ``prompt_lengths[i]``
+    tokens of sequence ``i`` to :data:`IGNORE_INDEX` (0 for plain texts: every token is a label).
+    ``template`` names the TOFU template the question/answer items were formatted with (None
+    when the set has none).
+    """
+
+    ids: list[list[int]]
+    prompt_lengths: list[int]
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.prompt_lengths):
+            raise ConfigError(f"{len(self.ids)} sequences but {len(self.prompt_lengths)} prompt lengths")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overflow: str = "error",
+                 add_bos: bool | None = None, model_context: bool = False, model: Any = None,
+                 template: str | None = None) -> TokenizedSet:
+    """Tokenize a :class:`TextSet` for training: plain texts as :func:`tokenize_texts` does, question/
+    answer pairs as TOFU evaluation scores them, with their prompt tokens to be masked.
+
+    Each pair is formatted with :func:`loku.metrics.tofu.choose_template` ``(model, tokenizer,
+    template)`` -- the template :func:`loku.metrics.tofu.evaluate_tofu` picks for the same model,
+    tokenizer and ``template`` name -- and split by :func:`loku.metrics.tofu.qa_token_pair`: the
+    prompt tokens (with the tokenizer's special tokens, e.g. BOS; ``add_bos`` applies to plain
+    texts only) are counted in ``prompt_lengths``; the answer tokens and EOS are labels. So a
+    question/answer forget set trains on exactly the token sequences TOFU evaluation scores.
+    A pair longer than ``max_length`` is an error, or (``on_overflow="truncate"``) cut on the
+    right like TOFU does, which must leave at least one answer token.
+    """
+    if not text_set.has_qa:
+        ids = tokenize_texts(tokenizer, text_set.texts, max_length=max_length, source=text_set.path,
+                             on_overflow=on_overflow, add_bos=add_bos, model_context=model_context)
+        return TokenizedSet(ids=ids, prompt_lengths=[0] * len(ids))
+    from loku.metrics.tofu import choose_template, qa_token_pair
+
+    _check_tokenize_args(max_length, on_overflow)
+    source = text_set.path
+    tmpl = choose_template(model, tokenizer, template)
+    qa = list(text_set.qa or [])
+    plain_rows = [i for i, pair in enumerate(qa) if pair is None]
+    plain = dict(zip(plain_rows, tokenize_texts(
+        tokenizer, [text_set.texts[i] for i in plain_rows], max_length=max_length, source=source,
+        on_overflow=on_overflow, add_bos=add_bos, model_context=model_context))) if plain_rows else {}
+    ids: list[list[int]] = []
+    prompt_lengths: list[int] = []
+    n_truncated = 0
+    for i, (text, pair) in enumerate(zip(text_set.texts, qa)):
+        if pair is None:
+            ids.append(plain[i])
+            prompt_lengths.append(0)
+            continue
+        where = _LazyWhere(source, i + 1, text)
+        try:
+            prompt_ids, answer_ids = qa_token_pair(tokenizer, tmpl, *pair)
+        except DataError as err:
+            raise DataError(f"{source}: {where}: {err}") from None
+        seq, cut = _fit_length(prompt_ids + answer_ids, max_length, where=where, source=source,
+                               on_overflow=on_overflow, model_context=model_context)
+        if len(seq) <= len(prompt_ids):
+            raise DataError(f"{source}: {where}: its question alone is {len(prompt_ids)} tokens in the "
+                            f"{tmpl.name!r} template, so cutting to {max_length} tokens leaves no answer token "
+                            f"to train on; shorten the question or raise --max-length")
+        n_truncated += cut
+        ids.append(seq)
+        prompt_lengths.append(len(prompt_ids))
+    _warn_truncated(source, n_truncated, len(qa), max_length)
+    return TokenizedSet(ids=ids, prompt_lengths=prompt_lengths, template=tmpl.name)
 
 
 # ----------------------------------------------------------------------------- overlap check
@@ -426,7 +558,7 @@ def check_forget_not_in_retain(forget_texts: Sequence[str], retain_texts: Sequen
 
 # ----------------------------------------------------------------------------- batching
 
-def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+def _pad_batch(seqs: list[list[int]], pad_id: int, prompt_lengths: list[int]) -> dict[str, Tensor]:
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -435,25 +567,43 @@ def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, Tensor]:
         attention[i, :len(seq)] = 1
     # Labels come from the mask, not from pad_id: pad is often EOS, which can be a real token.
     labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
+    for i, n_prompt in enumerate(prompt_lengths):
+        labels[i, :n_prompt] = IGNORE_INDEX  # the prompt is context, not a target
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def make_batches(sequences: list[list[int]], batch_size: int, pad_id: int, *,
-                 shuffle: bool = False, seed: int = 0) -> list[dict[str, Tensor]]:
+def make_batches(sequences: list[list[int]] | TokenizedSet, batch_size: int, pad_id: int, *,
+                 shuffle: bool = False, seed: int = 0,
+                 prompt_lengths: Sequence[int] | None = None) -> list[dict[str, Tensor]]:
     """Right-padded batches of ``input_ids``, ``attention_mask`` and ``labels`` (-100 at padding).
 
-    Each batch is as wide as its longest sequence; the last batch may be smaller. With
-    ``shuffle`` the order depends only on ``seed`` (a private RNG, global state untouched).
+    ``sequences`` may be a :class:`TokenizedSet` (from :func:`tokenize_set`): its prompt
+    lengths are used. ``prompt_lengths`` (one per sequence; default all 0) masks that many
+    leading tokens of each sequence from the labels (``IGNORE_INDEX``), so a question/answer
+    item is trained on its answer only. Each batch is as wide as its longest sequence; the last
+    batch may be smaller. With ``shuffle`` the order depends only on ``seed`` (a private RNG,
+    global state untouched); a sequence keeps its own prompt length whatever the order.
     """
+    if isinstance(sequences, TokenizedSet):
+        if prompt_lengths is not None:
+            raise ConfigError("make_batches: pass prompt_lengths or a TokenizedSet, not both")
+        sequences, prompt_lengths = sequences.ids, sequences.prompt_lengths
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
     if any(len(s) == 0 for s in sequences):
         raise DataError("make_batches got an empty token sequence; tokenize with tokenize_texts, "
                         "which rejects texts shorter than 2 tokens")
+    lengths = [0] * len(sequences) if prompt_lengths is None else [int(n) for n in prompt_lengths]
+    if len(lengths) != len(sequences):
+        raise ConfigError(f"make_batches: {len(lengths)} prompt lengths for {len(sequences)} sequences")
+    if any(not 0 <= n < len(s) for n, s in zip(lengths, sequences)):
+        raise DataError("make_batches: a prompt length is negative or covers its whole sequence, which would "
+                        "leave no token to train on; tokenize question/answer items with tokenize_set")
     order = list(range(len(sequences)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    return [_pad_batch([sequences[i] for i in order[start:start + batch_size]], pad_id)
+    return [_pad_batch([sequences[i] for i in order[start:start + batch_size]], pad_id,
+                       [lengths[i] for i in order[start:start + batch_size]])
             for start in range(0, len(order), batch_size)]
 
 

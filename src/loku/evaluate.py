@@ -4,9 +4,12 @@ Suites (each one registered function; ``all`` runs them in this order):
 
 * ``tdec``      -- MA and EL_10 (ALGORITHMS.md section 6) on the forget file (default
   ``tdec/forget/lm_extraction_32_0.csv``) and on as many held-out Pile validation excerpts
-  (``tdec/eval/pile.csv``), sequences cut to 200 tokens; the held-out means are the
-  forgetting thresholds (``forgotten`` = forget MA <= held-out MA and forget EL <= held-out EL;
-  fixed numeric thresholds can be given instead).
+  (``tdec/eval/pile.csv``), sequences cut to 200 tokens. ``forgotten`` = forget MA <= MA threshold
+  and forget EL <= EL threshold, where the thresholds are held-out means measured BEFORE unlearning
+  (section 6): taken from the run's report.json (a loku output folder or its adapter), measured on a
+  base model (``--thresholds-from``), or given as numbers. The evaluated model's own held-out
+  numbers are reported but never used as thresholds (unlearning lowers them too); with no
+  pre-unlearning thresholds ``forgotten`` is null ("undetermined").
 * ``ppl``       -- perplexity on Pile validation (``pile.csv``), WikiText (``wikitext.csv``) and
   DM-Mathematics (``valid_dm_mathematics.csv``).
 * ``reasoning`` -- built-in LAMBADA and PubMedQA (:mod:`loku.metrics.reasoning`), plus any
@@ -48,7 +51,10 @@ __all__ = [
     "SUITES",
     "add_eval_arguments",
     "default_data_dir",
+    "measure_heldout",
     "render_markdown",
+    "report_thresholds",
+    "resolve_thresholds",
     "run_eval_command",
     "run_suites",
     "write_eval_outputs",
@@ -71,7 +77,10 @@ class EvalOptions:
     seed: int = 0
     progress: bool = False
     el_n: int = 10
-    thresholds: dict | None = None  # {"ma": float, "el": float} instead of the held-out means
+    # Pre-unlearning thresholds for tdec: {"ma": float, "el": float, "source"?, "from"?, "note"?, "el_n"?};
+    # "self" (or a dict without numbers) when the evaluated model IS the model before unlearning, so
+    # its own held-out means are the thresholds; None: "forgotten" stays undetermined.
+    thresholds: dict | str | None = None
     tofu_forget_split: str = "forget10"
     tofu_reference: str | Path | None = None
     tofu_legacy_300: bool = False
@@ -132,24 +141,60 @@ def _ma_el(model: Any, batches: list[dict], el_n: int, progress: bool, desc: str
             "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist()}}
 
 
-@SUITES.register("tdec")
-def suite_tdec(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+UNDETERMINED = ("undetermined (no pre-unlearning thresholds: pass --thresholds-from BASE_MODEL, or "
+                "--ma-threshold and --el-threshold, or evaluate a loku output folder whose report.json has them)")
+
+
+def _tdec_sets(opts: EvalOptions) -> tuple[Path, list[str], list[str]]:
+    """The forget texts and as many held-out Pile excerpts (the same ones for every model)."""
     forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
     forget = opts.take(_texts(opts, forget_path, "forget"))
     heldout = _texts(opts, opts.eval_file("pile.csv"), "held-out")[: len(forget)]
+    return forget_path, forget, heldout
+
+
+def measure_heldout(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    """MA and EL_n of ``model`` on the tdec held-out excerpts: the thresholds, when ``model`` is the
+    model before unlearning (``loku eval --thresholds-from``)."""
+    _, _, heldout = _tdec_sets(opts)
+    batches = _token_batches(tokenizer, heldout, "pile.csv", opts.batch_size, TDEC_TOKENS)
+    return _ma_el(model, batches, opts.el_n, opts.progress, "tdec heldout")
+
+
+@SUITES.register("tdec")
+def suite_tdec(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    forget_path, forget, heldout = _tdec_sets(opts)
     out: dict[str, Any] = {"forget_file": str(forget_path), "max_tokens": TDEC_TOKENS}
     for name, texts, source in (("forget", forget, str(forget_path)), ("heldout", heldout, "pile.csv")):
         batches = _token_batches(tokenizer, texts, source, opts.batch_size, TDEC_TOKENS)
         out[name] = _ma_el(model, batches, opts.el_n, opts.progress, f"tdec {name}")
     key = f"el_{opts.el_n}"
-    if opts.thresholds:
-        thresholds = {"ma": float(opts.thresholds["ma"]), key: float(opts.thresholds.get("el", opts.thresholds.get(key)))}
-        out["threshold_source"] = "given"
-    else:
+    given = {"source": "self"} if opts.thresholds == "self" else opts.thresholds
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(f"thresholds must be a dict with 'ma' and 'el', 'self' or None, got {given!r}")
+    if given is None:
+        thresholds = None
+    elif given.get("ma") is None:  # the evaluated model is the model before unlearning
         thresholds = {"ma": out["heldout"]["ma"], key: out["heldout"][key]}
-        out["threshold_source"] = "held-out"
+    else:
+        if given.get("el_n") is not None and int(given["el_n"]) != opts.el_n:
+            raise ConfigError(f"the thresholds are for EL_{given['el_n']} but this evaluation measures EL_{opts.el_n}; "
+                              f"pass --el-n {given['el_n']}")
+        el = given.get("el", given.get(key))
+        if el is None:
+            raise ConfigError("thresholds need both 'ma' and 'el'")
+        thresholds = {"ma": float(given["ma"]), key: float(el)}
     out["thresholds"] = thresholds
-    out["forgotten"] = bool(out["forget"]["ma"] <= thresholds["ma"] and out["forget"][key] <= thresholds[key])
+    out["threshold_source"] = None if given is None else given.get("source", "given")
+    out["thresholds_from"] = None if given is None else given.get("from")
+    for extra in ("note", "warning"):
+        if given is not None and given.get(extra):
+            out[f"thresholds_{extra}"] = given[extra]
+    if thresholds is None:
+        out["forgotten"] = None
+        out["forgotten_note"] = UNDETERMINED
+    else:
+        out["forgotten"] = bool(out["forget"]["ma"] <= thresholds["ma"] and out["forget"][key] <= thresholds[key])
     return out
 
 
@@ -293,13 +338,15 @@ def run_suites(
     progress: bool = False,
     model_name: str | None = None,
     adapter: str | None = None,
+    dtype: str | None = None,
     **options: Any,
 ) -> dict:
     """Run the named suites (``"all"`` expands) and return a JSON-serialisable result dict.
 
     ``options`` are further :class:`EvalOptions` fields (``tofu_reference``, ``tofu_legacy_300``,
     ``lm_eval_tasks``, ``thresholds``, ...). The result has ``"suites"`` (one entry per suite)
-    and ``"meta"`` (seed, limit, library versions, sha256 of every data file read, timings).
+    and ``"meta"`` (seed, dtype, limit, library versions, sha256 of every data file read, timings).
+    Every suite starts from ``seed``, so its numbers do not depend on which suites ran before it.
     """
     names = expand_suites(suites)
     data_dir = Path(data_dir)
@@ -322,6 +369,7 @@ def run_suites(
         t0 = time.perf_counter()
         if progress:
             print(f"loku eval: {name} ...", file=sys.stderr, flush=True)
+        _seed_everything(seed)
         results[name] = _jsonable(SUITES.get(name)(model, tokenizer, opts))
         timings[name] = round(time.perf_counter() - t0, 2)
     n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
@@ -329,6 +377,7 @@ def run_suites(
         "model": model_name,
         "adapter": adapter,
         "model_class": type(model).__name__,
+        "dtype": dtype or _dtype_of(model),
         "n_parameters": n_params,
         "suites": names,
         "limit": limit,
@@ -343,6 +392,14 @@ def run_suites(
         "seconds": timings,
     }
     return {"meta": meta, "suites": results}
+
+
+def _dtype_of(model: Any) -> str | None:
+    try:
+        names = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()}
+    except AttributeError:
+        return None
+    return "+".join(sorted(names)) or None
 
 
 def _device_of(model: Any) -> Any:
@@ -404,7 +461,7 @@ def render_markdown(results: dict) -> str:
     """A Markdown summary: run facts, then one ``| metric | value |`` table per suite."""
     meta = results.get("meta", {})
     lines = ["# loku eval", ""]
-    for key in ("model", "adapter", "suites", "limit", "seed", "data_dir", "started"):
+    for key in ("model", "adapter", "dtype", "suites", "limit", "seed", "data_dir", "started"):
         value = meta.get(key)
         if value is not None:
             lines.append(f"- {key}: {', '.join(value) if isinstance(value, list) else value}")
@@ -418,6 +475,13 @@ def render_markdown(results: dict) -> str:
         lines += ["", f"## {name}" + (f" ({seconds:.0f} s)" if isinstance(seconds, (int, float)) else ""), "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in rows]
+        if isinstance(suite, dict) and suite.get("threshold_source"):
+            origin = "; ".join(str(suite[k]) for k in ("thresholds_from", "thresholds_note") if suite.get(k))
+            lines += ["", f"thresholds: {suite['threshold_source']}" + (f" ({origin})" if origin else "")]
+            if suite.get("thresholds_warning"):
+                lines += ["", f"warning: {suite['thresholds_warning']}"]
+        if isinstance(suite, dict) and suite.get("forgotten_note") and suite.get("forgotten") is None:
+            lines += ["", f"forgotten: {suite['forgotten_note']}"]
     files = meta.get("data_files") or {}
     if files:
         lines += ["", "## data files", "", "| file | sha256 |", "|---|---|"]
@@ -454,17 +518,24 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--data-dir", default=None,
                         help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N items of every set")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed, set before loading and before each suite "
+                        "[default: 0]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the model (and --thresholds-from model) is loaded in [default: float32]")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow custom model code from the model folder (read it first)")
     parser.add_argument("--forget", default=None,
                         help=f"forget file for tdec/mia [default: DATA_DIR/{DEFAULT_FORGET.as_posix()}]")
     parser.add_argument("--el-n", type=int, default=10, help="n of the EL_n metric [default: 10]")
+    parser.add_argument("--thresholds-from", default=None, metavar="BASE_MODEL",
+                        help="tdec: the model BEFORE unlearning; its held-out MA/EL are the forgetting thresholds "
+                             "[default: the thresholds in report.json when --model/--adapter is a loku output "
+                             "folder, else 'forgotten' is left undetermined]")
     parser.add_argument("--ma-threshold", type=float, default=None,
-                        help="fixed MA threshold instead of the held-out mean (Jang: 0.2994)")
+                        help="tdec: fixed MA threshold instead of the pre-unlearning held-out mean (Jang: 0.2994)")
     parser.add_argument("--el-threshold", type=float, default=None,
-                        help="fixed EL threshold instead of the held-out mean (Jang: 0.0499)")
+                        help="tdec: fixed EL threshold instead of the pre-unlearning held-out mean (Jang: 0.0499)")
     parser.add_argument("--tofu-forget", default="forget10", choices=["forget01", "forget05", "forget10"],
                         help="TOFU forget split [default: forget10]")
     parser.add_argument("--tofu-reference", default=None,
@@ -492,26 +563,130 @@ def _parse_tasks(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()]
 
 
+def run_report_path(model: str | os.PathLike, adapter: str | os.PathLike | None) -> Path | None:
+    """The report.json of the loku run whose output is being evaluated, if it is one.
+
+    With ``adapter``: ``OUT/adapter`` or ``OUT`` of that run; without: ``--model OUT`` or ``OUT/model``.
+    """
+    if adapter is not None:
+        folder = Path(adapter)
+        candidates = [folder / "report.json", folder.parent / "report.json"]
+    else:
+        folder = Path(model)
+        candidates = [folder / "report.json"]
+        if folder.name == "model" and (folder / "config.json").is_file():
+            candidates.append(folder.parent / "report.json")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def report_thresholds(path: str | os.PathLike, el_n: int, forget_path: str | os.PathLike | None = None) -> dict | None:
+    """The stop-rule thresholds a loku run recorded (``report.json`` "thresholds": {"ma", "el", "source"}),
+    measured on its validation set before unlearning; None when the report has none.
+
+    With ``forget_path`` (the file tdec will read), a "warning" says when the run unlearned another
+    forget file (``report.json`` "data": {"forget": {"path", "sha256"}}).
+    """
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read the run's report ({err}); pass --thresholds-from BASE_MODEL or "
+                        f"--ma-threshold and --el-threshold instead") from None
+    th = report.get("thresholds") if isinstance(report, dict) else None
+    if not isinstance(th, dict) or th.get("ma") is None or th.get("el") is None:
+        return None
+    run_el_n = (report.get("config") or {}).get("el_n")
+    if run_el_n is not None and int(run_el_n) != el_n:
+        raise ConfigError(f"{path}: the run's EL threshold is for EL_{run_el_n}, this evaluation measures EL_{el_n}; "
+                          f"pass --el-n {run_el_n} (or give --ma-threshold and --el-threshold)")
+    out = {"ma": float(th["ma"]), "el": float(th["el"]), "el_n": run_el_n, "source": "run report",
+           "from": str(path), "note": th.get("source")}
+    run_forget = ((report.get("data") or {}).get("forget") or {})
+    if forget_path is not None and run_forget.get("sha256") and Path(forget_path).is_file() \
+            and sha256_of(forget_path) != run_forget["sha256"]:
+        out["warning"] = (f"the run unlearned another forget file ({run_forget.get('path')}); pass --forget with "
+                          f"that file to evaluate what it forgot")
+    return out
+
+
+def resolve_thresholds(args: argparse.Namespace, suites: Sequence[str], data_dir: Path) -> dict | None:
+    """The pre-unlearning tdec thresholds for ``loku eval``: explicit numbers, else measured on
+    ``--thresholds-from``, else the run's report.json; None when there are none (or no tdec suite).
+
+    When ``--thresholds-from`` names the evaluated model itself (no adapter), its own held-out means
+    are the thresholds and are taken from the tdec pass instead of measuring the model twice.
+    """
+    if (args.ma_threshold is None) != (args.el_threshold is None):
+        raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
+    if args.ma_threshold is not None and args.thresholds_from:
+        raise ConfigError("give either --thresholds-from or --ma-threshold/--el-threshold, not both")
+    if "tdec" not in suites:
+        return None
+    if args.ma_threshold is not None:
+        return {"ma": args.ma_threshold, "el": args.el_threshold, "source": "given"}
+    if args.thresholds_from:
+        base = str(args.thresholds_from)
+        if base == str(args.model) and args.adapter is None:
+            return {"source": "base model", "from": base,
+                    "note": "the evaluated model is the base: its own held-out means"}
+        return measure_base_thresholds(base, args, data_dir)
+    report = run_report_path(args.model, args.adapter)
+    if report is None:
+        return None
+    return report_thresholds(report, args.el_n, Path(args.forget) if args.forget else data_dir / DEFAULT_FORGET)
+
+
+def measure_base_thresholds(base: str, args: argparse.Namespace, data_dir: Path) -> dict:
+    """Load the model before unlearning, measure its held-out MA/EL_n (the tdec held-out excerpts), free it."""
+    import gc
+
+    from loku.models import load_model
+
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found; pass --data-dir or set LOKU_DATA_DIR")
+    opts = EvalOptions(data_dir=data_dir, limit=args.limit, forget_path=Path(args.forget) if args.forget else None,
+                       batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, el_n=args.el_n)
+    if opts.progress:
+        print(f"loku eval: measuring the thresholds on {base} ...", file=sys.stderr, flush=True)
+    _seed_everything(args.seed)
+    model, tokenizer = load_model(base, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                  progress=opts.progress)
+    held = measure_heldout(model, tokenizer, opts)
+    del model, tokenizer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"ma": held["ma"], "el": held[f"el_{args.el_n}"], "el_n": args.el_n, "source": "base model",
+            "from": base, "note": f"held-out means of {held['n']} pile.csv excerpts, {args.dtype}"}
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """``loku eval``: load the model, run the suites, write OUT/eval.json and OUT/eval.md."""
     from loku.models import load_model
 
     suites = expand_suites(args.suite or ["all"])
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if (args.ma_threshold is None) != (args.el_threshold is None):
-        raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
-    thresholds = None if args.ma_threshold is None else {"ma": args.ma_threshold, "el": args.el_threshold}
+    dtype = args.dtype
+    thresholds = resolve_thresholds(args, suites, data_dir)
     _seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, adapter=args.adapter, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=dtype,
+                                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
     results = run_suites(
         model, tokenizer, suites, data_dir=data_dir, limit=args.limit, forget_path=args.forget,
         batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        model_name=str(args.model), adapter=args.adapter, el_n=args.el_n, thresholds=thresholds,
+        model_name=str(args.model), adapter=args.adapter, dtype=dtype, el_n=args.el_n, thresholds=thresholds,
         tofu_forget_split=args.tofu_forget, tofu_reference=args.tofu_reference,
         tofu_legacy_300=args.tofu_legacy_300, tofu_template=args.tofu_template,
         lm_eval_tasks=_parse_tasks(args.lm_eval_tasks), lm_eval_include_path=args.lm_eval_include,
     )
     json_path, md_path = write_eval_outputs(results, args.out)
+    tdec = results["suites"].get("tdec")
+    if tdec is not None:
+        verdict = ({True: "yes", False: "no"}[tdec["forgotten"]] + f" (thresholds: {tdec['threshold_source']})"
+                   if tdec["forgotten"] is not None else tdec["forgotten_note"])
+        print(f"loku eval: tdec forgotten: {verdict}")
+        if tdec.get("thresholds_warning"):
+            print(f"loku eval: warning: {tdec['thresholds_warning']}", file=sys.stderr)
     print(f"loku eval: wrote {json_path} and {md_path}")
     return 0
 

@@ -139,7 +139,7 @@ def attach_saved_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike)
     """
     from peft import PeftModel
 
-    from .models import model_fingerprint
+    from .models import fingerprint_dtypes, fingerprints_match
 
     folder = Path(adapter_dir)
     if (folder / "adapter" / ADAPTER_META).is_file():
@@ -149,10 +149,18 @@ def attach_saved_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike)
         raise ModelError(f"{folder}: not a loku adapter folder (no {ADAPTER_META}); pass OUT/adapter of a loku run")
     meta = json.loads(meta_path.read_text())
     expected = meta.get("base_fingerprint")
-    if expected and model_fingerprint(model) != expected:
+    if expected and not fingerprints_match(expected, model):
+        made_in = fingerprint_dtypes(expected)
+        loaded_in = _float_dtypes(model)
+        hint = ""
+        if made_in and made_in != loaded_in and "float32" not in (made_in, loaded_in):
+            # bf16 and fp16 roundings of a float32 checkpoint cannot be compared exactly (models.model_fingerprint).
+            hint = (f"; if it is that model, it was loaded in {loaded_in} but the adapter was made on a "
+                    f"{made_in} load, and these cannot be matched for a float32 checkpoint: load it with "
+                    f"--dtype {made_in} or float32")
         raise ModelError(
             f"{folder}: this adapter was made on a different base model ({meta.get('base_model')}); "
-            f"load that exact model with --model"
+            f"load that exact model with --model{hint}"
         )
     if meta.get("residual_base"):
         residual = load_file(str(folder / meta["residual_base"]))
@@ -163,3 +171,8 @@ def attach_saved_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike)
                     raise ModelError(f"{folder}: residual weight {name} does not exist in the base model")
                 params[name].copy_(value.to(params[name].dtype))
     return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+
+
+def _float_dtypes(model: torch.nn.Module) -> str:
+    names = {str(t.dtype).removeprefix("torch.") for t in model.state_dict().values() if t.is_floating_point()}
+    return "+".join(sorted(names)) or "none"

@@ -38,9 +38,9 @@ class Sets:
     forget: data_mod.TextSet
     retain: data_mod.TextSet | None
     validation: data_mod.TextSet | None
-    forget_ids: list[list[int]]
-    retain_ids: list[list[int]]
-    validation_ids: list[list[int]]
+    forget_ids: data_mod.TokenizedSet
+    retain_ids: data_mod.TokenizedSet
+    validation_ids: data_mod.TokenizedSet
 
 
 @dataclass
@@ -63,6 +63,22 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def master_dtype(cfg: UnlearnConfig) -> str:
+    """The dtype the trained weights are kept in.
+
+    Full fine-tuning keeps float32 master weights under --dtype bfloat16 and computes in bf16
+    (autocast): Adam's steps of lr 5e-5 are below bf16's resolution for most weights, so bf16
+    weights would silently drop about half of the updates. LoRA adapters are float32 already (PEFT).
+    """
+    return "float32" if cfg.method_spec().adapter == "full" else cfg.dtype
+
+
+def compute_autocast(cfg: UnlearnConfig, device: torch.device):
+    """bf16 autocast around the training forward passes when float32 master weights stand in for bf16 ones."""
+    mixed = master_dtype(cfg) != cfg.dtype
+    return torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=mixed)
 
 
 def load_sets(cfg: UnlearnConfig) -> tuple[data_mod.TextSet, data_mod.TextSet | None, data_mod.TextSet | None]:
@@ -90,14 +106,15 @@ def model_context(model, cfg: UnlearnConfig) -> int:
     return 2048
 
 
-def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation) -> Sets:
+def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, model=None) -> Sets:
+    """Token ids of each set; question/answer items get the model's TOFU template, the question masked."""
     overflow = "truncate" if cfg.truncate else "error"
 
     def tok(text_set):
         if text_set is None:
-            return []
-        return data_mod.tokenize_texts(tokenizer, text_set.texts, max_length=context, source=text_set.path,
-                                       on_overflow=overflow, model_context=not cfg.max_length)
+            return data_mod.TokenizedSet([], [])
+        return data_mod.tokenize_set(tokenizer, text_set, max_length=context, on_overflow=overflow,
+                                     model_context=not cfg.max_length, model=model)
 
     return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation))
 
@@ -206,12 +223,14 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     forget_set, retain_set, validation_set = load_sets(cfg)
     check_eval_suites(cfg)
     if model is None:
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+        model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress)
     else:
         model = copy.deepcopy(model)
+        if master_dtype(cfg) == "float32":
+            model.float()
     data_mod.ensure_pad_token(tokenizer)
-    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set)
+    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set, model=model)
     if cfg.method_spec().adapter == "lora":  # bad --targets / --rank fail now, not after the "before" evaluation
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     base_fingerprint = model_fingerprint(model)
@@ -230,7 +249,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     if checkpoint is None:
         log("loku: measuring the model before unlearning")
         before = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
-        suites_before = on_main(lambda: run_eval_suites(model, tokenizer, cfg))
+        suites_before = on_main(lambda: run_eval_suites(model, tokenizer, cfg, "self"))
     else:
         before = checkpoint.state["before"]
         suites_before = checkpoint.state.get("suites_before")
@@ -262,7 +281,8 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     params = trainable_parameters(model)
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
         restore_rng(checkpoint)
@@ -270,6 +290,7 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
 
     epochs: list[dict[str, Any]] = list(checkpoint.state["epochs"]) if checkpoint else []
     tokens_trained = checkpoint.state["tokens_trained"] if checkpoint else 0
+    optimizer_steps = epochs[-1].get("optimizer_steps", 0) if epochs else 0
     first_epoch = len(epochs) + 1
     outcome = "success" if epochs and epochs[-1]["success"] else "failed"
     epoch_bar = tqdm(range(first_epoch, cfg.max_epochs + 1), desc="unlearning", unit="epoch",
@@ -279,32 +300,38 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         forget_batches = data_mod.make_batches(sets.forget_ids, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + epoch)
         retain_batches = (data_mod.make_batches(sets.retain_ids, cfg.batch_size, pad, shuffle=True,
                                                 seed=cfg.seed + 10_000 + epoch) if sets.retain_ids else [])
-        pairs = data_mod.pair_batches(forget_batches, retain_batches or None)[shard]
-        accum = len(pairs) if cfg.one_step_per_epoch else cfg.grad_accum
+        pairs = data_mod.pair_batches(forget_batches, retain_batches or None)
+        world = accelerator.num_processes
+        steps = plan_steps(pairs, step_group_size(cfg, len(pairs), world), world, accelerator.process_index)
         sums: dict[str, float] = {}
-        optimizer.zero_grad(set_to_none=True)
+        micro_batches = 0
         model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
-        for step, (fb, rb) in enumerate(pairs, start=1):
-            fb = {k: v.to(accelerator.device) for k, v in fb.items()}
-            use_retain = rb is not None and method.loss != "ga" and cfg.retain_term != "none"
-            rb = {k: v.to(accelerator.device) for k, v in rb.items()} if use_retain else None
-            stepping = step % accum == 0 or step == len(pairs)
-            with contextlib.nullcontext() if stepping else accelerator.no_sync(model):
-                loss, parts = batch_loss(model, reference, method.loss, fb, rb, cfg)
-                if not torch.isfinite(loss):
-                    kept = (f"the last good state is the checkpoint of epoch {epoch - 1} in {checkpoint_dir(cfg.out)}"
-                            if epoch > 1 and cfg.out else "no epoch had finished, so no checkpoint was kept")
-                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {step}; {kept}: lower --lr, "
-                                           "or use a bounded loss (ihl)")
-                accelerator.backward(loss / accum)
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
-            if stepping:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            failpoint("step")
-        record = {"epoch": epoch, **epoch_mean_losses(accelerator, sums, len(pairs))}
+        for share in steps:
+            optimizer.zero_grad(set_to_none=True)
+            for i, ((fb, rb), weight) in enumerate(share, start=1):
+                fb = {k: v.to(accelerator.device) for k, v in fb.items()}
+                use_retain = rb is not None and method.loss != "ga" and cfg.retain_term != "none"
+                rb = {k: v.to(accelerator.device) for k, v in rb.items()} if use_retain else None
+                with contextlib.nullcontext() if i == len(share) else accelerator.no_sync(model):
+                    with compute_autocast(cfg, accelerator.device):
+                        loss, parts = batch_loss(model, reference, method.loss, fb, rb, cfg)
+                    if not torch.isfinite(loss):
+                        kept = (f"the last good state is the checkpoint of epoch {epoch - 1} in "
+                                f"{checkpoint_dir(cfg.out)}" if epoch > 1 and cfg.out
+                                else "no epoch had finished, so no checkpoint was kept")
+                        raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {micro_batches + 1}; {kept}: "
+                                               "lower --lr, or use a bounded loss (ihl)")
+                    accelerator.backward(loss * weight)
+                if weight:  # weight 0: a padding pass that keeps the processes in step
+                    micro_batches += 1
+                    for key, value in parts.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
+                failpoint("step")
+            optimizer.step()
+        optimizer_steps += len(steps)
+        record = {"epoch": epoch, "optimizer_steps": optimizer_steps,
+                  **epoch_mean_losses(accelerator, sums, micro_batches)}
         unwrapped = accelerator.unwrap_model(model)
         record.update(on_main(lambda: evaluate_state(unwrapped, eval_batches, cfg, with_el=cfg.el_every_epoch,
                                                      ma_threshold=ma_threshold)))
@@ -330,13 +357,14 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
 
     model = accelerator.unwrap_model(model).eval()
     after = on_main(lambda: evaluate_state(model, eval_batches, cfg, with_el=True))
-    suites_after = on_main(lambda: run_eval_suites(model, tokenizer, cfg))
+    suites_after = on_main(lambda: run_eval_suites(model, tokenizer, cfg, {
+        "ma": ma_threshold, "el": el_threshold, "el_n": cfg.el_n, "source": "run", "note": threshold_source(cfg)}))
     report = {
         "outcome": outcome,
         "epochs_run": len(epochs),
         "epochs_to_success": len(epochs) if outcome == "success" else None,
-        "thresholds": {"ma": ma_threshold, "el": el_threshold,
-                       "source": "given" if cfg.ma_threshold is not None else "validation set, before unlearning"},
+        "thresholds": {"ma": ma_threshold, "el": el_threshold, "source": threshold_source(cfg)},
+        "precision": {"weights": master_dtype(cfg), "compute": cfg.dtype},
         "before": before,
         "after": after,
         "suites": {"before": suites_before, "after": suites_after} if cfg.eval_suites else None,
@@ -354,11 +382,47 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         "peak_memory_bytes": peak_memory_bytes(),
         "base_fingerprint": base_fingerprint,
         "resumed": resume,
-        "data": {name: {"path": s.path, "sha256": s.sha256, "sequences": len(ids)}
+        "data": {name: {"path": s.path, "sha256": s.sha256, "sequences": len(ids), "qa_template": ids.template}
                  for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
                                       ("validation", sets.validation, sets.validation_ids)) if s is not None},
     }
     return RunResult(model=model, tokenizer=tokenizer, report=report, residual=residual)
+
+
+def step_group_size(cfg: UnlearnConfig, n_micro_batches: int, world: int) -> int:
+    """Micro-batches per optimizer step of the whole job: the whole epoch (Jang et al.), or accumulation x processes."""
+    return n_micro_batches if cfg.one_step_per_epoch else cfg.grad_accum * world
+
+
+def plan_steps(pairs: list, group_size: int, world: int, rank: int) -> list[list[tuple[Any, float]]]:
+    """One epoch's micro-batches as optimizer steps, and this process's share of each step.
+
+    Every ``group_size`` consecutive micro-batches make one optimizer step of the whole job (the
+    last group may be shorter). They are dealt round-robin to the ``world`` processes with weight
+    ``world / len(group)``: DDP averages gradients over processes, so the step's gradient is the
+    mean over the group's micro-batches, exactly the single-process gradient, short last group
+    included. A process left without a micro-batch takes a copy of the group's first with weight
+    0: every process makes the same number of backward passes, so DDP's all-reduce never waits
+    for a process that has run out of batches.
+    """
+    steps = []
+    for start in range(0, len(pairs), group_size):
+        group = pairs[start : start + group_size]
+        mine = group[rank::world]
+        padding = math.ceil(len(group) / world) - len(mine)
+        steps.append([(pair, world / len(group)) for pair in mine] + [(group[0], 0.0)] * padding)
+    return steps
+
+
+def threshold_source(cfg: UnlearnConfig) -> str:
+    """Where the stop-rule thresholds came from, each on its own: a given number or the held-out set."""
+    given = {"MA": cfg.ma_threshold is not None, "EL": cfg.el_threshold is not None}
+    if all(given.values()):
+        return "given"
+    if not any(given.values()):
+        return "validation set, before unlearning"
+    return " and ".join(f"{name} {'given' if is_given else 'from the validation set, before unlearning'}"
+                        for name, is_given in given.items())
 
 
 def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, cfg: UnlearnConfig):
@@ -464,15 +528,19 @@ def check_eval_suites(cfg: UnlearnConfig) -> None:
         raise DataError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set LOKU_DATA_DIR")
 
 
-def run_eval_suites(model, tokenizer, cfg: UnlearnConfig) -> dict | None:
-    """The ``loku eval`` suites named by ``--eval-suites`` on ``model`` (result of run_suites), or None."""
+def run_eval_suites(model, tokenizer, cfg: UnlearnConfig, thresholds: dict | str) -> dict | None:
+    """The ``loku eval`` suites named by ``--eval-suites`` on ``model`` (result of run_suites), or None.
+
+    ``thresholds``: "self" before unlearning (the model is its own pre-unlearning reference), the run's
+    stop-rule thresholds after it, so tdec's "forgotten" uses the values from before unlearning.
+    """
     if not cfg.eval_suites:
         return None
     from .evaluate import default_data_dir, run_suites
 
     return run_suites(model, tokenizer, [cfg.eval_suites], data_dir=cfg.eval_data_dir or default_data_dir(),
                       limit=cfg.eval_limit, batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=cfg.progress,
-                      model_name=cfg.model)
+                      model_name=cfg.model, thresholds=thresholds)
 
 
 def estimate_flops(n_params: int, adapter: str, tokens_trained: int, fisher_forget, fisher_retain, init: str | None,

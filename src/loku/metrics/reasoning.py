@@ -7,14 +7,17 @@ LAMBADA (``tdec/eval/lambada.csv``, columns ``id, token_length, text, task``)
     Each ``text`` is a passage whose last whitespace-separated word is the target. The
     context is the text up to (not including) the space before that word. Two methods:
 
-    * ``"generate"`` (default): greedy-generate ``t + 3`` new tokens after the context, where
-      ``t`` is the number of tokens of ``" " + target``; decode them, take the first
-      whitespace-separated word, strip punctuation (ASCII punctuation plus typographic quotes
-      and dashes) from both ends of it and of the target, and count a hit on exact,
-      case-sensitive equality. The token budget is per item, so the score of an item never
-      depends on which other items share its batch.
-    * ``"argmax"``: Jang et al.'s / lm-eval's teacher-forced criterion: a hit when the
-      argmax at every token of ``" " + target`` equals that token.
+    * ``"argmax"`` (default): Jang et al.'s / lm-eval's teacher-forced criterion: a hit when,
+      given the context and the true preceding tokens of the word, the argmax at every token
+      of ``" " + target`` equals that token (one forward pass). The target tokens are split
+      off the tokenization of ``context + " " + target`` after the context's own token count,
+      as lm-eval does.
+    * ``"generate"``: greedy-generate ``t + 3`` new tokens after the context, where ``t`` is
+      the number of target tokens; decode them, take the first whitespace-separated word,
+      strip punctuation (ASCII punctuation plus typographic quotes and dashes) from both ends
+      of it and of the target, and count a hit on exact, case-sensitive equality. The token
+      budget is per item, so the score of an item never depends on which other items share
+      its batch.
 
 PubMedQA (``tdec/eval/pubmed_qa.csv``, columns ``pubid, question, context, long_answer,
 final_decision, abstract``)
@@ -53,6 +56,7 @@ __all__ = [
     "first_word",
     "greedy_generate",
     "lambada_items",
+    "lambada_target_ids",
     "pubmedqa_items",
     "score_continuations",
     "split_last_word",
@@ -370,6 +374,15 @@ def lambada_items(path: str | Path, *, limit: int | None = None) -> list[tuple[s
     return _take(items, limit)
 
 
+def lambada_target_ids(tokenizer: Any, context: str, context_ids: Sequence[int], target: str) -> list[int]:
+    """Tokens of ``" " + target`` as they occur after the context: the tokenization of
+    ``context + " " + target`` minus the context's own token count (lm-eval's split); falls back to
+    encoding ``" " + target`` alone if that leaves nothing."""
+    whole = encode(tokenizer, context + " " + target, special=True)
+    cont = whole[len(context_ids):]
+    return cont if cont else encode(tokenizer, " " + target, special=False)
+
+
 def evaluate_lambada(
     model: Any,
     tokenizer: Any,
@@ -377,16 +390,17 @@ def evaluate_lambada(
     *,
     limit: int | None = None,
     batch_size: int = 8,
-    method: str = "generate",
+    method: str = "argmax",
     extra_tokens: int = 3,
     progress: bool = False,
 ) -> dict:
-    """LAMBADA last-word accuracy (see the module docstring for both methods)."""
+    """LAMBADA last-word accuracy; ``method`` ``"argmax"`` (teacher-forced, Jang et al. / lm-eval;
+    the default) or ``"generate"`` (see the module docstring)."""
     if method not in ("generate", "argmax"):
-        raise ConfigError(f"unknown LAMBADA method {method!r}; choose 'generate' or 'argmax'")
+        raise ConfigError(f"unknown LAMBADA method {method!r}; choose 'argmax' or 'generate'")
     items = lambada_items(path, limit=limit)
     contexts = [encode(tokenizer, c, special=True) for c, _ in items]
-    targets = [encode(tokenizer, " " + t, special=False) for _, t in items]
+    targets = [lambada_target_ids(tokenizer, c, ctx, t) for (c, t), ctx in zip(items, contexts)]
     if method == "argmax":
         scores = score_continuations(model, tokenizer, list(zip(contexts, targets)), batch_size=batch_size,
                                      progress=progress, desc="lambada")

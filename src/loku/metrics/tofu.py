@@ -1,5 +1,17 @@
 """TOFU metrics (Maini et al. 2024; ALGORITHMS.md section 7).
 
+Each QA item is formatted and split into prompt and answer tokens exactly as locuslab/tofu's
+``convert_raw_data_to_model_format`` does (:class:`QATemplate`, :func:`qa_token_pair`): full text
+``question_start + question + question_end + answer_tag + answer``, tokenised once with the
+tokenizer's special tokens; the first ``len(tokenize(question_start + question + question_end,
+add_special_tokens=True))`` tokens are the prompt (context, never scored); the remaining tokens
+plus the tokenizer's EOS (which TOFU's labels include) are the answer tokens. Tags per model
+family as in TOFU's ``config/model_config.yaml``: ``llama2`` ``"[INST] "``, ``" [/INST]"``,
+``""``; ``phi`` (and ``generic``, TOFU's tags for phi / stablelm / pythia) ``"Question: "``,
+``"\\n"``, ``"Answer: "`` -- so ``"Answer: "`` is part of the scored answer there, as in TOFU.
+``chatml`` (SmolLM2, Qwen) is loku's own choice; TOFU had no such model. Greedy generation starts
+from the prompt text encoded on its own, as TOFU's ``run_generation`` does.
+
 Definitions, per QA item, scoring only the answer tokens (the prompt is context):
 
 * ``NLL(a)`` = mean over the answer's tokens of ``-log p(token | prompt, previous tokens)``.
@@ -41,9 +53,11 @@ from loku.save import atomic_write_text
 __all__ = [
     "HUB_DATASET",
     "QATemplate",
+    "SCORING_VERSION",
     "TEMPLATES",
     "TOFU_SPLITS",
     "answer_nll",
+    "check_reference",
     "choose_template",
     "evaluate_tofu",
     "evaluate_tofu_split",
@@ -53,6 +67,7 @@ __all__ = [
     "model_utility",
     "normalized_prob",
     "prob_from_nll",
+    "qa_token_pair",
     "rouge_l_recall",
     "save_reference_log",
     "truth_ratio",
@@ -160,25 +175,45 @@ def _load_from_hub(name: str) -> list[dict]:
 
 @dataclass(frozen=True)
 class QATemplate:
-    """How a question becomes a prompt, and what precedes the answer text after it."""
+    """How a question/answer pair becomes one text, with locuslab/tofu's three tags.
+
+    As in TOFU's ``convert_raw_data_to_model_format``: the prompt is
+    ``question_start + question + question_end``, the answer part ``answer_tag + answer``, the full
+    text their concatenation with nothing in between. The prompt (its tokens including any BOS
+    the tokenizer adds) is context; the answer part, then EOS, are the scored / trained tokens.
+    """
 
     name: str
-    prompt: str  # contains "{question}"
-    answer_prefix: str
+    question_start: str
+    question_end: str
+    answer_tag: str
 
     def format_prompt(self, question: str) -> str:
-        return self.prompt.format(question=question)
+        return self.question_start + question + self.question_end
 
     def format_answer(self, answer: str) -> str:
-        return self.answer_prefix + answer
+        return self.answer_tag + answer
+
+    def format_full(self, question: str, answer: str) -> str:
+        return self.format_prompt(question) + self.format_answer(answer)
 
 
 TEMPLATES = {
-    "llama2": QATemplate("llama2", "[INST] {question} [/INST]", " "),
-    "phi": QATemplate("phi", "Question: {question}\nAnswer:", " "),
-    "chatml": QATemplate("chatml", "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", ""),
-    "generic": QATemplate("generic", "Question: {question}\nAnswer:", " "),
+    # locuslab/tofu config/model_config.yaml, llama2-7b: "[INST] {q} [/INST]{a}" (no space before the answer)
+    "llama2": QATemplate("llama2", "[INST] ", " [/INST]", ""),
+    # locuslab/tofu config/model_config.yaml, phi (also stablelm, pythia-1.4): "Question: {q}\nAnswer: {a}";
+    # "Answer: " belongs to the answer part, so it is scored and trained as in TOFU
+    "phi": QATemplate("phi", "Question: ", "\n", "Answer: "),
+    # loku's own choice for chat models with ChatML (SmolLM2, Qwen): TOFU had no such model
+    "chatml": QATemplate("chatml", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", ""),
+    # any other model: TOFU's tags for its non-Llama families (phi, stablelm, pythia)
+    "generic": QATemplate("generic", "Question: ", "\n", "Answer: "),
 }
+
+#: Version of loku's TOFU scoring conventions (templates above, EOS scored after the answer, split
+#: of the tokens after the prompt's own token count). Recorded in every evaluation and reference
+#: log; a reference with another version was scored differently and is refused.
+SCORING_VERSION = 2
 
 
 def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> QATemplate:
@@ -186,7 +221,7 @@ def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> QATe
 
     ``<|im_start|>`` in the chat template (or vocabulary) -> chatml (SmolLM2, Qwen); ``[INST]`` ->
     llama2; model type ``phi`` -> phi; model type ``llama`` without a chat template -> llama2
-    (the TOFU Llama-2 fine-tunes); anything else -> generic (``Question: ...\\nAnswer:``).
+    (the TOFU Llama-2 fine-tunes); anything else -> generic (``Question: ...\\nAnswer: ...``).
     """
     if name is not None:
         try:
@@ -210,16 +245,26 @@ def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> QATe
 
 
 def qa_token_pair(tokenizer: Any, template: QATemplate, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, answer_ids)``: the full text is tokenised once and split after the prompt,
-    so merges at the boundary match what the model sees; falls back to separate encoding."""
+    """``(prompt_ids, answer_ids)`` exactly as locuslab/tofu builds a QA example.
+
+    The full text is tokenised once with the tokenizer's special tokens (BOS where it adds one);
+    the first ``len(tokenize(prompt, add_special_tokens=True))`` tokens are the prompt, the rest
+    the answer, followed by ``tokenizer.eos_token_id`` (TOFU labels that EOS too) when the
+    tokenizer has one. Training on QA data (:func:`loku.data.tokenize_set`) and TOFU scoring both
+    use this, so they see the same token sequence.
+    """
     from loku.metrics.reasoning import encode
 
-    prompt = template.format_prompt(question)
-    prompt_ids = encode(tokenizer, prompt, special=True)
-    full = encode(tokenizer, prompt + template.format_answer(answer), special=True)
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return prompt_ids, full[len(prompt_ids):]
-    return prompt_ids, encode(tokenizer, template.format_answer(answer), special=False)
+    n_prompt = len(encode(tokenizer, template.format_prompt(question), special=True))
+    full = encode(tokenizer, template.format_full(question, answer), special=True)
+    answer_ids = full[n_prompt:]
+    if not answer_ids:
+        raise DataError(f"answer {answer[:40]!r} to question {question[:40]!r} adds no tokens after the prompt; "
+                        f"give a non-empty answer")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        answer_ids = answer_ids + [eos]
+    return full[:n_prompt], answer_ids
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -358,7 +403,10 @@ def evaluate_tofu_split(
     per_item["prob"] = prob.tolist()
     result["prob"] = float(prob.mean())
 
-    prompts = [qa_token_pair(tokenizer, template, q, a)[0] for q, a in zip(questions, answers)]
+    # TOFU's run_generation re-encodes the prompt text on its own (with special tokens)
+    from loku.metrics.reasoning import encode
+
+    prompts = [encode(tokenizer, template.format_prompt(q), special=True) for q in questions]
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress, desc=f"tofu {role} generate")
     generations = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
@@ -387,37 +435,55 @@ def evaluate_tofu_split(
 
 # ----------------------------------------------------------------------------- reference logs
 
+_MAKE_REFERENCE = ("evaluate the retain-only model with loku itself (`loku eval --suite tofu --tofu-forget {split}` "
+                   "with the same --tofu-template / --tofu-legacy-300 / --limit as this evaluation) and pass its "
+                   "eval.json or a reference log written by loku.metrics.tofu.save_reference_log")
+
+
 def save_reference_log(
     path: str | Path,
     truth_ratios: Sequence[float] | Tensor,
     *,
     forget_split: str,
+    template: str,
+    legacy_300: bool = False,
     model: str | None = None,
-    template: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a retain-only reference model's per-item forget-split truth ratios (JSON, atomic)."""
+    """Write a retain-only reference model's per-item forget-split truth ratios (JSON, atomic).
+
+    ``template`` is the name of the :class:`QATemplate` they were scored with; it, the forget
+    split, ``legacy_300``, the number of items and :data:`SCORING_VERSION` are recorded so that
+    :func:`evaluate_tofu` can refuse to compare against a reference scored differently.
+    """
     ratios = truth_ratios.tolist() if isinstance(truth_ratios, Tensor) else [float(r) for r in truth_ratios]
     if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
         raise ConfigError("reference truth ratios must be a non-empty list of positive finite numbers")
-    payload = {"format": REFERENCE_FORMAT, "version": 1, "forget_split": forget_split, "model": model,
-               "template": template, "n": len(ratios), "truth_ratios": ratios}
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown TOFU template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    payload = {"format": REFERENCE_FORMAT, "version": 2, "scoring_version": SCORING_VERSION,
+               "forget_split": forget_split, "template": template, "legacy_300": bool(legacy_300),
+               "model": model, "n": len(ratios), "truth_ratios": ratios}
     if extra:
         payload["extra"] = dict(extra)
     atomic_write_text(Path(path), json.dumps(payload, indent=2))
 
 
 def load_reference_log(path: str | Path) -> dict:
-    """Read truth ratios of a reference model: ``{"truth_ratios": [...], "forget_split": str|None, ...}``.
+    """Read the truth ratios of a retain-only reference model, with how they were scored.
 
-    Accepts a log written by :func:`save_reference_log`, a loku ``eval.json`` whose ``tofu``
-    suite ran, or the original TOFU ``eval_log_forget.json`` (``avg_paraphrased_loss`` and
-    ``average_perturb_loss`` per item).
+    Accepts a log written by :func:`save_reference_log` or a loku ``eval.json`` whose ``tofu``
+    suite ran. Returns ``{"truth_ratios", "forget_split", "template", "legacy_300", "n",
+    "scoring_version", "model", "source"}`` (missing fields are None; :func:`check_reference`
+    refuses such a reference). An ``eval_log_forget.json`` of the original TOFU code is refused:
+    its truth ratios come from TOFU's own pipeline (its model family's tags, bf16 batches, its
+    ``ds_size``, tokenizer and truncation), none of which the log records, so loku cannot show
+    that they were scored like this evaluation, and a KS test between them would compare
+    different things.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: TOFU reference log not found; evaluate the retain-only model with "
-                        f"`loku eval --suite tofu` and pass its eval.json or reference log")
+        raise DataError(f"{path}: TOFU reference log not found; " + _MAKE_REFERENCE.format(split="<split>"))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -425,31 +491,59 @@ def load_reference_log(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path}: a TOFU reference log must be a JSON object")
     if data.get("format") == REFERENCE_FORMAT:
-        out = {"truth_ratios": data.get("truth_ratios"), "forget_split": data.get("forget_split"),
-               "model": data.get("model"), "source": "loku"}
+        out = {key: data.get(key) for key in ("truth_ratios", "forget_split", "template", "legacy_300", "n",
+                                              "scoring_version", "model")}
+        out["source"] = "loku reference log"
     elif isinstance(data.get("suites"), dict) and isinstance(data["suites"].get("tofu"), dict):
         tofu = data["suites"]["tofu"]
-        out = {"truth_ratios": tofu.get("forget_truth_ratios"), "forget_split": tofu.get("forget_split"),
-               "model": (data.get("meta") or {}).get("model"), "source": "loku eval.json"}
+        ratios = tofu.get("forget_truth_ratios")
+        out = {key: tofu.get(key) for key in ("forget_split", "template", "legacy_300", "scoring_version")}
+        out.update(truth_ratios=ratios, n=len(ratios) if isinstance(ratios, list) else None,
+                   model=(data.get("meta") or {}).get("model"), source="loku eval.json")
     elif "avg_paraphrased_loss" in data and "average_perturb_loss" in data:
-        try:
-            keys = sorted(data["avg_paraphrased_loss"], key=int)
-            para = torch.tensor([float(data["avg_paraphrased_loss"][k]) for k in keys])
-            pert = torch.tensor([[float(v) for v in data["average_perturb_loss"][k]] for k in keys])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: TOFU eval log has mismatched avg_paraphrased_loss / average_perturb_loss "
-                            f"entries") from None
-        out = {"truth_ratios": truth_ratio(para, pert).tolist(), "forget_split": None, "model": None,
-               "source": "TOFU eval log"}
+        raise DataError(f"{path}: this is an eval_log_forget.json of the original TOFU code; its truth ratios were "
+                        f"computed by TOFU's pipeline under conventions the log does not record (prompt tags of its "
+                        f"model family, tokenizer, ds_size, truncation, bf16 batching), so loku cannot show they were "
+                        f"scored like this evaluation and a KS test against them would compare different things; "
+                        + _MAKE_REFERENCE.format(split="<split>"))
     else:
-        raise DataError(f"{path}: not a TOFU reference log (expected format {REFERENCE_FORMAT!r}, a loku eval.json "
-                        f"with a tofu suite, or a TOFU eval_log_forget.json)")
+        raise DataError(f"{path}: not a TOFU reference log (expected format {REFERENCE_FORMAT!r} or a loku eval.json "
+                        f"with a tofu suite); " + _MAKE_REFERENCE.format(split="<split>"))
     ratios = out["truth_ratios"]
     if (not isinstance(ratios, list) or not ratios
-            or not all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in ratios)):
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0
+                       for r in ratios)):
         raise DataError(f"{path}: 'truth_ratios' must be a non-empty list of positive numbers")
     out["truth_ratios"] = [float(r) for r in ratios]
     return out
+
+
+def check_reference(ref: Mapping[str, Any], *, template: str, forget_split: str, legacy_300: bool,
+                    n: int | None = None, source: str = "the TOFU reference") -> None:
+    """Refuse (:class:`ConfigError`) a reference not scored like this evaluation.
+
+    It must record the same :data:`SCORING_VERSION`, template, forget split and ``legacy_300``
+    setting, and (when ``n`` is given) hold the truth ratios of exactly ``n`` forget items (the
+    same first ``n`` items: ``legacy_300`` and ``limit`` both cut the split from the front).
+    """
+    how = _MAKE_REFERENCE.format(split=forget_split)
+    if ref.get("scoring_version") != SCORING_VERSION:
+        found = ref.get("scoring_version")
+        raise ConfigError(f"{source} was scored with loku's TOFU conventions version {found!r}, this evaluation with "
+                          f"version {SCORING_VERSION} (prompt tags, answer tokens and EOS changed), so their truth "
+                          f"ratios are not comparable; {how}")
+    problems = []
+    if ref.get("template") != template:
+        problems.append(f"template {ref.get('template')!r} (this evaluation: {template!r})")
+    if ref.get("forget_split") != forget_split:
+        problems.append(f"forget split {ref.get('forget_split')!r} (this evaluation: {forget_split!r})")
+    if not isinstance(ref.get("legacy_300"), bool) or ref["legacy_300"] != bool(legacy_300):
+        problems.append(f"legacy_300 {ref.get('legacy_300')!r} (this evaluation: {bool(legacy_300)!r})")
+    if n is not None and len(ref.get("truth_ratios") or ()) != n:
+        problems.append(f"{len(ref.get('truth_ratios') or ())} forget items (this evaluation: {n})")
+    if problems:
+        raise ConfigError(f"{source} was computed with {'; '.join(problems)}, so a KS test against it would compare "
+                          f"different things; {how}")
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -471,14 +565,20 @@ def evaluate_tofu(
 ) -> dict:
     """The TOFU evaluation: per-split metrics, model utility and (with a reference) forget quality.
 
-    ``reference_log``: a path accepted by :func:`load_reference_log` or its loaded dict. ``files``,
-    if given, collects ``{path: role}`` of the local files read (for provenance records).
+    ``reference_log``: a path accepted by :func:`load_reference_log` or its loaded dict; it is
+    checked by :func:`check_reference` before any model work. ``files``, if given, collects
+    ``{path: role}`` of the local files read (for provenance records).
     """
     if forget_split not in ("forget01", "forget05", "forget10"):
         raise ConfigError(f"unknown TOFU forget split {forget_split!r}; choose forget01, forget05 or forget10")
     tmpl = choose_template(model, tokenizer, template)
-    out: dict[str, Any] = {"template": tmpl.name, "forget_split": forget_split, "legacy_300": legacy_300,
-                           "limit": limit, "splits": {}}
+    ref = None
+    if reference_log is not None:
+        ref = dict(reference_log) if isinstance(reference_log, Mapping) else load_reference_log(reference_log)
+        ref_source = "the TOFU reference" if isinstance(reference_log, Mapping) else f"{reference_log}"
+    out: dict[str, Any] = {"template": tmpl.name, "scoring_version": SCORING_VERSION, "forget_split": forget_split,
+                           "legacy_300": legacy_300, "limit": limit, "splits": {}}
+    split_rows: dict[str, list[dict]] = {}
     for role, pattern in EVAL_SPLITS.items():
         name = pattern.format(forget=forget_split)
         rows = load_tofu(name, data_dir=data_dir)
@@ -490,6 +590,11 @@ def evaluate_tofu(
             rows = rows[:LEGACY_SIZE]
         if limit is not None:
             rows = rows[:limit]
+        split_rows[role] = rows
+    if ref is not None:  # scored like this evaluation, on the same items: checked before any scoring
+        check_reference(ref, template=tmpl.name, forget_split=forget_split, legacy_300=legacy_300,
+                        n=len(split_rows["forget"]), source=ref_source)
+    for role, rows in split_rows.items():
         out["splits"][role] = evaluate_tofu_split(model, tokenizer, rows, role=role, template=tmpl,
                                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                   progress=progress)
@@ -499,13 +604,10 @@ def evaluate_tofu(
     forget_ratios = out["splits"]["forget"]["per_item"].get("truth_ratio")
     out["forget_truth_ratios"] = forget_ratios
     out["forget_quality"] = None
-    if reference_log is not None:
-        ref = dict(reference_log) if isinstance(reference_log, Mapping) else load_reference_log(reference_log)
-        if ref.get("forget_split") and ref["forget_split"] != forget_split:
-            raise ConfigError(f"the reference log is for {ref['forget_split']}, this evaluation for {forget_split}; "
-                              f"use the reference of the same forget split")
+    if ref is not None:
         out["forget_quality"] = forget_quality(forget_ratios, ref["truth_ratios"])
         out["reference"] = {"n": len(ref["truth_ratios"]), "forget_split": ref.get("forget_split"),
+                            "template": ref.get("template"), "legacy_300": ref.get("legacy_300"),
                             "model": ref.get("model"), "source": ref.get("source"),
                             "path": None if isinstance(reference_log, Mapping) else str(reference_log)}
     return out
