@@ -22,6 +22,7 @@ import pytest
 import loku.fisher
 import loku.losses
 import loku.save
+import loku.measure
 import loku.trainer
 from loku.checkpoint import checkpoint_dir
 from loku.cli import main
@@ -107,7 +108,7 @@ def before_model(monkeypatch):
 @pytest.fixture
 def before_eval(monkeypatch):
     """The input must be refused before the "before" evaluation (the first slow step)."""
-    monkeypatch.setattr(loku.trainer, "evaluate_state", _boom("the model was evaluated"))
+    monkeypatch.setattr(loku.measure, "evaluate_state", _boom("the model was evaluated"))
 
 
 @pytest.fixture

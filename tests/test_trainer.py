@@ -154,7 +154,7 @@ def test_one_step_per_epoch_makes_exactly_one_optimizer_step_per_epoch(memorized
 
 
 def test_plan_steps_weights_give_the_single_process_gradient():
-    from loku.trainer import plan_steps
+    from loku.distributed import plan_steps
 
     pairs = list("abcde")
     # One process, accumulation 2: the short last group is divided by its own size (1), not by 2.
@@ -215,12 +215,12 @@ def test_paper_config_takes_one_step_per_epoch_with_jangs_adam():
     from pathlib import Path
 
     from loku.config import load_config
-    from loku.trainer import plan_steps, step_group_size
+    from loku.distributed import plan_steps, step_group_size
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tdec-gptneo-125m.yaml")
     batches = list(range(32 // cfg.batch_size))
     for world in (1, 3):
-        group = step_group_size(cfg, len(batches), world)
+        group = step_group_size(cfg.one_step_per_epoch, cfg.grad_accum, len(batches), world)
         assert [len(plan_steps(batches, group, world, rank)) for rank in range(world)] == [1] * world
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay) == (0.9, 0.98, 0.0)
     assert (cfg.method, cfg.rank, cfg.targets, cfg.learning_rate()) == ("fila-ihl", 16, "qv-ffn", 2e-4)

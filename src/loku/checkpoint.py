@@ -100,3 +100,26 @@ def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: s
 
 def restore_rng(checkpoint: Checkpoint) -> None:
     _restore_rng(checkpoint.rng)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint keeps: every parameter that trains."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_weights(model, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Put the checkpoint's residual base weights and trainable tensors into a freshly adapted model."""
+    from peft import PeftModel
+
+    with torch.no_grad():
+        if checkpoint.residual:
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
+            modules = dict(base.named_modules())
+            for key, value in checkpoint.residual.items():
+                layer = modules[key.removesuffix(".weight")]
+                layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                layer.weight.copy_(value)
+        params = dict(model.named_parameters())
+        for name, value in checkpoint.trainable.items():
+            params[name].copy_(value)
+    return dict(checkpoint.residual)

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_unlearn(args: argparse.Namespace) -> int:
     from .report import write_run
-    from .trainer import make_accelerator, unlearn
+    from .distributed import make_accelerator
+    from .trainer import unlearn
 
     overrides = {name: getattr(args, name) for name in config_fields()}
     if args.resume:

@@ -110,15 +110,19 @@ class UnlearnConfig:
             raise ConfigError(f"--fisher-mode must be per_sample or batch, got {self.fisher_mode!r}")
         if self.svd not in ("exact", "lowrank"):
             raise ConfigError(f"--svd must be exact or lowrank, got {self.svd!r}")
-        if self.retain_term not in (None, "nll", "kl", "none"):
-            raise ConfigError(f"--retain-term must be nll, kl or none, got {self.retain_term!r}")
+        from .losses import RETAIN_TERMS
+
+        if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
+            raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or none, "
+                              f"got {self.retain_term!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.method_spec().adapter == "full" and self.dtype == "float16":
             raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
                               "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
-        needs_retain = self.method_spec().loss != "ga" and self.retain_term != "none"
-        if needs_retain and not self.retain:
+        from .losses import uses_retain
+
+        if uses_retain(self.method_spec().loss, self.retain_term) and not self.retain:
             raise ConfigError(f"method {self.method} has a retain term: pass --retain FILE (or --retain-term none)")
         return self
 

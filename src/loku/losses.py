@@ -103,7 +103,7 @@ def _forget_ihl(x: LossInputs) -> Tensor:
     return inverted_hinge_loss(x.logits, x.labels)
 
 
-@FORGET_TERMS.register("npo")
+@FORGET_TERMS.register("npo", needs_reference=True)
 def _forget_npo(x: LossInputs) -> Tensor:
     return npo_loss(x.logits, x.ref_logits, x.labels, x.npo_beta)
 
@@ -113,7 +113,7 @@ def _retain_nll(x: LossInputs) -> Tensor:
     return mean_nll(x.logits, x.labels)
 
 
-@RETAIN_TERMS.register("kl")
+@RETAIN_TERMS.register("kl", needs_reference=True)
 def _retain_kl(x: LossInputs) -> Tensor:
     return kl_to_reference(x.logits, x.ref_logits, x.labels)
 
@@ -136,9 +136,16 @@ def retain_term_of(loss: str, retain_term: str | None) -> str:
     return retain_term if retain_term is not None else LOSSES[loss].retain
 
 
+def uses_retain(loss: str, retain_term: str | None) -> bool:
+    """Whether the loss has a retain term (and so needs retain batches)."""
+    return retain_term_of(loss, retain_term) != "none"
+
+
 def needs_reference(loss: str, retain_term: str | None) -> bool:
-    """NPO and the KL retain term compare against the original model's logits."""
-    return LOSSES[loss].forget == "npo" or retain_term_of(loss, retain_term) == "kl"
+    """Whether a term compares against the original model's logits (trait ``needs_reference``: NPO, KL)."""
+    term = retain_term_of(loss, retain_term)
+    return (FORGET_TERMS.trait(LOSSES[loss].forget, "needs_reference")
+            or (uses_retain(loss, retain_term) and RETAIN_TERMS.trait(term, "needs_reference")))
 
 
 def unlearning_loss(
@@ -162,7 +169,7 @@ def unlearning_loss(
     forget = FORGET_TERMS.get(spec.forget)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta))
     total, parts = gamma * forget, {"forget": float(forget.detach())}
     term = retain_term_of(loss, retain_term)
-    if term != "none" and retain_logits is not None:
+    if uses_retain(loss, retain_term) and retain_logits is not None:
         retain = RETAIN_TERMS.get(term)(LossInputs(retain_logits, retain_labels, ref_retain_logits, npo_beta))
         total = total + alpha * retain
         parts["retain"] = float(retain.detach())
