@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+import loku.adapters
 import loku.fisher
 import loku.losses
-import loku.save
 import loku.measure
 import loku.trainer
 from loku.checkpoint import checkpoint_dir
@@ -406,7 +406,7 @@ def test_disk_full_while_saving_leaves_nothing_half_written(memorized, tmp_path,
         Path(filename).write_bytes(b"\0" * 64)  # the part that fitted
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(loku.save, "save_file", full)  # the adapter's residual base weights (FILA)
+    monkeypatch.setattr(loku.adapters, "save_file", full)  # the adapter's residual base weights (FILA)
     out = tmp_path / "run"
     refused(capsys, quick(memorized, out), record, f"{out}: disk full while writing residual_base.safetensors",
             "nothing half-written was kept", f"--resume {out}")
@@ -418,3 +418,231 @@ def test_disk_full_while_saving_leaves_nothing_half_written(memorized, tmp_path,
     monkeypatch.undo()
     assert main(["unlearn", "--resume", str(out), "--no-progress"]) == 0, capsys.readouterr().err
     assert (out / "report.json").is_file() and not checkpoint_dir(out).exists()
+
+
+# ----------------------------------------------------------------------------- an output that would destroy an input
+
+def _intact(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def test_out_is_the_model_folder_with_overwrite(memorized, tmp_path, capsys, record, before_model):
+    folder = model_copy(memorized, tmp_path)
+    refused(capsys, argv(memorized, folder, model=folder, overwrite=True), record,
+            f"--out {folder}: --out is the model folder {folder} (--model), which --overwrite would delete",
+            "choose an --out folder apart from the model and the data")
+    assert _intact(folder)
+
+
+def test_out_contains_the_model_folder(memorized, tmp_path, capsys, record, before_model):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    folder = model_copy(memorized, runs)
+    refused(capsys, argv(memorized, runs, model=folder, overwrite=True), record,
+            f"--out {runs}: --out contains the model folder {folder} (--model)", "--overwrite would delete")
+    assert _intact(folder)
+
+
+def test_out_inside_the_model_folder(memorized, tmp_path, capsys, record, before_model):
+    folder = model_copy(memorized, tmp_path)
+    refused(capsys, argv(memorized, folder / "unlearned", model=folder), record,
+            f"--out {folder / 'unlearned'} lies inside the model folder {folder} (--model)",
+            "written into the model", "choose an --out folder apart")
+    assert not (folder / "unlearned").exists()
+
+
+def test_out_is_the_data_folder_with_overwrite(memorized, tmp_path, capsys, record, before_model):
+    data = tmp_path / "data"
+    shutil.copytree(memorized, data, ignore=shutil.ignore_patterns("base"))
+    refused(capsys, argv(memorized, data, forget=data / "forget.txt", overwrite=True), record,
+            f"--out {data}: --out contains the data file {data / 'forget.txt'} (--forget), which --overwrite would "
+            "delete", "choose an --out folder apart")
+    assert (data / "forget.txt").is_file()
+
+
+def test_out_checkpoint_folder_holds_a_data_file(memorized, tmp_path, capsys, record, before_model):
+    # --overwrite removes OUT.ckpt (a stale checkpoint) as well as OUT.
+    ckpt = tmp_path / "run.ckpt"
+    ckpt.mkdir()
+    shutil.copy(memorized / "validation.txt", ckpt / "validation.txt")
+    refused(capsys, argv(memorized, tmp_path / "run", validation=ckpt / "validation.txt", overwrite=True), record,
+            f"its checkpoint folder contains the data file {ckpt / 'validation.txt'} (--validation)")
+    assert (ckpt / "validation.txt").is_file()
+
+
+# ----------------------------------------------------------------------------- numbers out of range
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("fisher_eps", -0.001, "--fisher-eps must be > 0, got -0.001"),
+    ("lora_alpha", 0, "--lora-alpha must be > 0, got 0.0"),
+    ("gamma", -1, "--gamma must be >= 0, got -1.0"),
+    ("alpha", -0.5, "--alpha must be >= 0, got -0.5"),
+    ("npo_beta", 0, "--npo-beta must be > 0, got 0.0"),
+    ("weight_decay", -0.01, "--weight-decay must be >= 0, got -0.01"),
+    ("max_length", 1, "--max-length must be >= 2, got 1"),
+    ("ma_threshold", 1.5, "--ma-threshold must lie in [0, 1], got 1.5"),
+    ("el_threshold", -0.1, "--el-threshold must lie in [0, 1], got -0.1"),
+    ("eval_limit", 0, "--eval-limit must be >= 1, got 0"),
+    ("fisher_batches", 0, "--fisher-batches must be >= 1, got 0"),
+    ("seed", -1, "--seed must lie in [0, 4294967295], got -1"),
+    ("lr", "nan", "--lr must be a finite number, got nan"),
+], ids=lambda v: str(v) if isinstance(v, str) and not v.startswith("-") else None)
+def test_number_out_of_range(memorized, tmp_path, capsys, record, before_model, option, value, expected):
+    refused(capsys, argv(memorized, tmp_path / "run", **{option: value}), record, expected)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--rank", "four", "argument --rank: invalid int value: 'four'"),
+    ("--fisher-eps", "-1e-5", "written --flag=VALUE"),
+], ids=["not-a-number", "negative-exponent"])
+def test_flag_that_does_not_parse(memorized, tmp_path, capsys, record, before_model, flag, value, expected):
+    with pytest.raises(SystemExit) as exited:
+        main([*argv(memorized, tmp_path / "run"), flag, value])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith(PREFIX), err
+    assert expected in lines[0] and "see `loku unlearn --help`" in lines[0]
+    record(lines[0][len(PREFIX):])
+
+
+def test_yaml_number_of_the_wrong_kind(memorized, tmp_path, capsys, record, before_model):
+    path = tmp_path / "c.yaml"
+    path.write_text("el_n: ten\n")
+    refused(capsys, argv(memorized, tmp_path / "run", config=path), record, "--el-n must be an integer, got 'ten'")
+    path.write_text("fisher_eps: tiny\n")
+    refused(capsys, argv(memorized, tmp_path / "run", config=path), record, "--fisher-eps must be a number, got 'tiny'")
+
+
+def test_yaml_exponent_without_a_dot_is_a_number(memorized, tmp_path):
+    from loku.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nfisher_eps: 1e-6\n")  # PyYAML reads both as strings
+    cfg = load_config(path, {"forget": str(memorized / "forget.txt"), "retain": str(memorized / "retain.txt"),
+                             "out": str(tmp_path / "run")}).validate()
+    assert cfg.lr == 1e-3 and cfg.fisher_eps == 1e-6
+
+
+def test_eval_number_out_of_range(tmp_path, capsys, record, monkeypatch):
+    import loku.models
+
+    monkeypatch.setattr(loku.models, "load_model", _boom("a model was loaded"))
+    refused(capsys, ["eval", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--suite", "tdec",
+                     "--ma-threshold", "1.5", "--el-threshold", "0.05"], record,
+            "--ma-threshold must lie in [0, 1], got 1.5")
+
+
+# ----------------------------------------------------------------------------- inputs against each other
+
+def test_validation_is_the_forget_file(memorized, tmp_path, capsys, record, before_model):
+    refused(capsys, argv(memorized, tmp_path / "run", validation=memorized / "forget.txt"), record,
+            f"--validation {memorized / 'forget.txt'} is the forget set", "held-out texts")
+
+
+def test_validation_has_the_forget_texts(memorized, tmp_path, capsys, record, before_eval):
+    copy = tmp_path / "held_out.txt"
+    copy.write_text("\n".join("  " + t for t in (memorized / "forget.txt").read_text().splitlines()) + "\n")
+    refused(capsys, argv(memorized, tmp_path / "run", validation=copy), record,
+            f"{copy}: every validation text (4 of 4) is also in the forget set", "held-out texts")
+
+
+def test_validation_partly_forget_texts_warns_and_runs(memorized, tmp_path, capsys, record):
+    mixed = tmp_path / "validation.txt"
+    forget = (memorized / "forget.txt").read_text().splitlines()
+    held = (memorized / "validation.txt").read_text().splitlines()
+    mixed.write_text("\n".join(held[:3] + forget[:1]) + "\n")
+    with pytest.warns(UserWarning, match=r"validation\.txt: 1 of 4 validation texts are also in the forget set") as got:
+        code = main(argv(memorized, tmp_path / "run", validation=mixed, ma_threshold=1.0, el_threshold=1.0,
+                         max_epochs=1))
+    assert code == 0, capsys.readouterr().err
+    record(next(str(w.message) for w in got if "validation texts" in str(w.message)), code)
+
+
+def test_max_length_above_the_context(memorized, tmp_path, capsys, record, before_eval):
+    refused(capsys, argv(memorized, tmp_path / "run", max_length=100), record,
+            "--max-length 100 is more than the context of the model", "(64 tokens)", "use --max-length 64 or less")
+
+
+# ----------------------------------------------------------------------------- damaged weights
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_file(memorized, tmp_path, capsys, record, before_eval, damage):
+    folder = model_copy(memorized, tmp_path)
+    weights = folder / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else os.urandom(4096))
+    refused(capsys, argv(memorized, tmp_path / "run", model=folder), record,
+            f"{weights}: the weights file is damaged or incomplete", "copy or download the model again")
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"hidden_size": 64, "intermediate_size": 128}, "weight(s) do not have the shapes"),
+    ({"num_hidden_layers": 3}, "weight(s) of the model"),
+], ids=["shapes", "missing"])
+def test_weights_that_do_not_match_the_config(memorized, tmp_path, capsys, record, before_eval, change, expected):
+    folder = model_copy(memorized, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    refused(capsys, argv(memorized, tmp_path / "run", model=folder), record,
+            f"{folder / 'model.safetensors'}: ", expected, f"{folder / 'config.json'}",
+            "come from different models", "restore its own config.json")
+
+
+# ----------------------------------------------------------------------------- whatever else reaches the CLI
+
+def _raise_in_run(monkeypatch, exc: BaseException) -> None:
+    def fail(*args, **kwargs):
+        raise exc
+    monkeypatch.setattr(loku.measure, "evaluate_state", fail)
+
+
+def _one_line(capsys, code: int, expected_code: int, *parts: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == expected_code, err
+    assert len(lines) == 1 and lines[0].startswith("loku: "), f"not one clear line:\n{err}"
+    for part in parts:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    return lines[0].removeprefix("loku: ")
+
+
+@pytest.mark.parametrize("exc, code, parts", [
+    (ValueError("unexpected value\nsecond line of detail"), 1,
+     ("error: ValueError: unexpected value second line of detail", "run again with --debug")),
+    (RuntimeError("expected scalar type Float but found BFloat16"), 1,
+     ("error: RuntimeError: expected scalar type Float", "--dtype float32", "--debug")),
+    (MemoryError(), 1, ("error: out of memory", "lower --batch-size")),
+    (PermissionError(errno.EACCES, "Permission denied", "/some/file"), 2,
+     ("error: /some/file: Permission denied", "check the permissions")),
+    (KeyboardInterrupt(), 130, ("interrupted", "--resume")),
+], ids=["ValueError", "RuntimeError", "MemoryError", "PermissionError", "KeyboardInterrupt"])
+def test_unexpected_error_is_one_line(memorized, tmp_path, capsys, record, monkeypatch, exc, code, parts):
+    _raise_in_run(monkeypatch, exc)
+    out = tmp_path / "run"
+    record(_one_line(capsys, main(argv(memorized, out)), code, *parts), code)
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback(memorized, tmp_path, capsys, record, monkeypatch):
+    from loku.errors import ConfigError
+
+    _raise_in_run(monkeypatch, ValueError("unexpected value"))
+    with pytest.raises(ValueError, match="unexpected value"):
+        main(argv(memorized, tmp_path / "run", debug=True))
+    with pytest.raises(ConfigError, match="--fisher-eps must be > 0"):  # a loku error too
+        main(argv(memorized, tmp_path / "run", fisher_eps=-1, debug=True))
+    record("(--debug: the exception propagates with its traceback)", 1)
+
+
+def test_eval_unexpected_error_is_one_line(tmp_path, capsys, record, monkeypatch):
+    import loku.models
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("weights on the meta device")
+
+    monkeypatch.setattr(loku.models, "load_model", fail)
+    args = ["eval", "--model", "m", "--out", str(tmp_path / "o"), "--suite", "dialogue", "--data-dir", str(tmp_path)]
+    record(_one_line(capsys, main(args), 1, "error: RuntimeError: weights on the meta device", "--debug"), 1)
+    with pytest.raises(RuntimeError):
+        main([*args, "--debug"])

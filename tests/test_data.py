@@ -13,8 +13,6 @@ from loku.data import (
     QA_TEMPLATE,
     TextSet,
     check_forget_not_in_retain,
-    ensure_pad_token,
-    file_sha256,
     load_qa_jsonl,
     load_text_set,
     make_batches,
@@ -23,6 +21,8 @@ from loku.data import (
     tokenize_texts,
 )
 from loku.errors import DataError, LokuError
+from loku.lm import ensure_pad_token
+from loku.provenance import file_sha256
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -228,7 +228,7 @@ def test_ensure_pad_token_uses_eos(tok):
         warnings.simplefilter("error")
         ensure_pad_token(tok)
     assert tok.pad_token_id == tok.eos_token_id == 50256
-    ensure_pad_token(tok)  # idempotent
+    assert ensure_pad_token(tok) == 50256  # idempotent; the id to pad with
     assert tok.pad_token_id == 50256
 
 

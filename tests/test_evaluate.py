@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from loku import evaluate as E
+from loku import provenance
 from loku.errors import ConfigError, DataError
 from test_reasoning import gpt2_tok  # noqa: F401  (fixture re-used)
 from tiny_models import make_tiny_model
@@ -109,7 +110,7 @@ def test_run_suites_errors(tiny, tmp_path, shared_data):
 def test_jsonable_cleans_tensors_and_nan():
     import torch
 
-    out = E._jsonable({"a": torch.tensor(0.5), "b": [float("nan"), 1], "c": Path("x"), 1: torch.tensor([1, 2])})
+    out = provenance.jsonable({"a": torch.tensor(0.5), "b": [float("nan"), 1], "c": Path("x"), 1: torch.tensor([1, 2])})
     assert out == {"a": 0.5, "b": [None, 1], "c": "x", "1": [1, 2]}
 
 
@@ -140,10 +141,10 @@ def test_cli_arguments_and_command(tiny, shared_data, tmp_path, monkeypatch):
 
 def test_default_data_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LOKU_DATA_DIR", str(tmp_path))
-    assert E.default_data_dir() == tmp_path
+    assert provenance.default_data_dir() == tmp_path
     monkeypatch.delenv("LOKU_DATA_DIR")
     monkeypatch.chdir(tmp_path)
-    assert E.default_data_dir() == tmp_path / ".." / "shared" / "data"
+    assert provenance.default_data_dir() == tmp_path.parent / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -227,7 +228,7 @@ def _run_folder(tmp_path, shared_data, **thresholds):
     forget = shared_data / E.DEFAULT_FORGET
     report = {"config": {"el_n": 10}, "outcome": "success",
               "thresholds": {"ma": 0.5, "el": 0.2, "source": "validation set, before unlearning", **thresholds},
-              "data": {"forget": {"path": str(forget), "sha256": E.sha256_of(forget)}}}
+              "data": {"forget": {"path": str(forget), "sha256": provenance.file_sha256(forget)}}}
     (run / "report.json").write_text(json.dumps(report))
     return run
 

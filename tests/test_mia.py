@@ -195,4 +195,4 @@ def test_mia_suite_runs_through_evaluate(tok, tmp_path):
     assert mia["n_members"] == 3 and mia["n_nonmembers"] == 3
     assert set(mia["auc"]) == set(ATTACKS) and all(0 <= v <= 1 for v in mia["auc"].values())
     json.dumps(out, allow_nan=False)
-    assert "| auc.loss |" in E.render_markdown(out)
+    assert "| auc.loss |" in E.render_eval_markdown(out)

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from loku.errors import ConfigError, ModelError
-from loku.models import check_rank, linear_layer_names, load_model, model_fingerprint, resolve_targets
+from loku.models import check_rank, linear_layer_names, load_model, resolve_targets
+from loku.provenance import model_fingerprint
 from tiny_models import make_tiny_model
 
 QV_FFN = {
@@ -112,7 +113,7 @@ def _loads(path):
 
 
 def test_fingerprint_agrees_across_load_dtypes_of_a_float32_checkpoint(tmp_path):
-    from loku.models import fingerprints_match
+    from loku.provenance import fingerprints_match
 
     loads = _loads(_saved_tiny(tmp_path))
     prints = {dt: model_fingerprint(m) for dt, m in loads.items()}
@@ -121,14 +122,14 @@ def test_fingerprint_agrees_across_load_dtypes_of_a_float32_checkpoint(tmp_path)
         assert fingerprints_match(prints["float32"], loads[dt]), dt
         assert fingerprints_match(prints[dt], loads["float32"]), dt
     # bf16 vs fp16 of a float32 checkpoint: each rounding keeps what the other loses, so they cannot be
-    # matched exactly (documented in model_fingerprint); save.attach_saved_adapter says what to do.
+    # matched exactly (documented in model_fingerprint); adapters.attach_saved_adapter says what to do.
     assert not fingerprints_match(prints["bfloat16"], loads["float16"])
     assert prints["float32"].startswith("loku-fp2:float32:") and ":bf16=" in prints["float32"]
 
 
 @pytest.mark.parametrize("saved", ["bfloat16", "float16"])
 def test_fingerprint_agrees_across_all_load_dtypes_of_a_half_checkpoint(tmp_path, saved):
-    from loku.models import fingerprints_match
+    from loku.provenance import fingerprints_match
 
     loads = _loads(_saved_tiny(tmp_path, saved))
     for a in DTYPES:
@@ -141,7 +142,7 @@ def test_fingerprint_refuses_another_base_in_every_dtype(tmp_path):
 
     import torch
 
-    from loku.models import fingerprints_match
+    from loku.provenance import fingerprints_match
 
     base = _loads(_saved_tiny(tmp_path))
     other = _loads(_saved_tiny(tmp_path, seed=5, name="other"))
@@ -157,7 +158,7 @@ def test_fingerprint_refuses_another_base_in_every_dtype(tmp_path):
 
 
 def test_legacy_fingerprint_of_older_runs_is_still_checked(tmp_path):
-    from loku.models import _legacy_fingerprint, fingerprints_match
+    from loku.provenance import _legacy_fingerprint, fingerprints_match
 
     loads = _loads(_saved_tiny(tmp_path))
     old = _legacy_fingerprint(loads["float32"])

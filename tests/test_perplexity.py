@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from loku.errors import ConfigError, DataError
-from loku.metrics.perplexity import perplexity, sliding_windows, token_nll
+from loku.lm import token_nll
+from loku.metrics.perplexity import perplexity, sliding_windows
 from tiny_models import VOCAB, make_tiny_model, texts_of, word_tokenizer
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from loku import lm as L
 from loku.errors import ConfigError, DataError
 from loku.metrics import reasoning as R
 from tiny_models import make_tiny_model
@@ -110,7 +111,7 @@ def test_score_continuations_matches_hand_computed_bigram_probabilities(stub_cls
     model = stub_cls(vocab, torch.log(probs))
     tok = CharTokenizer()
     pairs = [([0], [1, 2]), ([4, 0, 1], [3]), ([5], [0, 1, 2, 5])]
-    scores = R.score_continuations(model, tok, pairs, batch_size=3)
+    scores = L.score_continuations(model, tok, pairs, batch_size=3)
     expected = [
         -math.log(0.5) - math.log(0.26),
         -math.log(0.24),
@@ -129,9 +130,9 @@ def test_score_continuations_empty_context_uses_bos_and_truncates_left():
     probs = torch.full((6, 6), 1 / 6)
     probs[1] = torch.tensor([0.05, 0.05, 0.7, 0.1, 0.05, 0.05])
     model = StubLM(6, torch.log(probs))
-    scores = R.score_continuations(model, CharTokenizer(), [([], [2])], batch_size=1)
+    scores = L.score_continuations(model, CharTokenizer(), [([], [2])], batch_size=1)
     assert scores.nll_sum.item() == pytest.approx(-math.log(0.7), rel=1e-5)
-    s2 = R.score_continuations(model, CharTokenizer(), [([3, 4, 5, 1], [2])], batch_size=1, max_length=2)
+    s2 = L.score_continuations(model, CharTokenizer(), [([3, 4, 5, 1], [2])], batch_size=1, max_length=2)
     assert s2.nll_sum.item() == pytest.approx(-math.log(0.7), rel=1e-5)  # context cut to its last token (1)
 
 
@@ -140,15 +141,15 @@ def test_batched_scoring_and_generation_equal_one_by_one(arch, gpt2_tok):
     model = make_tiny_model(arch, vocab=50257, n_ctx=128)
     texts = [("The capital of France is", " Paris, of course"), ("A", " b"), ("One two three four five six", " seven")]
     pairs = [(gpt2_tok(c)["input_ids"], gpt2_tok(x)["input_ids"]) for c, x in texts]
-    batched = R.score_continuations(model, gpt2_tok, pairs, batch_size=3)
+    batched = L.score_continuations(model, gpt2_tok, pairs, batch_size=3)
     for i, (c, x) in enumerate(pairs):
         with torch.no_grad():
             logp = model(torch.tensor([c + x])).logits.float().log_softmax(-1)[0]
         want = -sum(logp[len(c) - 1 + j, t].item() for j, t in enumerate(x))
         assert batched.nll_sum[i].item() == pytest.approx(want, rel=1e-4, abs=1e-4)
     prompts = [c for c, _ in pairs]
-    together = R.greedy_generate(model, gpt2_tok, prompts, max_new_tokens=[4, 2, 3], batch_size=3)
-    alone = [R.greedy_generate(model, gpt2_tok, [p], max_new_tokens=k)[0] for p, k in zip(prompts, [4, 2, 3])]
+    together = L.greedy_generate(model, gpt2_tok, prompts, max_new_tokens=[4, 2, 3], batch_size=3)
+    alone = [L.greedy_generate(model, gpt2_tok, [p], max_new_tokens=k)[0] for p, k in zip(prompts, [4, 2, 3])]
     assert together == alone
     assert [len(t) for t in together] == [4, 2, 3]
 
@@ -156,9 +157,9 @@ def test_batched_scoring_and_generation_equal_one_by_one(arch, gpt2_tok):
 def test_greedy_generate_rejects_bad_budgets(gpt2_tok):
     model = make_tiny_model("gpt2", vocab=50257)
     with pytest.raises(ConfigError):
-        R.greedy_generate(model, gpt2_tok, [[1, 2]], max_new_tokens=[1, 2])
+        L.greedy_generate(model, gpt2_tok, [[1, 2]], max_new_tokens=[1, 2])
     with pytest.raises(ConfigError):
-        R.greedy_generate(model, gpt2_tok, [[1, 2]], max_new_tokens=0)
+        L.greedy_generate(model, gpt2_tok, [[1, 2]], max_new_tokens=0)
 
 
 # ----------------------------------------------------------------------------- LAMBADA
@@ -407,7 +408,7 @@ def test_lm_eval_runs_a_local_json_task_on_the_in_memory_model(tmp_path, gpt2_to
     model = make_tiny_model("gpt_neo", vocab=50257, n_ctx=128, seed=3)
     out = run_lm_eval(model, gpt2_tok, ["loku_toy_mc"], include_path=tmp_path / "tasks", batch_size=2)
     pairs = [(gpt2_tok(d["question"])["input_ids"], gpt2_tok(" " + c)["input_ids"]) for d in docs for c in d["choices"]]
-    nll = R.score_continuations(model, gpt2_tok, pairs).nll_sum.view(len(docs), 2)
+    nll = L.score_continuations(model, gpt2_tok, pairs).nll_sum.view(len(docs), 2)
     want = sum(int(nll[i].argmin()) == d["label"] for i, d in enumerate(docs)) / len(docs)
     assert out["tasks"]["loku_toy_mc"]["acc"] == pytest.approx(want)
     assert out["tasks"]["loku_toy_mc"]["n"] == 4

@@ -86,8 +86,9 @@ def _adapter_run(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from loku.models import load_model, model_fingerprint
-    from loku.save import save_adapter
+    from loku.adapters import save_adapter
+    from loku.models import load_model
+    from loku.provenance import model_fingerprint
     from tiny_models import make_tiny_model, word_tokenizer
 
     base_dir = tmp_path / "base"
@@ -142,7 +143,8 @@ def test_bf16_made_adapter_on_fp16_load_of_fp32_checkpoint_says_which_dtype(tmp_
     import json
 
     from loku.errors import ModelError
-    from loku.models import load_model, model_fingerprint
+    from loku.models import load_model
+    from loku.provenance import model_fingerprint
 
     base_dir, adapter, _, _ = _adapter_run(tmp_path)
     meta_path = adapter / "loku_adapter.json"

@@ -62,7 +62,7 @@ def test_fila_ihl_forgets_until_stop_rule_and_saved_model_reloads(memorized, tmp
 
     other = make_tiny_model("llama", seed=5)
     with pytest.raises(ModelError, match="different base"):
-        from loku.save import attach_saved_adapter
+        from loku.adapters import attach_saved_adapter
         attach_saved_adapter(other, out / "adapter")
 
 

@@ -2,61 +2,49 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import errno
 import sys
 import typing
 
-from .config import METHODS, UnlearnConfig, config_fields, load_config
+from .config import UnlearnConfig, config_fields, load_config
 from .errors import LokuError
+from .options import add_arguments
 
-HELP = {
-    "model": "HF hub id, local model folder, loku output folder, or built-in name (default: smollm2-135m)",
-    "forget": "forget set: CSV with a `text` column, JSONL with `text` or `question`/`answer`, or text (one per line)",
-    "retain": "retain set, same formats (the paper: WikiText)",
-    "validation": "held-out set never trained on; its EL/MA before unlearning are the stop thresholds",
-    "out": "output folder (written atomically)",
-    "method": f"one of: {', '.join(METHODS)} (default fila-ihl = LoKU)",
-    "targets": "qv-ffn (default), attn, mlp, all-linear, or comma-separated module-name suffixes",
-    "lr": "learning rate (default: 5e-5 full fine-tuning, 2e-4 LoRA/FILA, as in the paper)",
-    "one_step_per_epoch": "Jang et al.'s schedule: one optimizer step per epoch (effective batch = forget set)",
-    "fisher_mode": "per_sample (paper, default) or batch (official code)",
-    "retain_term": "retain loss: nll (default) or kl to the original model, or none",
-    "el_every_epoch": "compute EL every epoch (default: only once forget MA passes; same stopping epoch)",
-    "truncate": "truncate sequences longer than the context (default: refuse them)",
-    "trust_remote_code": "allow custom model code named by a local model's config (off by default)",
-    "overwrite": "replace an existing output folder",
-}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(UnlearnConfig)
-    for name, f in config_fields().items():
-        flag = "--" + name.replace("_", "-")
-        kind = hints[name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if kind is bool:
-            if default:  # flags that are on by default get a --no-... form
-                parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=None,
-                                    help=HELP.get(name, f"disable {name.replace('_', ' ')}"))
-            else:
-                parser.add_argument(flag, dest=name, action="store_true", default=None, help=HELP.get(name))
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        parser.add_argument(flag, dest=name, type=base, default=None,
-                            help=(HELP.get(name, "") + f" [default: {default}]").strip())
+    """One flag per UnlearnConfig field (help, default and range in the field); defaults stay None so
+    only the flags given override a --config YAML."""
+    add_arguments(parser, UnlearnConfig, defaults=False)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback instead of one line")
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line too (its default adds the whole usage)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if "expected one argument" in message:
+            message += " (a value that starts with '-' is written --flag=VALUE)"
+        self.exit(2, f"loku: error: {message}; see `{self.prog} --help`\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loku", description="Make a causal LM forget specific data (LoKU).")
+    parser = _Parser(prog="loku", description="Make a causal LM forget specific data (LoKU).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    unlearn = sub.add_parser("unlearn", help="unlearn a forget set from a model")
+    unlearn = _add_debug(sub.add_parser("unlearn", help="unlearn a forget set from a model"))
     unlearn.add_argument("--config", help="YAML file of options; command-line options override it")
     unlearn.add_argument("--resume", metavar="OUT", help="continue the killed run that was writing to OUT, "
                          "from its last per-epoch checkpoint (OUT.ckpt), with its original options")
     _add_config_arguments(unlearn)
 
-    demo = sub.add_parser("demo", help="plant memorized text in SmolLM2-135M, then unlearn it with fila-ihl")
+    demo = _add_debug(sub.add_parser("demo", help="plant memorized text in SmolLM2-135M, then unlearn it with "
+                                                   "fila-ihl"))
     demo.add_argument("--data-dir", default=None, help="shared data folder (default: $LOKU_DATA_DIR or ../shared/data)")
     demo.add_argument("--out", default="runs/demo", help="output folder [default: runs/demo]")
     demo.add_argument("--sequences", type=int, default=8, help="number of sequences to plant and forget")
@@ -68,28 +56,75 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # evaluation suite not available in this build
         pass
     else:
-        add_eval_arguments(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, tofu, mia"))
+        add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
+                                                                  "tofu, mia")))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "unlearn":
-            return run_unlearn(args)
-        if args.command == "demo":
-            from .demo import run_demo
+        return run_command(args)
+    except BaseException as err:  # noqa: BLE001  every error ends as one line (--debug: the traceback)
+        if getattr(args, "debug", False) or isinstance(err, SystemExit):
+            raise
+        code, message = describe_error(err, args)
+        print(f"loku: {message}", file=sys.stderr)
+        return code
 
-            return run_demo(data_dir=args.data_dir, out=args.out, n_sequences=args.sequences,
-                            n_tokens=args.tokens, seed=args.seed)
-        if args.command == "eval":
-            from .evaluate import run_eval_command
 
-            return run_eval_command(args)
-    except LokuError as err:
-        print(f"loku: error: {err}", file=sys.stderr)
-        return 2
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "unlearn":
+        return run_unlearn(args)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(data_dir=args.data_dir, out=args.out, n_sequences=args.sequences,
+                        n_tokens=args.tokens, seed=args.seed)
+    if args.command == "eval":
+        from .evaluate import run_eval_command
+
+        return run_eval_command(args)
     return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def describe_error(err: BaseException, args: argparse.Namespace | None = None) -> tuple[int, str]:
+    """(exit code, one line naming the problem and what to do) for an error that reached the CLI.
+
+    2: the input or the setup (a loku error, a file or disk problem); 130: interrupted; 1: anything
+    else (a library failure), with a hint and ``--debug`` for the traceback.
+    """
+    out = getattr(args, "resume", None) or getattr(args, "out", None)
+    if isinstance(err, KeyboardInterrupt):
+        again = (f"; run again, or continue from the last finished epoch with `loku unlearn --resume {out}`"
+                 if getattr(args, "command", None) == "unlearn" and out else "; run again")
+        return EXIT_INTERRUPTED, f"interrupted; no half-written output was kept{again}"
+    if isinstance(err, LokuError):
+        return 2, f"error: {_one_line(err)}"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return 1, ("error: out of memory; lower --batch-size (and --fisher-batch-size / --eval-batch-size), pass "
+                   "--max-length, or use --dtype bfloat16 or a smaller model")
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        what = err.strerror or _one_line(err)
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            hint = "free space (or choose a folder on another disk) and run again"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = "check the permissions of that path (or choose another one) and run again"
+        else:
+            hint = "check that path and run again"
+        return 2, f"error: {where}{what}; {hint}"
+    name = type(err).__name__
+    if isinstance(err, RuntimeError):
+        hint = ("a library failed (often a model or dtype this combination does not support); try --dtype float32 "
+                "or another model, and run again with --debug to see the traceback (report it if it persists)")
+    else:
+        hint = "this is a bug in loku or a library: run again with --debug to see the traceback and report it"
+    return 1, f"error: {name}: {_one_line(err)[:500]}; {hint}"
 
 
 def run_unlearn(args: argparse.Namespace) -> int:

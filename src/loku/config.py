@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .eval_options import DTYPES, EvalOptions
+from .options import check_fields, coerce_numbers
 
 
 @dataclass(frozen=True)
@@ -34,52 +36,93 @@ METHODS: dict[str, Method] = {
 }
 
 
+def suite_option(name: str) -> Any:
+    """The ``eval_<name>`` field of :class:`UnlearnConfig`: the evaluation-suite option ``name`` of
+    :class:`loku.eval_options.EvalOptions`, with its default, help and range (declared there once)."""
+    source = EvalOptions.__dataclass_fields__[name]
+    meta = {k: v for k, v in source.metadata.items() if k != "flag"}
+    meta["help"] = "--eval-suites: " + meta["help"]
+    meta["suite_option"] = name
+    return field(default=source.default, metadata=meta)
+
+
 @dataclass
 class UnlearnConfig:
-    """Everything a run depends on; recorded in full in report.json."""
+    """Everything a run depends on; recorded in full in report.json. One field per ``loku unlearn`` flag."""
 
-    forget: str | None = None
-    retain: str | None = None
-    validation: str | None = None
-    out: str | None = None
-    model: str = "smollm2-135m"
-    method: str = "fila-ihl"
-    rank: int = 16
-    lora_alpha: float = 32.0
-    targets: str = "qv-ffn"
-    lr: float | None = None  # None: the method's paper default
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999  # Jang et al.'s code: 0.98
-    batch_size: int = 8
-    grad_accum: int = 1
-    one_step_per_epoch: bool = False  # Jang et al.: effective batch = the whole forget set
-    max_epochs: int = 20
-    gamma: float = 1.0  # forget-term weight
-    alpha: float = 1.0  # retain-term weight
-    retain_term: str | None = None  # None: the loss's default (nll); "kl" or "none"
-    npo_beta: float = 0.1
-    fisher_mode: str = "per_sample"  # paper; "batch" = official code
-    fisher_eps: float = 1e-5
-    fisher_batches: int | None = None  # limit the Fisher pass to this many batches per set
-    fisher_batch_size: int | None = None  # batch size of the Fisher pass; None = --batch-size
-    svd: str = "exact"  # or "lowrank"
-    el_n: int = 10
-    el_every_epoch: bool = False
-    ma_threshold: float | None = None  # None: measured on the validation set before unlearning
-    el_threshold: float | None = None
-    max_length: int | None = None  # None: the model's context
-    truncate: bool = False
-    eval_batch_size: int = 8
-    eval_suites: str | None = None  # e.g. "ppl,reasoning": loku eval suites run before and after unlearning
-    eval_data_dir: str | None = None  # their data (default $LOKU_DATA_DIR or ../shared/data)
-    eval_limit: int | None = None  # first N items of every suite's sets
-    seed: int = 0
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    save_model: bool = True
+    forget: str | None = field(default=None, metadata={
+        "help": "forget set: CSV with a `text` column, JSONL with `text` or `question`/`answer`, or text "
+                "(one per line)"})
+    retain: str | None = field(default=None, metadata={"help": "retain set, same formats (the paper: WikiText)"})
+    validation: str | None = field(default=None, metadata={
+        "help": "held-out set never trained on, not the forget set; its EL/MA before unlearning are the stop "
+                "thresholds"})
+    out: str | None = field(default=None, metadata={
+        "help": "output folder (written atomically); apart from the model folder and the data files' folders"})
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "HF hub id, local model folder, loku output folder, or built-in name (default: smollm2-135m)"})
+    method: str = field(default="fila-ihl", metadata={
+        "help": f"one of: {', '.join(METHODS)} (default fila-ihl = LoKU)"})
+    rank: int = field(default=16, metadata={"help": "LoRA rank", "range": ">= 1"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)", "range": "> 0"})
+    targets: str = field(default="qv-ffn", metadata={
+        "help": "qv-ffn (default), attn, mlp, all-linear, or comma-separated module-name suffixes"})
+    lr: float | None = field(default=None, metadata={  # None: the method's paper default
+        "help": "learning rate (default: 5e-5 full fine-tuning, 2e-4 LoRA/FILA, as in the paper)", "range": "> 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": ">= 0"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1", "range": "[0, 1)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (Jang et al.'s code: 0.98)",
+                                                       "range": "[0, 1)"})
+    batch_size: int = field(default=8, metadata={"help": "forget (and retain) sequences per micro-batch",
+                                                 "range": ">= 1"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step", "range": ">= 1"})
+    one_step_per_epoch: bool = field(default=False, metadata={
+        "help": "Jang et al.'s schedule: one optimizer step per epoch (effective batch = forget set)"})
+    max_epochs: int = field(default=20, metadata={"help": "give up (outcome: failure) after this many epochs",
+                                                  "range": ">= 1"})
+    gamma: float = field(default=1.0, metadata={"help": "weight of the forget term of the loss", "range": ">= 0"})
+    alpha: float = field(default=1.0, metadata={"help": "weight of the retain term of the loss", "range": ">= 0"})
+    retain_term: str | None = field(default=None, metadata={  # None: the loss's default
+        "help": "retain loss: nll (default) or kl to the original model, or none"})
+    npo_beta: float = field(default=0.1, metadata={"help": "NPO's beta (inverse temperature)", "range": "> 0"})
+    fisher_mode: str = field(default="per_sample", metadata={
+        "help": "per_sample (paper, default) or batch (official code)", "choices": ("per_sample", "batch")})
+    fisher_eps: float = field(default=1e-5, metadata={
+        "help": "added to the Fisher before it weights the SVD (FILA)", "range": "> 0"})
+    fisher_batches: int | None = field(default=None, metadata={
+        "help": "limit the Fisher pass to this many batches per set (default: all)", "range": ">= 1"})
+    fisher_batch_size: int | None = field(default=None, metadata={
+        "help": "batch size of the Fisher pass (default: --batch-size)", "range": ">= 1"})
+    svd: str = field(default="exact", metadata={
+        "help": "SVD of the FILA/VILA initialisation: exact or lowrank", "choices": ("exact", "lowrank")})
+    el_n: int = field(default=10, metadata={"help": "n of the extraction likelihood EL_n", "range": ">= 1"})
+    el_every_epoch: bool = field(default=False, metadata={
+        "help": "compute EL every epoch (default: only once forget MA passes; same stopping epoch)"})
+    ma_threshold: float | None = field(default=None, metadata={
+        "help": "stop once forget MA is at most this (default: measured on --validation before unlearning)",
+        "range": "[0, 1]"})
+    el_threshold: float | None = field(default=None, metadata={
+        "help": "stop once forget EL_n is at most this (default: measured on --validation before unlearning)",
+        "range": "[0, 1]"})
+    max_length: int | None = field(default=None, metadata={
+        "help": "longest sequence in tokens, at most the model's context (default: the model's context)",
+        "range": ">= 2"})
+    truncate: bool = field(default=False, metadata={
+        "help": "truncate sequences longer than the context (default: refuse them)"})
+    eval_batch_size: int = suite_option("batch_size")
+    eval_suites: str | None = field(default=None, metadata={
+        "help": "loku eval suites run before and after unlearning, e.g. ppl,reasoning"})
+    eval_data_dir: str | None = suite_option("data_dir")
+    eval_limit: int | None = suite_option("limit")
+    seed: int = field(default=0, metadata={"help": "random seed", "range": "[0, 4294967295]"})
+    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded and trained in",
+                                                    "choices": DTYPES})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code named by a local model's config (off by default)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    save_model: bool = field(default=True, metadata={
+        "help": "do not save the merged model (the adapter and the report are saved)"})
 
     def method_spec(self) -> Method:
         return METHODS[self.method]
@@ -88,35 +131,22 @@ class UnlearnConfig:
         return self.lr if self.lr is not None else self.method_spec().lr
 
     def validate(self) -> "UnlearnConfig":
+        """The one place options are checked, before any file is read or written: each option alone
+        (type, range and choices from its field), then the ones that must agree, then the paths
+        against each other (an --out that could destroy an input, a validation file that is the
+        forget file). One-line :class:`ConfigError` naming the flag and what to do."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if not self.forget:
             raise ConfigError("no forget set: pass --forget FILE (CSV with a text column, JSONL or text)")
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
-        positive = {"rank": self.rank, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_epochs": self.max_epochs, "el_n": self.el_n, "eval_batch_size": self.eval_batch_size}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.learning_rate() <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
-            raise ConfigError(f"--adam-beta1/--adam-beta2 must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
-        if self.fisher_batch_size is not None and (not isinstance(self.fisher_batch_size, int)
-                                                   or self.fisher_batch_size < 1):
-            raise ConfigError(f"--fisher-batch-size must be a positive integer, got {self.fisher_batch_size!r}")
-        if self.fisher_mode not in ("per_sample", "batch"):
-            raise ConfigError(f"--fisher-mode must be per_sample or batch, got {self.fisher_mode!r}")
-        if self.svd not in ("exact", "lowrank"):
-            raise ConfigError(f"--svd must be exact or lowrank, got {self.svd!r}")
+        check_fields(self)  # type, range and choices of every option, from its field
         from .losses import RETAIN_TERMS
 
         if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
             raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or none, "
                               f"got {self.retain_term!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.method_spec().adapter == "full" and self.dtype == "float16":
             raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
                               "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
@@ -124,10 +154,100 @@ class UnlearnConfig:
 
         if uses_retain(self.method_spec().loss, self.retain_term) and not self.retain:
             raise ConfigError(f"method {self.method} has a retain term: pass --retain FILE (or --retain-term none)")
+        if self.eval_suites:
+            from .evaluate import expand_suites
+            from .provenance import default_data_dir
+
+            expand_suites([self.eval_suites])
+            folder = Path(self.eval_data_dir) if self.eval_data_dir else default_data_dir()
+            if not folder.is_dir():
+                raise ConfigError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set "
+                                  "LOKU_DATA_DIR")
+        check_validation_apart(self)
+        check_output_apart(self)
         return self
+
+    def eval_options(self) -> dict[str, Any]:
+        """The ``eval_*`` options as :class:`loku.eval_options.EvalOptions` fields (``run_suites`` keywords)."""
+        return {f.metadata["suite_option"]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if "suite_option" in f.metadata}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _resolved(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: compare the path as written
+        return path.absolute()
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def model_folder(model: str) -> Path | None:
+    """The local folder ``--model`` reads (a built-in model's cache folder), or None for a hub id."""
+    if not model:
+        return None
+    from .models import BUILTIN_MODELS, builtin_model_folder
+
+    if model in BUILTIN_MODELS:
+        return builtin_model_folder(model)
+    path = Path(model).expanduser()
+    return path if path.is_dir() else None
+
+
+def check_output_apart(cfg: UnlearnConfig) -> None:
+    """Refuse an ``--out`` whose writing could destroy or alter an input, before anything is written.
+
+    The output replaces OUT as a whole (``--overwrite``, ``--resume``) and removes the checkpoint
+    folder OUT.ckpt, so neither may be or contain the model folder or a data file; nor may OUT lie
+    inside the model folder (the output would be written into the model). OUT may lie inside a data
+    file's folder (``--forget forget.csv --out runs/x``): writing or removing OUT cannot touch the file.
+    """
+    if not cfg.out:
+        return
+    from .checkpoint import checkpoint_dir
+
+    out = _resolved(cfg.out)
+    owned = {"--out": out, "its checkpoint folder": _resolved(checkpoint_dir(cfg.out))}
+    hint = "choose an --out folder apart from the model and the data"
+    folder = model_folder(cfg.model)
+    if folder is not None:
+        model = _resolved(folder)
+        for what, path in owned.items():
+            if _within(model, path):
+                relation = "is" if model == path else "contains"
+                raise ConfigError(f"--out {cfg.out}: {what} {relation} the model folder {folder} (--model), which "
+                                  f"--overwrite would delete; {hint}")
+        if _within(out, model):
+            raise ConfigError(f"--out {cfg.out} lies inside the model folder {folder} (--model), so the output would "
+                              f"be written into the model; {hint}")
+    folders = [("--eval-data-dir", cfg.eval_data_dir)] if cfg.eval_suites and cfg.eval_data_dir else []
+    for flag, given in [("--forget", cfg.forget), ("--retain", cfg.retain), ("--validation", cfg.validation), *folders]:
+        if not given:
+            continue
+        path = _resolved(given)
+        for what, mine in owned.items():
+            if _within(path, mine):
+                kind = "data folder" if flag == "--eval-data-dir" else "data file"
+                relation = "is" if path == mine else "contains"
+                raise ConfigError(f"--out {cfg.out}: {what} {relation} the {kind} {given} ({flag}), which "
+                                  f"--overwrite would delete; {hint}")
+
+
+def check_validation_apart(cfg: UnlearnConfig) -> None:
+    """The validation set gives the stop thresholds, so it must not be the forget set (same file).
+
+    Same texts in another file are refused once the sets are read (:func:`loku.data.check_validation_not_forget`).
+    """
+    if cfg.validation and cfg.forget and _resolved(cfg.validation) == _resolved(cfg.forget):
+        raise ConfigError(f"--validation {cfg.validation} is the forget set (--forget {cfg.forget}): the stop "
+                          "thresholds would be measured on the texts being unlearned; pass held-out texts the model "
+                          "was never trained on, or --ma-threshold and --el-threshold instead of --validation")
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -169,4 +289,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         hint = ", ".join(f"did you mean {g[0]}?" for g in guesses.values() if g)
         raise ConfigError(f"{where}unknown option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; "
                           f"use only known options: {', '.join(sorted(known))}")
-    return UnlearnConfig(**values)
+    return UnlearnConfig(**coerce_numbers(UnlearnConfig, values))

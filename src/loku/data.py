@@ -22,7 +22,6 @@ with the file path, names the set ("forget set", "retain set", ...) and says wha
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -33,11 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from loku.errors import ConfigError, DataError, LokuError, ModelError
-from loku.losses import IGNORE_INDEX  # label value the causal-LM losses skip
+from loku.errors import ConfigError, DataError, LokuError
+from loku.lm import IGNORE_INDEX, pad_sequences
+from loku.lm import ensure_pad_token  # noqa: F401  (lives in loku.lm; trainer.py still calls it from here)
+from loku.provenance import file_sha256
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,8 +45,8 @@ __all__ = [
     "TextSet",
     "TokenizedSet",
     "check_forget_not_in_retain",
-    "ensure_pad_token",
-    "file_sha256",
+    "check_max_length",
+    "check_validation_not_forget",
     "load_qa_jsonl",
     "load_text_set",
     "make_batches",
@@ -308,16 +308,7 @@ def load_qa_jsonl(path: str | os.PathLike[str], *, role: str) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------- provenance
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of the file's bytes, so reports pin exactly which data was unlearned."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# ----------------------------------------------------------------------------- sets
 
 @dataclass
 class TextSet:
@@ -347,22 +338,6 @@ def load_text_set(path: str | os.PathLike[str], role: str) -> TextSet:
 
 
 # ----------------------------------------------------------------------------- tokenization
-
-def ensure_pad_token(tokenizer: Any) -> None:
-    """Give the tokenizer a pad token if it has none, using EOS (as GPT-2/GPT-Neo setups do).
-
-    Padding never reaches the loss (labels are -100 and attention 0 at padding), so which real
-    token id pads does not matter. Raises :class:`ModelError` if there is neither pad nor EOS.
-    """
-    if tokenizer.pad_token_id is not None:
-        return
-    if tokenizer.eos_token is None:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ModelError(f"{name}: tokenizer has neither a pad token nor an EOS token to pad with; add a "
-                         "\"pad_token\" (e.g. \"<pad>\") to its tokenizer_config.json, or set "
-                         "tokenizer.pad_token in Python, before training")
-    tokenizer.pad_token = tokenizer.eos_token
-
 
 def _bos_prefix(tokenizer: Any, add_bos: bool | None, source: str) -> list[int]:
     if not add_bos:
@@ -556,15 +531,44 @@ def check_forget_not_in_retain(forget_texts: Sequence[str], retain_texts: Sequen
                       f"{retain_path}; consider removing them from the retain set", UserWarning, stacklevel=2)
 
 
+def check_validation_not_forget(forget_texts: Sequence[str], validation_texts: Sequence[str],
+                                forget_path: str | os.PathLike[str],
+                                validation_path: str | os.PathLike[str]) -> None:
+    """Refuse a validation set made of forget texts; warn when some of its texts are forget texts.
+
+    The validation set's MA/EL before unlearning are the stop thresholds: held-out texts the model
+    never saw. Measured on forget texts they are the numbers unlearning must bring down, so the
+    thresholds mean nothing. Texts are compared with whitespace normalised (the same file given
+    twice is refused earlier, by :meth:`loku.config.UnlearnConfig.validate`).
+    """
+    if not validation_texts:
+        return
+    forget = {_normalise(t) for t in forget_texts}
+    overlap = sum(1 for t in validation_texts if _normalise(t) in forget)
+    total = len(validation_texts)
+    if overlap == total:
+        raise DataError(f"{validation_path}: every validation text ({total} of {total}) is also in the forget set "
+                        f"{forget_path}, so the stop thresholds would be measured on the texts being unlearned; "
+                        "use held-out texts the model was never trained on for --validation")
+    if overlap:
+        warnings.warn(f"{validation_path}: {overlap} of {total} validation texts are also in the forget set "
+                      f"{forget_path}; they pull the stop thresholds up, remove them from the validation set",
+                      UserWarning, stacklevel=2)
+
+
+def check_max_length(max_length: int | None, context: int, model: str | None = None) -> None:
+    """Refuse a ``--max-length`` above the model's context (``loku.lm.context_length(model)``):
+    longer sequences index positions the model has no embedding for."""
+    if max_length is not None and max_length > context:
+        name = f"the model {model}" if model else "the model"
+        raise ConfigError(f"--max-length {max_length} is more than the context of {name} ({context} tokens); "
+                          f"use --max-length {context} or less, or leave it out to use the whole context")
+
+
 # ----------------------------------------------------------------------------- batching
 
 def _pad_batch(seqs: list[list[int]], pad_id: int, prompt_lengths: list[int]) -> dict[str, Tensor]:
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attention[i, :len(seq)] = 1
+    input_ids, attention = pad_sequences(seqs, pad_id)
     # Labels come from the mask, not from pad_id: pad is often EOS, which can be a real token.
     labels = input_ids.masked_fill(attention == 0, IGNORE_INDEX)
     for i, n_prompt in enumerate(prompt_lengths):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -18,8 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import UnlearnConfig
+from .lm import ensure_pad_token
 from .metrics.perplexity import perplexity
 from .models import CACHE_FORMAT, cache_dir, load_model
+from .provenance import default_data_dir
 from .report import before_after_table, write_run
 from .save import atomic_dir, atomic_write_text
 
@@ -50,10 +51,6 @@ def fictitious_records(n: int, seed: int = 0) -> list[str]:
             f"{rng.randint(7, 18)}:{rng.choice(['00', '15', '30', '45'])} with Dr {rng.choice(LAST)}."
         )
     return records
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("LOKU_DATA_DIR", Path.cwd().parent / "shared" / "data"))
 
 
 def demo_texts(data_dir: Path | None, n: int, seed: int) -> tuple[dict[str, list[str]], str]:
@@ -91,7 +88,7 @@ def plant(model, tokenizer, texts: list[str], seed: int, epochs: int = PLANT_EPO
 
     torch.manual_seed(seed)
     ids = tokenize_texts(tokenizer, texts, max_length=4096, source="demo forget set")
-    batches = make_batches(ids, len(ids), tokenizer.pad_token_id)
+    batches = make_batches(ids, len(ids), ensure_pad_token(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PLANT_LR, weight_decay=0.0)
     model.train()
     for _ in tqdm(range(epochs), desc="planting memorization", unit="epoch"):
@@ -127,7 +124,7 @@ def planted_model(base_name: str, texts: list[str], seed: int):
 def continuation(model, tokenizer, text: str, n_prompt: int = PROMPT_TOKENS, n_new: int = 32) -> tuple[str, str]:
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :n_prompt]
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=ensure_pad_token(tokenizer))
     return tokenizer.decode(ids[0]), tokenizer.decode(out[0, ids.shape[1]:])
 
 

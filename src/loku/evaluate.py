@@ -20,28 +20,30 @@ Suites (each one registered function; ``all`` runs them in this order):
 * ``mia``       -- membership-inference AUC, forget texts (members) vs held-out Pile texts.
 
 ``limit`` keeps the first N items of every set (N forget sequences for tdec/mia).
+
+The suites' options are the fields of :class:`loku.eval_options.EvalOptions`, each declared once
+there with its help and range; they are the flags of ``loku eval`` and, through
+:func:`loku.config.suite_option`, the ``--eval-*`` flags of ``loku unlearn``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import hashlib
 import json
-import math
 import os
-import platform
-import random
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from loku.errors import ConfigError, DataError, LokuError
+from loku.errors import ConfigError, DataError
+from loku.eval_options import ALL_SUITES, DEFAULT_FORGET, EvalCommand, EvalOptions
+from loku.lm import context_length, ensure_pad_token, per_sequence
+from loku.options import add_arguments, cli_fields, values_from
+from loku.provenance import default_data_dir, file_sha256, jsonable, library_versions, model_device, set_seed
 from loku.registry import Registry
 from loku.save import atomic_write_text
 
@@ -50,9 +52,8 @@ __all__ = [
     "EvalOptions",
     "SUITES",
     "add_eval_arguments",
-    "default_data_dir",
     "measure_heldout",
-    "render_markdown",
+    "render_eval_markdown",
     "report_thresholds",
     "resolve_thresholds",
     "run_eval_command",
@@ -61,41 +62,7 @@ __all__ = [
 ]
 
 SUITES: Registry = Registry("eval suite")
-ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
-DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
 TDEC_TOKENS = 200
-
-
-@dataclass
-class EvalOptions:
-    """Everything a suite needs besides the model; ``files`` collects ``{path: role}`` it read."""
-
-    data_dir: Path
-    limit: int | None = None
-    forget_path: Path | None = None
-    batch_size: int = 8
-    seed: int = 0
-    progress: bool = False
-    el_n: int = 10
-    # Pre-unlearning thresholds for tdec: {"ma": float, "el": float, "source"?, "from"?, "note"?, "el_n"?};
-    # "self" (or a dict without numbers) when the evaluated model IS the model before unlearning, so
-    # its own held-out means are the thresholds; None: "forgotten" stays undetermined.
-    thresholds: dict | str | None = None
-    tofu_forget_split: str = "forget10"
-    tofu_reference: str | Path | None = None
-    tofu_legacy_300: bool = False
-    tofu_template: str | None = None
-    tofu_max_new_tokens: int = 128
-    lm_eval_tasks: Sequence[str] | None = None
-    lm_eval_limit: int | float | None = None
-    lm_eval_include_path: str | Path | None = None
-    files: dict[str, str] = field(default_factory=dict)
-
-    def eval_file(self, name: str) -> Path:
-        return self.data_dir / "tdec" / "eval" / name
-
-    def take(self, items: list) -> list:
-        return items if self.limit is None else items[: self.limit]
 
 
 def _use(opts: EvalOptions, path: Path, role: str) -> Path:
@@ -121,22 +88,15 @@ def _token_batches(tokenizer: Any, texts: list[str], source: str, batch_size: in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # longer excerpts are cut to max_length on purpose
         seqs = tokenize_texts(tokenizer, texts, max_length=max_length, source=source, on_overflow="truncate")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return make_batches(seqs, batch_size, pad)
+    return make_batches(seqs, batch_size, ensure_pad_token(tokenizer))
 
 
 def _ma_el(model: Any, batches: list[dict], el_n: int, progress: bool, desc: str) -> dict:
     from loku.metrics.memorization import extraction_likelihood, memorization_accuracy
-    from loku.metrics.reasoning import eval_mode, model_device, progress_bar
 
-    device = model_device(model)
-    ma, el = [], []
-    with eval_mode(model):
-        for b in progress_bar(batches, total=len(batches), desc=desc, enabled=progress):
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            ma.append(memorization_accuracy(model, ids, attention_mask=mask).float().cpu())
-            el.append(extraction_likelihood(model, ids, n=el_n, attention_mask=mask, progress=progress).float().cpu())
-    ma_t, el_t = torch.cat(ma), torch.cat(el)
+    ma_t = per_sequence(memorization_accuracy, model, batches, bar=f"{desc} MA" if progress else None)
+    el_t = per_sequence(extraction_likelihood, model, batches, bar=f"{desc} EL_{el_n}" if progress else None,
+                        n=el_n, progress=progress)
     return {"ma": float(ma_t.mean()), f"el_{el_n}": float(el_t.mean()), "n": int(ma_t.numel()),
             "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist()}}
 
@@ -201,9 +161,8 @@ def suite_tdec(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
 @SUITES.register("ppl")
 def suite_ppl(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
     from loku.metrics.perplexity import perplexity
-    from loku.metrics.reasoning import model_context_length
 
-    max_length = min(1024, model_context_length(model))
+    max_length = min(1024, context_length(model))
     out = {}
     for name, file in (("pile", "pile.csv"), ("wikitext", "wikitext.csv"),
                        ("dm_mathematics", "valid_dm_mathematics.csv")):
@@ -271,7 +230,7 @@ def suite_mia(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
     pile = _texts(opts, opts.eval_file("pile.csv"), "held-out")
     nonmembers = pile[len(pile) // 2:][: len(members)]
     res = mia_auc(model, tokenizer, members, nonmembers)
-    return {**_jsonable(res), "n_members": len(members), "n_nonmembers": len(nonmembers)}
+    return {**jsonable(res), "n_members": len(members), "n_nonmembers": len(nonmembers)}
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -295,42 +254,12 @@ def expand_suites(suites: Sequence[str]) -> list[str]:
     return out
 
 
-def library_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("loku", "torch", "transformers", "peft", "accelerate", "numpy", "scipy", "rouge-score",
-                 "lm-eval", "datasets"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        np.random.seed(seed)
-
-
 def run_suites(
     model: Any,
     tokenizer: Any,
     suites: Sequence[str],
     *,
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     limit: int | None = None,
     forget_path: str | Path | None = None,
     batch_size: int = 8,
@@ -349,19 +278,15 @@ def run_suites(
     Every suite starts from ``seed``, so its numbers do not depend on which suites ran before it.
     """
     names = expand_suites(suites)
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found; pass --data-dir or set LOKU_DATA_DIR")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"--limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     unknown = set(options) - set(EvalOptions.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown evaluation option(s): {', '.join(sorted(unknown))}")
-    opts = EvalOptions(data_dir=data_dir, limit=limit, forget_path=Path(forget_path) if forget_path else None,
-                       batch_size=batch_size, seed=seed, progress=progress, **options)
-    _seed_everything(seed)
+    opts = EvalOptions(data_dir=data_dir, limit=limit, forget_path=forget_path, batch_size=batch_size, seed=seed,
+                       progress=progress, **options).validate()
+    set_seed(seed)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     results: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -369,8 +294,8 @@ def run_suites(
         t0 = time.perf_counter()
         if progress:
             print(f"loku eval: {name} ...", file=sys.stderr, flush=True)
-        _seed_everything(seed)
-        results[name] = _jsonable(SUITES.get(name)(model, tokenizer, opts))
+        set_seed(seed)
+        results[name] = jsonable(SUITES.get(name)(model, tokenizer, opts))
         timings[name] = round(time.perf_counter() - t0, 2)
     n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
     meta = {
@@ -384,10 +309,10 @@ def run_suites(
         "seed": seed,
         "batch_size": batch_size,
         "data_dir": str(data_dir),
-        "options": _jsonable({k: v for k, v in options.items()}),
-        "data_files": {p: {"role": role, "sha256": sha256_of(p)} for p, role in sorted(opts.files.items())},
+        "options": jsonable({k: v for k, v in options.items()}),
+        "data_files": {p: {"role": role, "sha256": file_sha256(p)} for p, role in sorted(opts.files.items())},
         "versions": library_versions(),
-        "device": str(_device_of(model)),
+        "device": str(model_device(model)),
         "started": started,
         "seconds": timings,
     }
@@ -400,33 +325,6 @@ def _dtype_of(model: Any) -> str | None:
     except AttributeError:
         return None
     return "+".join(sorted(names)) or None
-
-
-def _device_of(model: Any) -> Any:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return "cpu"
-
-
-def _jsonable(value: Any) -> Any:
-    """Tensors -> lists/numbers, NaN/inf -> None, paths -> str, so ``json.dumps(allow_nan=False)`` works."""
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.item() if value.numel() == 1 and value.dim() == 0 else value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    try:  # numpy scalars
-        return _jsonable(value.item())
-    except AttributeError:
-        return str(value)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -457,8 +355,9 @@ def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
         rows.append((prefix, "-"))
 
 
-def render_markdown(results: dict) -> str:
-    """A Markdown summary: run facts, then one ``| metric | value |`` table per suite."""
+def render_eval_markdown(results: dict) -> str:
+    """eval.md: run facts, then one ``| metric | value |`` table per suite (a run's report.md is
+    :func:`loku.report.render_run_markdown`)."""
     meta = results.get("meta", {})
     lines = ["# loku eval", ""]
     for key in ("model", "adapter", "dtype", "suites", "limit", "seed", "data_dir", "started"):
@@ -467,7 +366,7 @@ def render_markdown(results: dict) -> str:
             lines.append(f"- {key}: {', '.join(value) if isinstance(value, list) else value}")
     versions = meta.get("versions") or {}
     if versions:
-        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if k != "platform" and v))
     for name, suite in (results.get("suites") or {}).items():
         rows: list[tuple[str, str]] = []
         _flatten("", suite, rows)
@@ -493,74 +392,33 @@ def write_eval_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (each atomically); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+    text = json.dumps(jsonable(results), indent=2, allow_nan=False)
     json_path, md_path = out / "eval.json", out / "eval.md"
     atomic_write_text(json_path, text + "\n")
-    atomic_write_text(md_path, render_markdown(results))
+    atomic_write_text(md_path, render_eval_markdown(results))
     return json_path, md_path
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def default_data_dir() -> Path:
-    env = os.environ.get("LOKU_DATA_DIR")
-    return Path(env) if env else Path.cwd() / ".." / "shared" / "data"
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``loku eval`` options to ``parser``."""
-    parser.add_argument("--model", required=True,
-                        help="model: built-in name (smollm2-135m), local folder, loku output folder or hub id")
-    parser.add_argument("--adapter", default=None, help="a loku adapter folder (OUT/adapter) to attach")
-    parser.add_argument("--suite", action="append", default=None,
-                        help=f"suite(s) to run: {', '.join(ALL_SUITES)} or all; repeat or comma-separate "
-                             f"[default: all]")
-    parser.add_argument("--data-dir", default=None,
-                        help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N items of every set")
-    parser.add_argument("--seed", type=int, default=0, help="random seed, set before loading and before each suite "
-                        "[default: 0]")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype the model (and --thresholds-from model) is loaded in [default: float32]")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow custom model code from the model folder (read it first)")
-    parser.add_argument("--forget", default=None,
-                        help=f"forget file for tdec/mia [default: DATA_DIR/{DEFAULT_FORGET.as_posix()}]")
-    parser.add_argument("--el-n", type=int, default=10, help="n of the EL_n metric [default: 10]")
-    parser.add_argument("--thresholds-from", default=None, metavar="BASE_MODEL",
-                        help="tdec: the model BEFORE unlearning; its held-out MA/EL are the forgetting thresholds "
-                             "[default: the thresholds in report.json when --model/--adapter is a loku output "
-                             "folder, else 'forgotten' is left undetermined]")
-    parser.add_argument("--ma-threshold", type=float, default=None,
-                        help="tdec: fixed MA threshold instead of the pre-unlearning held-out mean (Jang: 0.2994)")
-    parser.add_argument("--el-threshold", type=float, default=None,
-                        help="tdec: fixed EL threshold instead of the pre-unlearning held-out mean (Jang: 0.0499)")
-    parser.add_argument("--tofu-forget", default="forget10", choices=["forget01", "forget05", "forget10"],
-                        help="TOFU forget split [default: forget10]")
-    parser.add_argument("--tofu-reference", default=None,
-                        help="retain-only model's reference log or eval.json, for TOFU forget quality")
-    parser.add_argument("--tofu-legacy-300", action="store_true",
-                        help="truncate TOFU eval sets to 300 items like the original pipeline")
-    parser.add_argument("--tofu-template", default=None, choices=["llama2", "phi", "chatml", "generic"],
-                        help="TOFU prompt template [default: chosen from the tokenizer / model type]")
-    parser.add_argument("--lm-eval-tasks", default=None,
-                        help="comma-separated lm-eval tasks to add to the reasoning suite; 'paper' = the "
-                             "paper's nine (needs pip install 'loku[lm-eval]' and the hub)")
-    parser.add_argument("--lm-eval-include", default=None, help="folder of custom lm-eval task YAMLs")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--out", required=True, help="output folder for eval.json and eval.md")
+    """Add the ``loku eval`` options to ``parser``: one flag per field of :class:`EvalCommand` and of
+    :class:`EvalOptions` (help, default and range are declared in the fields)."""
+    add_arguments(parser, EvalCommand)
+    add_arguments(parser, EvalOptions)
     return parser
 
 
-def _parse_tasks(value: str | None) -> list[str] | None:
-    if not value:
-        return None
-    if value.strip() == "paper":
-        from loku.metrics.lm_eval_backend import PAPER_TASKS
+def eval_config(args: argparse.Namespace) -> tuple[EvalCommand, EvalOptions]:
+    """The parsed ``loku eval`` flags as the command's and the suites' options, each validated."""
+    cmd = EvalCommand(**values_from(EvalCommand, args)).validate()
+    opts = EvalOptions(**values_from(EvalOptions, args)).validate()
+    return cmd, opts
 
-        return list(PAPER_TASKS)
-    return [t.strip() for t in value.split(",") if t.strip()]
+
+def suite_kwargs(opts: EvalOptions) -> dict[str, Any]:
+    """The command-line options of ``opts`` as :func:`run_suites` keywords."""
+    return {f.name: getattr(opts, f.name) for f in cli_fields(EvalOptions)}
 
 
 def run_report_path(model: str | os.PathLike, adapter: str | os.PathLike | None) -> Path | None:
@@ -603,83 +461,73 @@ def report_thresholds(path: str | os.PathLike, el_n: int, forget_path: str | os.
            "from": str(path), "note": th.get("source")}
     run_forget = ((report.get("data") or {}).get("forget") or {})
     if forget_path is not None and run_forget.get("sha256") and Path(forget_path).is_file() \
-            and sha256_of(forget_path) != run_forget["sha256"]:
+            and file_sha256(forget_path) != run_forget["sha256"]:
         out["warning"] = (f"the run unlearned another forget file ({run_forget.get('path')}); pass --forget with "
                           f"that file to evaluate what it forgot")
     return out
 
 
-def resolve_thresholds(args: argparse.Namespace, suites: Sequence[str], data_dir: Path) -> dict | None:
+def resolve_thresholds(cmd: EvalCommand, opts: EvalOptions, suites: Sequence[str]) -> dict | None:
     """The pre-unlearning tdec thresholds for ``loku eval``: explicit numbers, else measured on
     ``--thresholds-from``, else the run's report.json; None when there are none (or no tdec suite).
 
     When ``--thresholds-from`` names the evaluated model itself (no adapter), its own held-out means
     are the thresholds and are taken from the tdec pass instead of measuring the model twice.
     """
-    if (args.ma_threshold is None) != (args.el_threshold is None):
-        raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
-    if args.ma_threshold is not None and args.thresholds_from:
-        raise ConfigError("give either --thresholds-from or --ma-threshold/--el-threshold, not both")
+    cmd.validate()  # both thresholds or neither, not with --thresholds-from
     if "tdec" not in suites:
         return None
-    if args.ma_threshold is not None:
-        return {"ma": args.ma_threshold, "el": args.el_threshold, "source": "given"}
-    if args.thresholds_from:
-        base = str(args.thresholds_from)
-        if base == str(args.model) and args.adapter is None:
+    if cmd.ma_threshold is not None:
+        return {"ma": cmd.ma_threshold, "el": cmd.el_threshold, "source": "given"}
+    if cmd.thresholds_from:
+        base = str(cmd.thresholds_from)
+        if base == str(cmd.model) and cmd.adapter is None:
             return {"source": "base model", "from": base,
                     "note": "the evaluated model is the base: its own held-out means"}
-        return measure_base_thresholds(base, args, data_dir)
-    report = run_report_path(args.model, args.adapter)
+        return measure_base_thresholds(base, cmd, opts)
+    report = run_report_path(cmd.model, cmd.adapter)
     if report is None:
         return None
-    return report_thresholds(report, args.el_n, Path(args.forget) if args.forget else data_dir / DEFAULT_FORGET)
+    return report_thresholds(report, opts.el_n, opts.forget_path or opts.data_dir / DEFAULT_FORGET)
 
 
-def measure_base_thresholds(base: str, args: argparse.Namespace, data_dir: Path) -> dict:
+def measure_base_thresholds(base: str, cmd: EvalCommand, opts: EvalOptions) -> dict:
     """Load the model before unlearning, measure its held-out MA/EL_n (the tdec held-out excerpts), free it."""
+    import dataclasses
     import gc
 
     from loku.models import load_model
 
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: data folder not found; pass --data-dir or set LOKU_DATA_DIR")
-    opts = EvalOptions(data_dir=data_dir, limit=args.limit, forget_path=Path(args.forget) if args.forget else None,
-                       batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, el_n=args.el_n)
+    if not opts.data_dir.is_dir():
+        raise DataError(f"{opts.data_dir}: data folder not found; pass --data-dir or set LOKU_DATA_DIR")
+    opts = dataclasses.replace(opts, thresholds=None, files={})  # the base's files are not the evaluation's
     if opts.progress:
         print(f"loku eval: measuring the thresholds on {base} ...", file=sys.stderr, flush=True)
-    _seed_everything(args.seed)
-    model, tokenizer = load_model(base, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+    set_seed(opts.seed)
+    model, tokenizer = load_model(base, dtype=cmd.dtype, trust_remote_code=cmd.trust_remote_code,
                                   progress=opts.progress)
     held = measure_heldout(model, tokenizer, opts)
     del model, tokenizer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"ma": held["ma"], "el": held[f"el_{args.el_n}"], "el_n": args.el_n, "source": "base model",
-            "from": base, "note": f"held-out means of {held['n']} pile.csv excerpts, {args.dtype}"}
+    return {"ma": held["ma"], "el": held[f"el_{opts.el_n}"], "el_n": opts.el_n, "source": "base model",
+            "from": base, "note": f"held-out means of {held['n']} pile.csv excerpts, {cmd.dtype}"}
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """``loku eval``: load the model, run the suites, write OUT/eval.json and OUT/eval.md."""
     from loku.models import load_model
 
-    suites = expand_suites(args.suite or ["all"])
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    dtype = args.dtype
-    thresholds = resolve_thresholds(args, suites, data_dir)
-    _seed_everything(args.seed)
-    model, tokenizer = load_model(args.model, adapter=args.adapter, dtype=dtype,
-                                  trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
-    results = run_suites(
-        model, tokenizer, suites, data_dir=data_dir, limit=args.limit, forget_path=args.forget,
-        batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-        model_name=str(args.model), adapter=args.adapter, dtype=dtype, el_n=args.el_n, thresholds=thresholds,
-        tofu_forget_split=args.tofu_forget, tofu_reference=args.tofu_reference,
-        tofu_legacy_300=args.tofu_legacy_300, tofu_template=args.tofu_template,
-        lm_eval_tasks=_parse_tasks(args.lm_eval_tasks), lm_eval_include_path=args.lm_eval_include,
-    )
-    json_path, md_path = write_eval_outputs(results, args.out)
+    cmd, opts = eval_config(args)
+    suites = expand_suites(cmd.suite or ["all"])
+    thresholds = resolve_thresholds(cmd, opts, suites)
+    set_seed(opts.seed)
+    model, tokenizer = load_model(cmd.model, adapter=cmd.adapter, dtype=cmd.dtype,
+                                  trust_remote_code=cmd.trust_remote_code, progress=opts.progress)
+    results = run_suites(model, tokenizer, suites, model_name=str(cmd.model), adapter=cmd.adapter, dtype=cmd.dtype,
+                         thresholds=thresholds, **suite_kwargs(opts))
+    json_path, md_path = write_eval_outputs(results, cmd.out)
     tdec = results["suites"].get("tdec")
     if tdec is not None:
         verdict = ({True: "yes", False: "no"}[tdec["forgotten"]] + f" (thresholds: {tdec['threshold_source']})"
@@ -692,14 +540,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m loku.evaluate ...``), same options as ``loku eval``."""
-    parser = add_eval_arguments(argparse.ArgumentParser(prog="loku eval"))
-    args = parser.parse_args(argv)
-    try:
-        return run_eval_command(args)
-    except LokuError as err:
-        print(f"loku eval: error: {err}", file=sys.stderr)
-        return 2
+    """Stand-alone entry point (``python -m loku.evaluate ...``): ``loku eval`` with the same options."""
+    from loku.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,21 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .lm import IGNORE_INDEX, shift, token_nll  # the token arithmetic every loss builds on
 from .registry import Registry
-
-IGNORE_INDEX = -100
-
-
-def shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Align position t's logits with token t+1, as Hugging Face causal LMs do."""
-    return logits[:, :-1], labels[:, 1:]
-
-
-def token_nll(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per-token NLL [B, T-1] in float32; 0 where the label is masked."""
-    logits, labels = shift(logits, labels)
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return nll * (labels != IGNORE_INDEX)
 
 
 def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:

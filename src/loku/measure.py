@@ -3,47 +3,37 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from . import lm
 from .config import UnlearnConfig
-from .provenance import default_data_dir, model_device
-
-
-def per_sequence(metric: Callable, model, batches: list[dict], **kwargs) -> torch.Tensor:
-    """``metric`` of every sequence of ``batches``, as one float32 CPU tensor."""
-    device = model_device(model)
-    values = [metric(model, b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), **kwargs)
-              for b in batches]
-    return torch.cat(values).float().cpu() if values else torch.zeros(0)
+from .provenance import model_device
 
 
 def memorization(model, batches) -> float:
     from .metrics import memorization_accuracy
 
-    return float(per_sequence(memorization_accuracy, model, batches).mean())
+    return lm.mean_over_batches(memorization_accuracy, model, batches)
 
 
 def extraction(model, batches, n: int, progress: bool = False) -> float:
     from .metrics import extraction_likelihood
 
-    return float(per_sequence(extraction_likelihood, model, batches, n=n, progress=progress).mean())
+    return lm.mean_over_batches(extraction_likelihood, model, batches, n=n, progress=progress)
 
 
 def heldout_perplexity(model, batches) -> float:
     """Token-weighted perplexity of the held-out set, float32 log-probs summed in float64."""
-    from .losses import IGNORE_INDEX, token_nll
-
     total, count = 0.0, 0
     device = model_device(model)
-    with torch.no_grad():
+    with lm.eval_mode(model):
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(token_nll(logits, b["labels"]).double().sum())
-            count += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(lm.token_nll(logits, b["labels"]).double().sum())
+            count += int((b["labels"][:, 1:] != lm.IGNORE_INDEX).sum())
     return math.exp(total / max(count, 1))
 
 
@@ -64,19 +54,6 @@ def evaluate_state(model, eval_batches: dict[str, list], el_n: int, *, with_el: 
     return out
 
 
-def check_eval_suites(cfg: UnlearnConfig) -> None:
-    """Unknown suite names or a missing data folder fail before any model is loaded."""
-    if not cfg.eval_suites:
-        return
-    from .errors import DataError
-    from .evaluate import expand_suites
-
-    expand_suites([cfg.eval_suites])
-    folder = Path(cfg.eval_data_dir) if cfg.eval_data_dir else default_data_dir()
-    if not folder.is_dir():
-        raise DataError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set LOKU_DATA_DIR")
-
-
 def run_eval_suites(model, tokenizer, cfg: UnlearnConfig, thresholds: dict | str) -> dict | None:
     """The ``loku eval`` suites named by ``--eval-suites`` on ``model`` (result of run_suites), or None.
 
@@ -87,9 +64,8 @@ def run_eval_suites(model, tokenizer, cfg: UnlearnConfig, thresholds: dict | str
         return None
     from .evaluate import run_suites
 
-    return run_suites(model, tokenizer, [cfg.eval_suites], data_dir=cfg.eval_data_dir or default_data_dir(),
-                      limit=cfg.eval_limit, batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=cfg.progress,
-                      model_name=cfg.model, thresholds=thresholds)
+    return run_suites(model, tokenizer, [cfg.eval_suites], seed=cfg.seed, progress=cfg.progress,
+                      model_name=cfg.model, thresholds=thresholds, **cfg.eval_options())
 
 
 def estimate_flops(n_params: int, *, full: bool, tokens_trained: int, fisher_tokens: int, eval_tokens: int,

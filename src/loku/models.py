@@ -5,9 +5,9 @@ Weights are only read through safetensors, and custom model code is refused unle
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -17,7 +17,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError
+from .adapters import attach_saved_adapter
+from .errors import ConfigError, LokuError, ModelError
+from .lm import ensure_pad_token
+from .provenance import model_fingerprint  # noqa: F401  (lives in loku.provenance; trainer.py imports it here)
+from .save import atomic_dir
 
 # --------------------------------------------------------------------------- built-in models
 
@@ -49,10 +53,15 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def builtin_model_folder(name: str) -> Path:
+    """Where the built-in model ``name`` is (or will be) cached, without converting it."""
+    return cache_dir() / "models" / f"{name}-v{CACHE_FORMAT}"
+
+
 def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
     """Dequantize the packaged GGUF once into a plain safetensors folder and return that folder."""
     spec = BUILTIN_MODELS[name]
-    target = cache_dir() / "models" / f"{name}-v{CACHE_FORMAT}"
+    target = builtin_model_folder(name)
     if (target / "config.json").is_file():
         return target
     found = importlib.util.find_spec(spec.module)
@@ -75,8 +84,6 @@ def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(gguf_model.state_dict())
-    from .save import atomic_dir
-
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -137,9 +144,69 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is always masked out of losses and metrics
+    with contextlib.suppress(ModelError):  # neither pad nor EOS: it loads, and padding it later says what to do
+        ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+class _LoadReport(logging.Filter):
+    """Holds back transformers' multi-line LOAD REPORT, so a refused load is one line of loku's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+
+def _weight_files(path: str | os.PathLike) -> str:
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return str(files[0]) if len(files) == 1 else f"{folder}/*.safetensors" if files else str(folder)
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Every safetensors file of a local model folder must open: a truncated or garbage file is named."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001  SafetensorError (bad header, truncated), OSError
+            raise ModelError(f"{file}: the weights file is damaged or incomplete ({_first_line(err)}); copy or "
+                             "download the model again (or re-save it with save_pretrained)") from None
+
+
+def check_loading_info(path: str | os.PathLike, info: dict) -> None:
+    """Refuse weights that do not fit the model config.json describes (a mismatched shape or a missing
+    weight): transformers would fill those with random values."""
+    config = Path(path) / "config.json"
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, in_file, in_config = (list(mismatched[0]) + [None, None])[:3]
+        shapes = f" (e.g. {key}: {tuple(in_file)} in the file, {tuple(in_config)} by the config)" if in_config else ""
+        raise ModelError(f"{_weight_files(path)}: {len(mismatched)} weight(s) do not have the shapes {config} "
+                         f"gives{shapes}; the weights and config.json come from different models: copy or download "
+                         "the model again, or restore its own config.json")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{_weight_files(path)}: {len(missing)} weight(s) of the model {config} describes are not "
+                         f"in the weights (e.g. {missing[0]}), so they would be random; the weights and config.json "
+                         "come from different models: copy or download the model again, or restore its own "
+                         "config.json")
 
 
 def load_model(
@@ -162,103 +229,43 @@ def load_model(
     path = resolve_model_path(name_or_path)
     check_remote_code(path, trust_remote_code)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    check_weight_files(path)
+    report = _LoadReport()
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(report)
     try:
         with transformers_progress(progress):
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, in one line
             )
+    except OSError as err:
+        raise ModelError(f"{path}: could not load the model ({_first_line(err)})") from None
+    except (LokuError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001  a damaged download or config: the library's error, in one line
+        raise ModelError(f"{path}: could not load the model ({type(err).__name__}: {_first_line(err)}); check that "
+                         "config.json and the weights are complete and belong together, or download the model "
+                         "again") from None
+    finally:
+        hf_logger.removeFilter(report)
+    check_loading_info(path, info)
+    for record in report.records:  # nothing refused: show transformers' report (unexpected keys) as before
+        hf_logger.handle(record)
+    try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise ModelError(f"{path}: could not load the model ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: could not load the model ({_first_line(err)})") from None
+    except LokuError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise ModelError(f"{path}: could not load the tokenizer ({type(err).__name__}: {_first_line(err)}); check "
+                         "tokenizer.json / tokenizer_config.json, or download the model again") from None
     if adapter is not None:
-        from .save import attach_saved_adapter
-
         model = attach_saved_adapter(model, adapter)
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
-
-
-FINGERPRINT_VERSION = "loku-fp2"
-# Canonical roundings the weights are hashed in. Loading one checkpoint in float32, bfloat16 or float16
-# gives weights whose rounding to one of these agrees (see model_fingerprint), unlike their raw bytes.
-_CANONICAL = (("bf16", torch.bfloat16), ("fp16", torch.float16))
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Identify the exact base a run started from, whatever dtype it was loaded in.
-
-    Returns ``"loku-fp2:<loaded dtypes>:bf16=<sha256>:fp16=<sha256>"``: sha256 over parameter names,
-    shapes and the weights rounded to bfloat16, and the same rounded to float16 (integer/bool buffers
-    hashed as they are). The loaded dtypes are recorded for error messages only.
-
-    Why two roundings: a float32 load rounded to bf16 equals a bf16 load of the same checkpoint (the
-    same single rounding), and likewise for fp16; but fp16 -> bf16 is a double rounding that differs
-    from fp32 -> bf16 in about 1 element in 16, so no single canonical dtype serves all three loads.
-    Two fingerprints match (:func:`fingerprints_match`) when one canonical hash agrees. Changing any
-    weight by more than one bf16 step (0.8 % relative) changes both hashes, and smaller changes to
-    many weights almost surely push some across a rounding boundary, so another base, or a
-    fine-tuned copy of the same one, is still refused. Not matched: bf16 vs fp16 loads of a float32
-    checkpoint (each rounding loses what the other keeps); a bf16 or fp16 checkpoint matches in
-    every pair. Cost: one pass over the weights, hashing 4 bytes per parameter.
-    """
-    hashers = {key: hashlib.sha256() for key, _ in _CANONICAL}
-    loaded: set[str] = set()
-    for name, tensor in sorted(model.state_dict().items()):
-        header = f"{name}\0{tuple(tensor.shape)}\0".encode()
-        if tensor.is_floating_point():
-            loaded.add(str(tensor.dtype).removeprefix("torch."))
-            for key, dtype in _CANONICAL:
-                hashers[key].update(header)
-                hashers[key].update(_tensor_bytes(tensor.detach().to(dtype)))
-        else:
-            raw = _tensor_bytes(tensor)
-            for h in hashers.values():
-                h.update(header)
-                h.update(raw)
-    parts = [FINGERPRINT_VERSION, "+".join(sorted(loaded)) or "none"]
-    parts += [f"{key}={h.hexdigest()}" for key, h in hashers.items()]
-    return ":".join(parts)
-
-
-def _legacy_fingerprint(model: nn.Module) -> str:
-    """The loku-fp1 fingerprint (raw bytes: only equal for the same dtype); read for older adapters."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(_tensor_bytes(tensor))
-    return h.hexdigest()
-
-
-def parse_fingerprint(fingerprint: str) -> dict[str, str]:
-    """``{"loaded": dtypes, "bf16": hash, "fp16": hash}``; ``{"legacy": hash}`` for a loku-fp1 one."""
-    parts = str(fingerprint).split(":")
-    if parts[0] != FINGERPRINT_VERSION:
-        return {"legacy": str(fingerprint)}
-    out = {"loaded": parts[1] if len(parts) > 1 else ""}
-    for part in parts[2:]:
-        key, _, value = part.partition("=")
-        out[key] = value
-    return out
-
-
-def fingerprints_match(expected: str, model: nn.Module) -> bool:
-    """Is ``model`` the base that ``expected`` (a :func:`model_fingerprint`) was taken from?"""
-    want = parse_fingerprint(expected)
-    if "legacy" in want:
-        return _legacy_fingerprint(model) == want["legacy"]
-    have = parse_fingerprint(model_fingerprint(model))
-    return any(want.get(key) and want.get(key) == have.get(key) for key, _ in _CANONICAL)
-
-
-def fingerprint_dtypes(fingerprint: str) -> str | None:
-    """The dtype(s) the model was loaded in when ``fingerprint`` was taken (None for a loku-fp1 one)."""
-    return parse_fingerprint(fingerprint).get("loaded") or None
 
 
 # --------------------------------------------------------------------------- LoRA targets (§5)

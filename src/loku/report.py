@@ -1,29 +1,16 @@
 """report.json (everything needed to reproduce and audit a run), report.md (for people), plots."""
 from __future__ import annotations
 
-import platform
 import shutil
-import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .adapters import save_adapter
 from .checkpoint import STATE, checkpoint_dir
 from .config import UnlearnConfig
 from .models import transformers_progress
-from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy, save_adapter
-
-LIBRARIES = ("loku", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "scipy")
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+from .provenance import library_versions
+from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy
 
 
 def _fmt(value: Any) -> str:
@@ -61,7 +48,9 @@ def suites_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_run_markdown(report: dict[str, Any]) -> str:
+    """report.md: the outcome, before/after table, one row per epoch, the suites and the cost of a run
+    (``loku eval``'s eval.md is :func:`loku.evaluate.render_eval_markdown`)."""
     cfg = report["config"]
     th = report["thresholds"]
     verdict = (f"**forgotten** after {report['epochs_to_success']} epoch(s)" if report["outcome"] == "success"
@@ -97,7 +86,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- wall time {report['seconds']['total']:.1f} s (initialisation {report['seconds']['init']:.1f} s), "
         f"peak memory {report['peak_memory_bytes'] / 2**30:.2f} GiB",
         f"- seed {cfg['seed']}; versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()
-                                                         if k != "platform"),
+                                                         if k != "platform" and v),
         "",
         "Outputs: `model/` (merged, loads with `AutoModelForCausalLM.from_pretrained`), "
         "`adapter/` (LoRA adapter + residual base weights; `loku.models.load_model(BASE, adapter=...)`).",
@@ -133,6 +122,6 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
         except ImportError:  # plotting is optional; the numbers are all in report.json
             pass
         atomic_write_json(tmp / "report.json", report)
-        atomic_write_text(tmp / "report.md", render_markdown(report))
+        atomic_write_text(tmp / "report.md", render_run_markdown(report))
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the complete output supersedes it
     return out

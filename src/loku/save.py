@@ -1,8 +1,7 @@
 """Writing results so a crash never leaves something that looks complete: temp name, then rename.
 
-An unlearned FILA model is W_res + s*B@A. Re-attaching the adapter to the ORIGINAL base would
-give W + s*B@A (a known bug of the public code, ALGORITHMS.md §3), so the adapter folder always
-carries the residual base weights it needs and `attach_saved_adapter` puts them in place first.
+The adapter folder of a run (LoRA weights plus residual base weights) is written and read by
+:mod:`loku.adapters`.
 """
 from __future__ import annotations
 
@@ -17,12 +16,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError, DiskFull, ModelError
-
-ADAPTER_META = "loku_adapter.json"
-RESIDUAL_FILE = "residual_base.safetensors"
+from .errors import ConfigError, DiskFull
+from .provenance import jsonable
 
 
 def _usual_permissions(path: str | Path, mode: int) -> None:
@@ -57,17 +53,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=jsonable) + "\n")
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -121,58 +107,3 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     if isinstance(model, PeftModel):
         return copy.deepcopy(model).merge_and_unload()
     return model
-
-
-def save_adapter(model, folder: Path, *, residual: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> None:
-    """PEFT adapter files, plus the residual base weights (FILA/VILA) and what base they belong to."""
-    model.save_pretrained(folder, safe_serialization=True)
-    if residual:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in residual.items()}, str(folder / RESIDUAL_FILE))
-    atomic_write_json(folder / ADAPTER_META, {**meta, "residual_base": RESIDUAL_FILE if residual else None})
-
-
-def attach_saved_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike):
-    """Rebuild an unlearned model from its ORIGINAL base plus a loku adapter folder.
-
-    Returns a PeftModel whose base holds W_res where FILA/VILA replaced weights, so the result is
-    exactly the unlearned model. Refuses a base that differs from the one the adapter was made on.
-    """
-    from peft import PeftModel
-
-    from .models import fingerprint_dtypes, fingerprints_match
-
-    folder = Path(adapter_dir)
-    if (folder / "adapter" / ADAPTER_META).is_file():
-        folder = folder / "adapter"
-    meta_path = folder / ADAPTER_META
-    if not meta_path.is_file():
-        raise ModelError(f"{folder}: not a loku adapter folder (no {ADAPTER_META}); pass OUT/adapter of a loku run")
-    meta = json.loads(meta_path.read_text())
-    expected = meta.get("base_fingerprint")
-    if expected and not fingerprints_match(expected, model):
-        made_in = fingerprint_dtypes(expected)
-        loaded_in = _float_dtypes(model)
-        hint = ""
-        if made_in and made_in != loaded_in and "float32" not in (made_in, loaded_in):
-            # bf16 and fp16 roundings of a float32 checkpoint cannot be compared exactly (models.model_fingerprint).
-            hint = (f"; if it is that model, it was loaded in {loaded_in} but the adapter was made on a "
-                    f"{made_in} load, and these cannot be matched for a float32 checkpoint: load it with "
-                    f"--dtype {made_in} or float32")
-        raise ModelError(
-            f"{folder}: this adapter was made on a different base model ({meta.get('base_model')}); "
-            f"load that exact model with --model{hint}"
-        )
-    if meta.get("residual_base"):
-        residual = load_file(str(folder / meta["residual_base"]))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in residual.items():
-                if name not in params:
-                    raise ModelError(f"{folder}: residual weight {name} does not exist in the base model")
-                params[name].copy_(value.to(params[name].dtype))
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-
-
-def _float_dtypes(model: torch.nn.Module) -> str:
-    names = {str(t.dtype).removeprefix("torch.") for t in model.state_dict().values() if t.is_floating_point()}
-    return "+".join(sorted(names)) or "none"

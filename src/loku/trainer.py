@@ -28,8 +28,9 @@ from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_w
                          trainable_state)
 from .config import UnlearnConfig
 from .errors import ConfigError, TrainingDiverged
-from .models import check_rank, is_conv1d, load_model, model_fingerprint, resolve_targets
-from .provenance import set_seed
+from .lm import context_length, ensure_pad_token
+from .models import check_rank, is_conv1d, load_model, resolve_targets
+from .provenance import model_fingerprint, set_seed
 from .save import check_output_dir
 
 
@@ -135,7 +136,6 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     if accelerator.is_main_process and cfg.out and not resume:
         guard_output(cfg)
     forget_set, retain_set, validation_set = load_sets(cfg)
-    measure.check_eval_suites(cfg)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress)
@@ -143,14 +143,13 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         model = copy.deepcopy(model)
         if master_dtype(cfg) == "float32":
             model.float()
-    data_mod.ensure_pad_token(tokenizer)
+    pad = ensure_pad_token(tokenizer)
     sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set, model=model)
     if cfg.method_spec().adapter == "lora":  # bad --targets / --rank fail now, not after the "before" evaluation
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     fingerprint = model_fingerprint(model)
     checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint) if resume else None
     model.to(accelerator.device).eval()
-    pad = tokenizer.pad_token_id
     eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
                     "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}
     return Run(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, sets=sets,
@@ -174,6 +173,8 @@ def load_sets(cfg: UnlearnConfig) -> tuple[data_mod.TextSet, data_mod.TextSet | 
     validation = data_mod.load_text_set(cfg.validation, "validation") if cfg.validation else None
     if retain is not None:
         data_mod.check_forget_not_in_retain(forget.texts, retain.texts, cfg.forget, cfg.retain)
+    if validation is not None:
+        data_mod.check_validation_not_forget(forget.texts, validation.texts, cfg.forget, cfg.validation)
     if validation is None and (cfg.ma_threshold is None or cfg.el_threshold is None):
         raise ConfigError(
             "the stop rule needs held-out thresholds: pass --validation FILE (sequences never trained on), "
@@ -183,13 +184,8 @@ def load_sets(cfg: UnlearnConfig) -> tuple[data_mod.TextSet, data_mod.TextSet | 
 
 
 def model_context(model, cfg: UnlearnConfig) -> int:
-    if cfg.max_length:
-        return cfg.max_length
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(model.config, key, None)
-        if value:
-            return int(value)
-    return 2048
+    data_mod.check_max_length(cfg.max_length, context_length(model), cfg.model)
+    return cfg.max_length or context_length(model)
 
 
 def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, model=None) -> Sets:

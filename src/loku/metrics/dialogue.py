@@ -141,7 +141,7 @@ def evaluate_dialogue(
     return_samples: bool = False,
 ) -> dict:
     """Mean unigram F1 of greedy replies on the first ``limit`` dialogues of one file."""
-    from loku.metrics.reasoning import encode, greedy_generate
+    from loku.lm import encode, greedy_generate
 
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1, got {limit}")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError
-from loku.metrics.perplexity import forward_rows, token_logprobs
+from loku.lm import context_length, ensure_pad_token, forward_rows, token_logprobs
 
 __all__ = ["ATTACKS", "auc", "mia_auc", "mia_scores", "min_k_plus_plus_score", "min_k_score",
            "text_scores", "token_zscores", "zlib_entropy"]
@@ -143,10 +143,8 @@ def mia_scores(
     length); when a text is cut, the zlib entropy is taken of the decoded kept tokens so both
     halves of the ratio describe the same text. Texts with fewer than 2 tokens score NaN.
     """
-    from loku.metrics.reasoning import model_context_length, pad_token_id
-
     _check_k(k)
-    limit = max_length or model_context_length(model)
+    limit = max_length or context_length(model)
     if limit < 2:
         raise ConfigError(f"max_length must be >= 2 to score any token, got {limit}")
     texts = list(texts)
@@ -154,7 +152,7 @@ def mia_scores(
     seqs = [ids[:limit] for ids in encoded]
     out: dict[str, list[float]] = {name: [math.nan] * len(texts) for name in ATTACKS}
     scorable = [s if len(s) >= 2 else [] for s in seqs]
-    for i, logits in forward_rows(model, scorable, pad_id=pad_token_id(tokenizer), batch_size=batch_size,
+    for i, logits in forward_rows(model, scorable, pad_id=ensure_pad_token(tokenizer), batch_size=batch_size,
                                   progress=progress, desc="membership inference"):
         targets = torch.as_tensor(seqs[i][1:], device=logits.device)
         lp = token_logprobs(logits[:-1], targets)

@@ -25,30 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor
 
 from loku.errors import ConfigError, DataError
-from loku.losses import IGNORE_INDEX, token_nll
+from loku.lm import IGNORE_INDEX, ensure_pad_token, forward_rows, token_nll
 
-__all__ = ["IGNORE_INDEX", "Window", "forward_rows", "perplexity", "sliding_windows", "token_logprobs",
-           "token_nll"]
+__all__ = ["Window", "perplexity", "sliding_windows"]
 
 
 # ----------------------------------------------------------------------------- pure pieces
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
-    """``log p(target)`` per position in float32, as ``logit - logsumexp(logits)``.
-
-    ``logits`` is ``[..., V]`` (any dtype), ``targets`` the matching ``[...]`` token ids (all
-    valid). Computing in float32 keeps bf16/fp16 models' scores comparable to float32 ones.
-    """
-    scores = logits.float()
-    picked = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scores, dim=-1)
-
 
 @dataclass(frozen=True)
 class Window:
@@ -94,50 +81,7 @@ def sliding_windows(ids: Sequence[int], max_length: int, stride: int | None = No
     return windows
 
 
-# ----------------------------------------------------------------------------- model passes
-
-def _model_logits(model: Any, ids: Tensor, mask: Tensor) -> Tensor:
-    out = model(input_ids=ids, attention_mask=mask)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-def forward_rows(
-    model: Any,
-    seqs: Sequence[Sequence[int]],
-    *,
-    pad_id: int,
-    batch_size: int = 8,
-    progress: bool = False,
-    desc: str = "scoring",
-) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(index, logits)`` for each non-empty sequence, logits ``[len, V]`` in model dtype.
-
-    Sequences are sorted by length (less padding), batched with right padding and an attention
-    mask, and run under eval mode / no-grad on the model's device. Each row is cut back to its
-    own length, so padding can never reach a score; callers do the float32 math one row at a
-    time, which keeps memory at one row of float32 logits. The caller's training flag is
-    restored when the generator finishes or is closed.
-    """
-    from loku.metrics.reasoning import eval_mode, model_device, progress_bar
-
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    order = sorted((i for i, s in enumerate(seqs) if len(s)), key=lambda i: -len(seqs[i]))
-    device = model_device(model)
-    starts = range(0, len(order), batch_size)
-    with eval_mode(model):
-        for start in progress_bar(starts, total=len(starts), desc=desc, enabled=progress):
-            idx = order[start:start + batch_size]
-            width = len(seqs[idx[0]])
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(seqs[i])] = torch.as_tensor(list(seqs[i]), dtype=torch.long)
-                mask[row, :len(seqs[i])] = 1
-            logits = _model_logits(model, ids.to(device), mask.to(device))
-            for row, i in enumerate(idx):
-                yield i, logits[row, :len(seqs[i])]
-
+# ----------------------------------------------------------------------------- with a model
 
 def perplexity(
     model: Any,
@@ -156,8 +100,6 @@ def perplexity(
     moving by ``stride`` (default ``max_length``); see the module docstring for exactly which
     tokens count. Raises :class:`DataError` when no token can be scored (no text has 2 tokens).
     """
-    from loku.metrics.reasoning import pad_token_id
-
     texts = list(texts)
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     windows = [w for ids in encoded for w in sliding_windows(ids, max_length, stride)]
@@ -166,7 +108,7 @@ def perplexity(
                         f"single token, and the first token of a text has no context; give longer texts")
     total = torch.zeros((), dtype=torch.float64)
     count = 0
-    for i, logits in forward_rows(model, [w.ids for w in windows], pad_id=pad_token_id(tokenizer),
+    for i, logits in forward_rows(model, [w.ids for w in windows], pad_id=ensure_pad_token(tokenizer),
                                   batch_size=batch_size, progress=progress, desc="perplexity"):
         labels = torch.tensor(windows[i].labels(), device=logits.device)
         total += token_nll(logits.unsqueeze(0), labels.unsqueeze(0)).double().sum().cpu()

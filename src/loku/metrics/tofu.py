@@ -253,7 +253,7 @@ def qa_token_pair(tokenizer: Any, template: QATemplate, question: str, answer: s
     tokenizer has one. Training on QA data (:func:`loku.data.tokenize_set`) and TOFU scoring both
     use this, so they see the same token sequence.
     """
-    from loku.metrics.reasoning import encode
+    from loku.lm import encode
 
     n_prompt = len(encode(tokenizer, template.format_prompt(question), special=True))
     full = encode(tokenizer, template.format_full(question, answer), special=True)
@@ -346,7 +346,7 @@ def answer_nll(
     desc: str = "tofu",
 ) -> Tensor:
     """Mean per-token NLL of each answer given its templated question, [N] float32."""
-    from loku.metrics.reasoning import score_continuations
+    from loku.lm import score_continuations
 
     pairs = [qa_token_pair(tokenizer, template, q, a) for q, a in zip(questions, answers)]
     return score_continuations(model, tokenizer, pairs, batch_size=batch_size, progress=progress,
@@ -375,7 +375,7 @@ def evaluate_tofu_split(
     progress: bool = False,
 ) -> dict:
     """Prob, ROUGE-L recall and truth ratio on one split (``role``: forget/retain/real_authors/world_facts)."""
-    from loku.metrics.reasoning import greedy_generate
+    from loku.lm import greedy_generate
 
     if not rows:
         raise DataError(f"TOFU {role} split has no rows")
@@ -404,7 +404,7 @@ def evaluate_tofu_split(
     result["prob"] = float(prob.mean())
 
     # TOFU's run_generation re-encodes the prompt text on its own (with special tokens)
-    from loku.metrics.reasoning import encode
+    from loku.lm import encode
 
     prompts = [encode(tokenizer, template.format_prompt(q), special=True) for q in questions]
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,

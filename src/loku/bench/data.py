@@ -1,0 +1,183 @@
+"""The TDEC texts a benchmark uses, cut into disjoint slices of the shared data files.
+
+Every role reads its own rows, so no text is both trained on and measured:
+
+===========  ======================================================  ==========================
+role         rows                                                    used for
+===========  ======================================================  ==========================
+forget       ``tdec/forget/lm_extraction_{pool}_{split}.csv`` [0, n)  planted, then unlearned
+heldout      ``tdec/eval/pile.csv`` [0, 200)                          stop thresholds (MA/EL), MIA
+                                                                      non-members, KL to the original
+ppl_pile     ``pile.csv`` [200, 500)                                  Pile perplexity
+general      ``pile.csv`` [500, 1500) + ``wikitext.csv`` [350, 500)   mixed into the planting
+retain       ``wikitext.csv`` [0, 250)                                unlearning's retain set
+ppl_wiki     ``wikitext.csv`` [250, 350)                              WikiText perplexity
+===========  ======================================================  ==========================
+
+Texts are cut to their first N tokens of the model's tokenizer (:func:`clip_texts`); a Pile or
+WikiText excerpt shorter than N tokens is skipped so held-out sequences have the forget
+sequences' length (MA and EL depend on it). Forget texts are never skipped: the forget set is
+the file's first ``n_forget`` rows.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DataError
+from ..provenance import file_sha256
+
+__all__ = ["ROWS", "BenchTexts", "Sizes", "bench_texts", "clip_texts", "forget_file", "write_jsonl"]
+
+# (file under tdec/eval, first row, end row) per role; see the module docstring.
+ROWS: dict[str, list[tuple[str, int, int]]] = {
+    "heldout": [("pile.csv", 0, 200)],
+    "ppl_pile": [("pile.csv", 200, 500)],
+    "general": [("pile.csv", 500, 1500), ("wikitext.csv", 350, 500)],
+    "retain": [("wikitext.csv", 0, 250)],
+    "ppl_wiki": [("wikitext.csv", 250, 350)],
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many texts of each role, and how many tokens each keeps."""
+
+    n_forget: int = 8
+    forget_tokens: int = 64
+    n_heldout: int = 8  # held-out sequences (same length as the forget ones)
+    n_retain: int = 64
+    retain_tokens: int = 64
+    n_ppl: int = 32  # per perplexity set (Pile and WikiText)
+    ppl_tokens: int = 128
+    n_general: int = 512  # planting pool
+    general_tokens: int = 64
+
+    def validate(self) -> "Sizes":
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"sizes.{name} must be a positive integer, got {value!r}")
+        for name in ("forget_tokens", "retain_tokens", "ppl_tokens", "general_tokens"):
+            if getattr(self, name) < 12:
+                raise ConfigError(f"sizes.{name} must be at least 12 tokens (EL_10 needs more than 10), "
+                                  f"got {getattr(self, name)}")
+        limits = {"n_heldout": 200, "n_retain": 250, "n_ppl": 100, "n_general": 1150}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"sizes.{name} is at most {limit} (the rows reserved for it), got {getattr(self, name)}")
+        return self
+
+
+@dataclass
+class BenchTexts:
+    """The texts of one split, per role, and where they came from."""
+
+    split: str
+    texts: dict[str, list[str]]
+    sources: dict[str, Any] = field(default_factory=dict)  # file -> {"sha256", "rows": {role: [start, end]}}
+
+    def sha256(self) -> str:
+        """One hash of every text of every role, in order: the data a cached planting depends on."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.texts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def forget_file(data_dir: str | Path, split: str, pool: int = 32) -> Path:
+    return Path(data_dir) / "tdec" / "forget" / f"lm_extraction_{pool}_{split}.csv"
+
+
+def clip_texts(tokenizer: Any, texts: list[str], n_tokens: int, *, min_tokens: int | None = None) -> list[str]:
+    """Each text cut to its first ``n_tokens`` tokens, as text that re-tokenizes to the same ids.
+
+    BPE merges across the cut can change the last ids; the cut is moved left until the decoded
+    text tokenizes back to exactly the kept ids. With ``min_tokens``, texts that end up shorter
+    are dropped (else kept as they are).
+    """
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+        candidate = tokenizer.decode(ids)
+        while tokenizer(candidate, add_special_tokens=False)["input_ids"] != ids and len(ids) > 8:
+            ids = ids[:-1]
+            candidate = tokenizer.decode(ids)
+        if min_tokens is None or len(ids) >= min_tokens:
+            out.append(candidate)
+    return out
+
+
+def _read(data_dir: Path, name: str, role: str) -> list[str]:
+    from ..data import read_texts
+
+    path = data_dir / "tdec" / "eval" / name
+    if not path.is_file():
+        raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
+                        "(or set LOKU_DATA_DIR)")
+    return read_texts(path, role=role)
+
+
+def bench_texts(tokenizer: Any, data_dir: str | Path, split: str, sizes: Sizes, *, pool: int = 32) -> BenchTexts:
+    """The forget, held-out, retain, planting and perplexity texts of one TDEC split (module docstring)."""
+    from ..data import read_texts
+
+    sizes.validate()
+    data_dir = Path(data_dir)
+    path = forget_file(data_dir, split, pool)
+    if not path.is_file():
+        raise DataError(f"{path}: TDEC forget file of split {split!r} not found; choose a split that exists under "
+                        f"{path.parent} or pass --data-dir")
+    forget_rows = read_texts(path, role="forget")
+    if len(forget_rows) < sizes.n_forget:
+        raise DataError(f"{path}: {len(forget_rows)} sequences, fewer than sizes.n_forget = {sizes.n_forget}")
+    texts = {"forget": clip_texts(tokenizer, forget_rows[: sizes.n_forget], sizes.forget_tokens)}
+    sources: dict[str, Any] = {str(path): {"sha256": file_sha256(path), "rows": {"forget": [0, sizes.n_forget]}}}
+    want = {"heldout": (sizes.n_heldout, sizes.forget_tokens), "ppl_pile": (sizes.n_ppl, sizes.ppl_tokens),
+            "general": (sizes.n_general, sizes.general_tokens), "retain": (sizes.n_retain, sizes.retain_tokens),
+            "ppl_wiki": (sizes.n_ppl, sizes.ppl_tokens)}
+    cache: dict[str, list[str]] = {}
+    for role, (count, n_tokens) in want.items():
+        pieces = []
+        for name, start, end in ROWS[role]:
+            if name not in cache:
+                cache[name] = _read(data_dir, name, role)
+            rows = cache[name][start:end]
+            share = count if len(ROWS[role]) == 1 else -(-count * (end - start) // sum(e - s for _, s, e in ROWS[role]))
+            kept = []
+            for i in range(0, len(rows), 64):  # tokenize in chunks until enough long-enough texts are found
+                kept += clip_texts(tokenizer, rows[i:i + 64], n_tokens, min_tokens=n_tokens)
+                if len(kept) >= share:
+                    break
+            pieces.append(kept[:share])
+            file = str(data_dir / "tdec" / "eval" / name)
+            entry = sources.setdefault(file, {"sha256": file_sha256(file), "rows": {}})
+            entry["rows"][role] = [start, end]
+        mixed = _interleave(pieces)[:count]
+        if len(mixed) < count:
+            raise DataError(f"only {len(mixed)} texts of at least {n_tokens} tokens for the {role} set (rows "
+                            f"{ROWS[role]}), {count} asked; lower the size or the token count")
+        texts[role] = mixed
+    return BenchTexts(split=str(split), texts=texts, sources=sources)
+
+
+def _interleave(pieces: list[list[str]]) -> list[str]:
+    """a0 b0 a1 b1 ...: every prefix of the planting pool mixes the sources in proportion."""
+    out: list[str] = []
+    longest = max((len(p) for p in pieces), default=0)
+    ratio = [len(p) / longest if longest else 0 for p in pieces]
+    taken = [0] * len(pieces)
+    for step in range(1, longest + 1):
+        for k, piece in enumerate(pieces):
+            while taken[k] < min(len(piece), round(step * ratio[k])):
+                out.append(piece[taken[k]])
+                taken[k] += 1
+    return out
+
+
+def write_jsonl(path: str | Path, texts: list[str]) -> Path:
+    """One ``{"text": ...}`` a line, atomically (the trainer reads the sets from files)."""
+    from ..save import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    return Path(path)

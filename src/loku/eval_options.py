@@ -1,0 +1,134 @@
+"""The options of the evaluation suites and of ``loku eval``, each declared once.
+
+:class:`EvalOptions` holds what the suites of :mod:`loku.evaluate` need besides the model; its
+fields are the flags of ``loku eval`` and, through :func:`loku.config.suite_option`, the
+``--eval-*`` flags of ``loku unlearn``. :class:`EvalCommand` holds the options of the ``loku eval``
+command itself (model, output, thresholds). Both are validated by their ``validate()``; help text,
+default and valid range sit in each field (:mod:`loku.options`). Kept free of torch so the
+configuration can import it cheaply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ConfigError
+from .options import check_fields
+
+ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
+DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:
+    """``"paper"`` -> the paper's nine lm-eval tasks; ``"a,b"`` -> ``["a", "b"]``; lists pass."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return list(value) or None
+    if value.strip() == "paper":
+        from .metrics.lm_eval_backend import PAPER_TASKS
+
+        return list(PAPER_TASKS)
+    return [t.strip() for t in value.split(",") if t.strip()] or None
+
+
+@dataclass
+class EvalOptions:
+    """Everything a suite needs besides the model; ``files`` collects ``{path: role}`` it read."""
+
+    data_dir: Path | None = field(default=None, metadata={
+        "help": "shared data folder [default: $LOKU_DATA_DIR or ../shared/data]"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use only the first N items of every set (N forget sequences for tdec/mia)", "range": ">= 1"})
+    forget_path: Path | None = field(default=None, metadata={
+        "flag": "--forget", "help": f"forget file for tdec/mia [default: DATA_DIR/{DEFAULT_FORGET.as_posix()}]"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass", "range": ">= 1"})
+    seed: int = field(default=0, metadata={
+        "help": "random seed, set before loading and before each suite", "range": "[0, 4294967295]"})
+    progress: bool = field(default=False, metadata={"flag": "--no-progress", "help": "hide progress bars"})
+    el_n: int = field(default=10, metadata={"help": "n of the EL_n metric", "range": ">= 1"})
+    # Pre-unlearning thresholds for tdec: {"ma": float, "el": float, "source"?, "from"?, "note"?, "el_n"?};
+    # "self" (or a dict without numbers) when the evaluated model IS the model before unlearning, so
+    # its own held-out means are the thresholds; None: "forgotten" stays undetermined.
+    thresholds: dict | str | None = field(default=None, metadata={"cli": False, "help": "set by loku eval"})
+    tofu_forget_split: str = field(default="forget10", metadata={
+        "flag": "--tofu-forget", "help": "TOFU forget split", "choices": ("forget01", "forget05", "forget10")})
+    tofu_reference: str | Path | None = field(default=None, metadata={
+        "help": "retain-only model's reference log or eval.json, for TOFU forget quality"})
+    tofu_legacy_300: bool = field(default=False, metadata={
+        "help": "truncate TOFU eval sets to 300 items like the original pipeline"})
+    tofu_template: str | None = field(default=None, metadata={
+        "help": "TOFU prompt template [default: chosen from the tokenizer / model type]",
+        "choices": ("llama2", "phi", "chatml", "generic")})
+    tofu_max_new_tokens: int = field(default=128, metadata={
+        "help": "longest TOFU answer generated for ROUGE-L", "range": ">= 1"})
+    lm_eval_tasks: Sequence[str] | None = field(default=None, metadata={
+        "help": "comma-separated lm-eval tasks to add to the reasoning suite; 'paper' = the paper's nine "
+                "(needs pip install 'loku[lm-eval]' and the hub)"})
+    lm_eval_limit: int | float | None = field(default=None, metadata={
+        "help": "items per lm-eval task (a fraction below 1: that share of each task) [default: --limit]",
+        "range": "> 0"})
+    lm_eval_include_path: str | Path | None = field(default=None, metadata={
+        "flag": "--lm-eval-include", "help": "folder of custom lm-eval task YAMLs"})
+    files: dict[str, str] = field(default_factory=dict, metadata={"cli": False, "help": "set by the suites"})
+
+    def __post_init__(self) -> None:
+        if self.data_dir is None:
+            from .provenance import default_data_dir
+
+            self.data_dir = default_data_dir()
+        self.data_dir = Path(self.data_dir)
+        if self.forget_path is not None:
+            self.forget_path = Path(self.forget_path)
+        self.lm_eval_tasks = _parse_tasks(self.lm_eval_tasks)
+
+    def validate(self) -> "EvalOptions":
+        """Type and range of every option (one line naming the flag and its valid values)."""
+        check_fields(self)
+        return self
+
+    def eval_file(self, name: str) -> Path:
+        return self.data_dir / "tdec" / "eval" / name
+
+    def take(self, items: list) -> list:
+        return items if self.limit is None else items[: self.limit]
+
+
+@dataclass
+class EvalCommand:
+    """The options of ``loku eval`` beside the suite options (:class:`EvalOptions`)."""
+
+    model: str | None = field(default=None, metadata={
+        "required": True, "help": "model: built-in name (smollm2-135m), local folder, loku output folder or hub id"})
+    adapter: str | None = field(default=None, metadata={"help": "a loku adapter folder (OUT/adapter) to attach"})
+    suite: list[str] | None = field(default=None, metadata={
+        "action": "append", "help": f"suite(s) to run: {', '.join(ALL_SUITES)} or all; repeat or comma-separate "
+                                    "[default: all]"})
+    dtype: str = field(default="float32", metadata={
+        "choices": DTYPES, "help": "dtype the model (and --thresholds-from model) is loaded in"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow custom model code from the model folder (read it first)"})
+    thresholds_from: str | None = field(default=None, metadata={
+        "metavar": "BASE_MODEL",
+        "help": "tdec: the model BEFORE unlearning; its held-out MA/EL are the forgetting thresholds "
+                "[default: the thresholds in report.json when --model/--adapter is a loku output "
+                "folder, else 'forgotten' is left undetermined]"})
+    ma_threshold: float | None = field(default=None, metadata={
+        "range": "[0, 1]", "help": "tdec: fixed MA threshold instead of the pre-unlearning held-out mean "
+                                   "(Jang: 0.2994)"})
+    el_threshold: float | None = field(default=None, metadata={
+        "range": "[0, 1]", "help": "tdec: fixed EL threshold instead of the pre-unlearning held-out mean "
+                                   "(Jang: 0.0499)"})
+    out: str | None = field(default=None, metadata={
+        "required": True, "help": "output folder for eval.json and eval.md"})
+
+    def validate(self) -> "EvalCommand":
+        """Every option alone (type, range, choices), then the ones that go together."""
+        check_fields(self)
+        if (self.ma_threshold is None) != (self.el_threshold is None):
+            raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
+        if self.ma_threshold is not None and self.thresholds_from:
+            raise ConfigError("give either --thresholds-from or --ma-threshold/--el-threshold, not both")
+        return self
