@@ -6,6 +6,12 @@ L = 1..T-n, the n-gram overlap between the greedy continuation of x[:L] up to le
 true suffix x[L:]; it is the (1/(T-n)) sum of Jang et al. (the empty prefix cannot be continued).
 A greedy continuation here is T-L argmax steps with no early stop at EOS.
 
+Both metrics run the model with float32 weights whatever its dtype (:func:`float32_weights`): in
+bf16/fp16 the rounding of a whole-sequence forward differs from a prefix's, near-ties of the argmax
+flip and whole continuations change (up to 25% relative EL difference on SmolLM2 in bf16), and
+these numbers decide when unlearning stops. The cost is float32 memory during measurement only;
+the weights are cast back, bit for bit, afterwards.
+
 ``extraction_likelihood`` (fast, exact) needs no generation where the model already follows the
 text: if the teacher-forced argmax at position L-1 equals x[L], the continuation of x[:L] is
 x[L] followed by the continuation of x[:L+1]. Only prefixes where the argmax misses are
@@ -14,11 +20,54 @@ attention: the cache of x[:m] is the first m positions of the cache of x).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import itertools
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["extraction_likelihood", "extraction_likelihood_plain", "memorization_accuracy", "ngram_overlap"]
+__all__ = ["extraction_likelihood", "extraction_likelihood_plain", "float32_weights", "memorization_accuracy",
+           "ngram_overlap"]
+
+
+@contextlib.contextmanager
+def float32_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Run the block with every floating parameter and buffer of ``model`` in float32, in place (no
+    second copy of the model; Parameter objects, hence optimizer state, stay attached), and give each
+    tensor back its own dtype afterwards, also on an error. bf16/fp16 -> float32 -> back is exact."""
+    lowered = [t for t in itertools.chain(model.parameters(), model.buffers())
+               if t.is_floating_point() and t.dtype != torch.float32]
+    dtypes = [t.dtype for t in lowered]
+    try:
+        for t in lowered:
+            t.data = t.data.float()
+        yield
+    finally:
+        for t, dtype in zip(lowered, dtypes):
+            t.data = t.data.to(dtype)
+
+
+def _in_float32(metric):
+    @functools.wraps(metric)
+    def measured(model, *args, **kwargs):
+        with float32_weights(model):
+            return metric(model, *args, **kwargs)
+
+    return measured
+
+
+def _cache_keyword(model) -> str:
+    """transformers >= 5.x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def _lengths(input_ids: Tensor, attention_mask: Tensor | None) -> list[int]:
@@ -36,6 +85,7 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor | None, **kwargs):
     return model(input_ids=input_ids, attention_mask=mask, **kwargs)
 
 
+@_in_float32
 @torch.no_grad()
 def memorization_accuracy(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """MA per sequence [B]: the share of positions t = 1..T-1 where argmax p(.|x_<t) == x_t."""
@@ -74,18 +124,20 @@ def _el_from_continuations(sequence: list[int], continuation_of, n: int) -> floa
 @torch.no_grad()
 def _greedy(model, prefix: Tensor, steps: int) -> list[int]:
     """``steps`` argmax tokens after ``prefix`` [1, L], decoding with the model's KV cache."""
+    keyword = _cache_keyword(model)
     out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
     generated = [int(out.logits[0, -1].argmax())]
-    cache, length = out.past_key_values, prefix.shape[1]
+    cache, length = _returned_cache(out), prefix.shape[1]
     for _ in range(steps - 1):
         token = torch.tensor([[generated[-1]]], device=prefix.device)
         out = model(input_ids=token, attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=prefix.device),
-                    past_key_values=cache, use_cache=True)
-        cache, length = out.past_key_values, length + 1
+                    use_cache=True, **{keyword: cache})
+        cache, length = _returned_cache(out), length + 1
         generated.append(int(out.logits[0, -1].argmax()))
     return generated
 
 
+@_in_float32
 @torch.no_grad()
 def extraction_likelihood_plain(model, input_ids: Tensor, n: int = 10, attention_mask: Tensor | None = None) -> Tensor:
     """EL_n per sequence [B] by the definition: one greedy generation per prefix (the reference)."""
@@ -131,14 +183,15 @@ def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first
     for step in range(max(steps) - 1):
         mask = torch.cat([mask, mask.new_ones((count, 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **{_cache_keyword(model): cache})
+        cache = _returned_cache(out)
         tokens = out.logits[:, -1].argmax(dim=-1)
         generated.append(tokens)
     table = torch.stack(generated, dim=1).tolist()
     return [table[r][: steps[r]] for r in range(count)]
 
 
+@_in_float32
 @torch.no_grad()
 def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask: Tensor | None = None, *,
                           rows_per_batch: int = 64, progress: bool = False) -> Tensor:
@@ -154,9 +207,9 @@ def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask:
     lengths = _lengths(input_ids, attention_mask)
     # A cache built without the model's config keeps every position, also in sliding-window layers
     # (which would otherwise keep only the last window and lose the prefixes' keys).
-    out = _forward(model, input_ids, attention_mask, use_cache=True, past_key_values=DynamicCache())
+    out = _forward(model, input_ids, attention_mask, use_cache=True, **{_cache_keyword(model): DynamicCache()})
     argmax = out.logits.argmax(dim=-1).tolist()  # argmax[b][j] predicts position j+1
-    cache_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    cache_layers = [(layer.keys, layer.values) for layer in _returned_cache(out).layers]
     sequences = [row[:length].tolist() for row, length in zip(input_ids, lengths)]
 
     # Prefix lengths m whose greedy step misses the text: the only continuations to generate.
