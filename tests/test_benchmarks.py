@@ -68,3 +68,30 @@ def test_gpu_step_smoke_records_every_phase(tmp_path):
             if has_fila:
                 assert r[phase]["seconds"] > 0
         assert (r["trainable_share"] == 1.0) == (method == "full-gd")
+
+
+def test_fisher_speed_smoke_compares_one_pass_with_per_sequence_fisher(tmp_path):
+    run_script("fisher_speed.py", "--smoke", out=tmp_path)
+    report = json.loads((tmp_path / "fisher_speed_cpu.json").read_text())
+    assert report["benchmark"] == "fisher_speed" and report["settings"]["smoke"] is True
+    assert "fisher_speed.py" in " ".join(report["command"]) and report["settings"]["seed"] == 0
+    for key in ("torch", "transformers", "device", "dtype", "git", "cpu_threads"):
+        assert key in report["environment"]
+    r = report["result"]
+    assert r["model"] == "tiny-llama-random" and r["sequences"] == {"forget": 4, "retain": 6}
+    assert r["fisher_old_per_sequence"]["backward_passes"] == 10  # one per sequence
+    assert r["fisher_new_one_pass"]["backward_passes"] == 5  # one per batch of 2
+    assert r["fisher_new_one_pass_big_batch"]["batch_size"] == 4  # --smoke also times a second batch size
+    for phase in ("fisher_old_per_sequence", "fisher_new_one_pass", "fisher_new_one_pass_big_batch"):
+        assert r[phase]["seconds"] > 0
+    assert set(r["load_average_1min"]) == {"before", "after"}
+    assert r["fila_init"]["svd_seconds"] > 0 and r["epoch"]["mean_seconds"] > 0
+    for diff in r["max_relative_difference_new_vs_old"].values():
+        assert 0 <= diff["max"] < 1e-5
+    assert set(r["ratios"]) == {"new_over_old", "new_big_batch_over_old", "fisher_plus_svd_over_epoch_new",
+                                "fisher_plus_svd_over_epoch_old"}
+    shares = r["eps_share"]["relative_fisher_eps_dominated_share"]
+    assert set(shares) == {"mean_loss", "sum_loss"}
+    for layer, mean_share in shares["mean_loss"].items():
+        # the mean loss divides every gradient by the token count: its Fisher is never above the sum loss's
+        assert 0 <= shares["sum_loss"][layer] <= mean_share <= 1

@@ -92,3 +92,93 @@ def test_initialisers_preserve_the_models_function(arch, method):
     assert all(l.lora_B["default"].weight.abs().sum() > 0 for l in layers.values())
     assert 0.0 <= stats["eps_dominated_share"] <= 1.0 and set(stats["relative_weighted_error"]) == set(targets)
     assert all(0 <= e < 1 for e in stats["relative_weighted_error"].values())
+
+
+def lora_model(arch: str, rank: int = 4):
+    """A tiny model wrapped in a LoRA adapter on its QV+FFN layers, as loku.trainer.adapt_model wraps it."""
+    from peft import LoraConfig, get_peft_model
+
+    from loku.models import is_conv1d, resolve_targets
+
+    model = make_tiny_model(arch)
+    targets = resolve_targets(model, "qv-ffn")
+    modules = dict(model.named_modules())
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, bias="none",
+                        fan_in_fan_out=any(is_conv1d(modules[t]) for t in targets))
+    return get_peft_model(model, config)
+
+
+def token_weighted_variance_fisher(model, batches, params: dict) -> dict:
+    """VILA's LoRA-space Fisher written out independently of loku: per batch, the gradient g of the mean
+    token NLL (torch's own cross-entropy), weighted by the batch's token count n; max(E[g^2] - E[g]^2, 0)."""
+    sums = {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in params.items()}
+    squares = {k: torch.zeros(p.shape, dtype=torch.float64) for k, p in params.items()}
+    total = 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        labels = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+        n = int((labels != -100).sum())
+        for (k, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            sums[k] += n * g.double()
+            squares[k] += n * g.double() ** 2
+        total += n
+    return {k: (squares[k] / total - (sums[k] / total) ** 2).clamp(min=0) for k in params}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_vila_lifts_the_lora_space_fisher_as_f_b_times_f_a(arch, monkeypatch):
+    import loku.init as init_mod
+    from loku.init import InitContext, apply_initializer
+
+    model = lora_model(arch)
+    ids = random_sequences(6, 16, seed=4)
+    forget = make_batches([ids[0, :9].tolist(), ids[1].tolist(), ids[2, :12].tolist()], 2, 0)
+    retain = make_batches(ids[3:].tolist(), 2, 0)
+    independent, lifted = [], []  # per call of variance_fisher (forget, retain); per relative_fisher call
+    real_variance, real_relative = init_mod.variance_fisher, init_mod.relative_fisher
+
+    def spy_variance(m, batches, factors, **kwargs):  # the random A, B are drawn by now: measure them ourselves
+        independent.append(token_weighted_variance_fisher(m, batches, factors))
+        return real_variance(m, batches, factors, **kwargs)
+
+    def spy_relative(f_forget, f_retain, eps):
+        lifted.append((f_forget, f_retain))
+        return real_relative(f_forget, f_retain, eps)
+
+    monkeypatch.setattr(init_mod, "variance_fisher", spy_variance)
+    monkeypatch.setattr(init_mod, "relative_fisher", spy_relative)
+    apply_initializer(model, "vila", InitContext(forget_batches=forget, retain_batches=retain))
+    layers = lora_layers(model)
+    assert len(independent) == 2 and len(lifted) == len(layers)
+    for (name, layer), used in zip(layers.items(), lifted):
+        out_features, in_features = layer.lora_B["default"].weight.shape[0], layer.lora_A["default"].weight.shape[1]
+        for which, value in enumerate(used):  # forget, then retain
+            f_a, f_b = independent[which][f"{name}/A"], independent[which][f"{name}/B"]
+            hand = torch.zeros(out_features, in_features, dtype=torch.float64)
+            for k in range(f_a.shape[0]):  # F_W[i, j] = sum_k F_B[i, k] F_A[k, j]
+                hand += f_b[:, k, None] * f_a[None, k, :]
+            assert value.shape == (out_features, in_features) and hand.abs().max() > 0
+            torch.testing.assert_close(value.double(), hand, rtol=1e-4, atol=1e-6 * hand.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fila_with_the_fisher_in_chunks_of_layers_equals_one_pass_exactly(arch):
+    from loku.fisher import fisher_bytes
+    from loku.init import InitContext, apply_initializer
+
+    ids = random_sequences(6, 16, seed=4)
+    forget = make_batches([ids[0, :7].tolist(), ids[1].tolist(), ids[2].tolist()], 2, 0)
+    retain = make_batches(ids[3:].tolist(), 2, 0)
+    one, chunked = lora_model(arch), lora_model(arch)
+    weights = {n: l.get_base_layer().weight for n, l in lora_layers(one).items()}
+    budget = fisher_bytes(weights) // 4
+    stats_one = apply_initializer(one, "fila", InitContext(forget_batches=forget, retain_batches=retain))
+    stats_chunked = apply_initializer(chunked, "fila", InitContext(forget_batches=forget, retain_batches=retain,
+                                                                   fisher_max_bytes=budget))
+    assert stats_one["fisher_passes"] == 1 and stats_chunked["fisher_passes"] >= 4
+    assert stats_chunked["eps_dominated_share_per_layer"] == stats_one["eps_dominated_share_per_layer"]
+    a, b = one.state_dict(), chunked.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]

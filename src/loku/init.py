@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .fisher import empirical_fisher, relative_fisher, variance_fisher
+from .fisher import empirical_fisher, fisher_chunks, relative_fisher, variance_fisher
 from .registry import Registry
 
 ADAPTER = "default"  # PEFT's adapter name
@@ -68,6 +68,15 @@ def weighted_error(weight: Tensor, fisher_rel: Tensor, approximation: Tensor) ->
 
 @dataclass
 class InitContext:
+    """What an initialiser needs besides the model.
+
+    ``forget_batches`` / ``retain_batches`` are the Fisher pass's batches, made by the caller with
+    the pass's own batch size (``--fisher-batch-size``, default ``--batch-size``). ``fisher_max_bytes``
+    bounds FILA's float32 Fisher buffers (forget + retain, see ``loku.fisher.fisher_bytes``): when
+    the targets do not fit, the pass runs once per group of layers that does (same result, more
+    passes over the data). None: all targets in one pass.
+    """
+
     forget_batches: list[dict[str, Tensor]]
     retain_batches: list[dict[str, Tensor]]
     fisher_mode: str = "per_sample"
@@ -75,6 +84,7 @@ class InitContext:
     svd: str = "exact"
     progress: bool = False
     vila_sigma: float = 0.05
+    fisher_max_bytes: int | None = None
 
 
 Initializer = Callable[[nn.Module, InitContext], dict[str, Any]]
@@ -110,13 +120,14 @@ def _fila_per_layer(layers: dict[str, nn.Module], relative_of: Callable[[str], t
                     ctx: InitContext) -> dict[str, Any]:
     """Replace every layer by W_res + FILA adapter, building one layer's relative Fisher at a time.
 
-    Returns the share of eps-dominated entries (overall and per layer) and each layer's relative
-    weighted error ||D (W - sBA)|| / ||D W||.
+    ``relative_of(name)`` gives the layer's relative Fisher [out, in] (or its row sums [out, 1]:
+    all that FILA uses of it) and its eps-dominated share. Returns the share of eps-dominated
+    entries (overall and per layer) and each layer's relative weighted error ||D (W - sBA)|| / ||D W||.
     """
     shares, sizes, errors = {}, {}, {}
     for name, layer in layers.items():
         rel, shares[name] = relative_of(name)
-        sizes[name] = rel.numel()
+        sizes[name] = _dense_weight(layer).numel()
         w = _as_out_in(layer, _dense_weight(layer).detach()).float()
         a, b, w_res = fila_factors(w, rel, layer.r[ADAPTER], layer.scaling[ADAPTER], svd=ctx.svd)
         scale = torch.linalg.norm(row_weights(rel)[:, None] * w).clamp(min=1e-30)
@@ -135,29 +146,49 @@ def init_gaussian(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
     return {}
 
 
-@INITIALIZERS.register("fila")
+@INITIALIZERS.register("fila", replaces_base=True, uses_fisher=True)
 def init_fila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    """Relative Fisher of the full weights, then the row-weighted SVD per layer (§2-3)."""
+    """Relative Fisher of the full weights, then the row-weighted SVD per layer (§2-3).
+
+    With ``ctx.fisher_max_bytes`` the Fisher pass runs once per group of layers whose forget and
+    retain buffers fit the budget. Each group is reduced to the row sums of its relative Fisher
+    before the next group runs, and no layer is replaced before every pass has run, so the result
+    is the same as one pass over all layers.
+    """
     layers = lora_layers(model)
     weights = {name: _dense_weight(layer) for name, layer in layers.items()}
+    chunks = fisher_chunks(weights, ctx.fisher_max_bytes)
     t0 = time.time()
-    f_forget = empirical_fisher(model, ctx.forget_batches, weights, mode=ctx.fisher_mode, progress=ctx.progress,
-                                desc="Fisher (forget)")
-    f_retain = empirical_fisher(model, ctx.retain_batches, weights, mode=ctx.fisher_mode, progress=ctx.progress,
-                                desc="Fisher (retain)")
+    row_sums: dict[str, Tensor] = {}
+    shares: dict[str, float] = {}
+    for i, chunk in enumerate(chunks):
+        part = f" {i + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+        f_forget = empirical_fisher(model, ctx.forget_batches, chunk, mode=ctx.fisher_mode, progress=ctx.progress,
+                                    desc=f"Fisher (forget){part}")
+        f_retain = empirical_fisher(model, ctx.retain_batches, chunk, mode=ctx.fisher_mode, progress=ctx.progress,
+                                    desc=f"Fisher (retain){part}")
+        for name in chunk:
+            layer = layers[name]
+            rel, shares[name] = relative_fisher(_as_out_in(layer, f_forget.pop(name)),
+                                                _as_out_in(layer, f_retain.pop(name)), ctx.eps)
+            # FILA uses F_rel only through d_i = sqrt(sum_j F_rel[i, j]): keep the row sums, free the rest.
+            row_sums[name] = rel.sum(dim=1, keepdim=True)
     t1 = time.time()
-
-    def relative_of(name: str) -> tuple[Tensor, float]:
-        layer = layers[name]
-        return relative_fisher(_as_out_in(layer, f_forget.pop(name)), _as_out_in(layer, f_retain.pop(name)), ctx.eps)
-
-    stats = _fila_per_layer(layers, relative_of, ctx)
-    return {**stats, "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
+    stats = _fila_per_layer(layers, lambda name: (row_sums.pop(name), shares[name]), ctx)
+    return {**stats, "fisher_passes": len(chunks), "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
 
 
-@INITIALIZERS.register("vila")
+def lift_lora_fisher(fisher_b: Tensor, fisher_a: Tensor) -> Tensor:
+    """VILA's full-weight Fisher estimate F_W ~= F_B @ F_A ([out, r] @ [r, in] -> [out, in], §4)."""
+    return fisher_b.float() @ fisher_a.float()
+
+
+@INITIALIZERS.register("vila", replaces_base=True, uses_fisher=True)
 def init_vila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
-    """Fisher measured in LoRA space (A, B random), lifted as F_B @ F_A, then FILA's solve (§4)."""
+    """Fisher measured in LoRA space (A, B random), lifted as F_B @ F_A, then FILA's solve (§4).
+
+    The LoRA-space moments are token-weighted batch moments (``variance_fisher``, mode "batch").
+    """
     layers = lora_layers(model)
     factors: dict[str, nn.Parameter] = {}
     with torch.no_grad():
@@ -172,8 +203,8 @@ def init_vila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
 
     def relative_of(name: str) -> tuple[Tensor, float]:
         # Lifted to [out, in] one layer at a time: no full-size Fisher exists for the whole model.
-        lifted_forget = f_forget[f"{name}/B"] @ f_forget[f"{name}/A"]
-        lifted_retain = f_retain[f"{name}/B"] @ f_retain[f"{name}/A"]
+        lifted_forget = lift_lora_fisher(f_forget[f"{name}/B"], f_forget[f"{name}/A"])
+        lifted_retain = lift_lora_fisher(f_retain[f"{name}/B"], f_retain[f"{name}/A"])
         return relative_fisher(lifted_forget, lifted_retain, ctx.eps)
 
     stats = _fila_per_layer(layers, relative_of, ctx)

@@ -256,8 +256,9 @@ def adapt(run: Run) -> None:
     if needs_reference(method.loss, cfg.retain_term):
         run.reference = copy.deepcopy(run.model).eval().requires_grad_(False)
     # Each process takes its share of the Fisher batches; fisher.py all-reduces sums and counts.
-    fisher_forget = data_mod.make_batches(run.sets.forget_ids, cfg.batch_size, run.pad)[: cfg.fisher_batches]
-    fisher_retain = data_mod.make_batches(run.sets.retain_ids, cfg.batch_size, run.pad)[: cfg.fisher_batches]
+    fisher_batch = cfg.fisher_batch_size or cfg.batch_size
+    fisher_forget = data_mod.make_batches(run.sets.forget_ids, fisher_batch, run.pad)[: cfg.fisher_batches]
+    fisher_retain = data_mod.make_batches(run.sets.retain_ids, fisher_batch, run.pad)[: cfg.fisher_batches]
     started = time.time()
     run.model, run.targets, run.init_stats, run.residual = adapt_model(
         run.model, cfg, dist.shard(fisher_forget, run.accelerator), dist.shard(fisher_retain, run.accelerator),
@@ -309,6 +310,7 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
         return model, [], {}, {}
     from peft import LoraConfig, get_peft_model
 
+    from .fisher import fisher_memory_budget
     from .init import INITIALIZERS, InitContext, apply_initializer
 
     targets = resolve_targets(model, cfg.targets)
@@ -319,8 +321,11 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     peft_model = get_peft_model(model, lora)
     if not run_initializer:  # resuming: the checkpoint supplies the adapter and residual weights
         return peft_model, targets, {}, {}
+    # Float32 Fisher buffers of every target (43 GB for Llama-2-7B) are accumulated in groups of
+    # layers that fit half of the free GPU memory; on CPU in one pass.
     ctx = InitContext(forget_batches=forget_batches, retain_batches=retain_batches, fisher_mode=cfg.fisher_mode,
-                      eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress)
+                      eps=cfg.fisher_eps, svd=cfg.svd, progress=cfg.progress,
+                      fisher_max_bytes=fisher_memory_budget(next(model.parameters()).device))
     stats = apply_initializer(peft_model, method.init, ctx)
     residual = {}
     if INITIALIZERS.trait(method.init, "replaces_base"):
