@@ -1,4 +1,4 @@
-"""Speed of the exact fast extraction likelihood EL_n against the plain reference (ALGORITHMS.md §6).
+"""Speed of the exact fast extraction likelihood EL_n against the plain reference (docs/algorithms.md §6).
 
 ``loku.metrics.memorization.extraction_likelihood`` (fast) generates greedy continuations only for
 the prefixes where the model's teacher-forced argmax misses the text, batched from one forward

@@ -11,7 +11,7 @@ here, nothing downloaded) and method (default ``lora-gd``, ``fila-ihl``, ``full-
   (N = all parameters of the base model, tokens = forget + retain tokens; attention FLOPs are not
   counted, as in loku's own ``estimate_flops``).
 * FILA methods only: ``fisher_per_sample`` and ``fisher_batch`` (``loku.fisher.empirical_fisher`` of
-  every target weight on the forget and the retain batches) and ``fila_svd`` (``loku.init.fila_factors``
+  every target weight on the forget and the retain batches) and ``fila_svd`` (``loku.initializers.fila_factors``
   over all target layers, from the per-sample relative Fisher). The adapter of the step phase is
   then attached without re-running the initialiser: a step costs the same whatever the adapter's
   starting values.
@@ -159,9 +159,9 @@ def fisher_phase(model, targets, forget, retain, mode: str, args, keep: bool):
 
 
 def svd_phase(model, targets, fishers, cfg, args) -> dict:
-    """Time loku.init.fila_factors over every target layer (relative Fisher built outside the timing)."""
+    """Time loku.initializers.fila_factors over every target layer (relative Fisher built outside the timing)."""
     from loku.fisher import relative_fisher
-    from loku.init import fila_factors
+    from loku.initializers import fila_factors
 
     f_forget, f_retain = fishers
     modules = dict(model.named_modules())

@@ -1,4 +1,4 @@
-"""Empirical Fisher (ALGORITHMS.md §2) against gradients worked out by hand, and the fast per-sample
+"""Empirical Fisher (docs/algorithms.md §2) against gradients worked out by hand, and the fast per-sample
 pass against the per-sequence autograd reference.
 
 Per-sample loss L(x) = SUM of the sequence's token NLLs (paper Eq. 2); ``batch`` mode (official code)
@@ -153,7 +153,7 @@ def assert_same_fisher(fast: dict[str, torch.Tensor], reference: dict[str, torch
 
 
 def target_weights(model, peft: bool) -> dict[str, nn.Parameter]:
-    """The QV+FFN weights: plain, or the base layers of a LoRA-wrapped model as loku.init passes them."""
+    """The QV+FFN weights: plain, or the base layers of a LoRA-wrapped model as loku.initializers passes them."""
     targets = resolve_targets(model, "qv-ffn")
     if peft:
         conv = any(is_conv1d(m) for n, m in model.named_modules() if n in targets)

@@ -1,4 +1,4 @@
-"""Initialisers (ALGORITHMS.md §3-5): the FILA solve is exact and optimal, and every initialiser
+"""Initialisers (docs/algorithms.md §3-5): the FILA solve is exact and optimal, and every initialiser
 leaves a whole model computing what it computed before."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from loku.config import UnlearnConfig
 from loku.data import make_batches
-from loku.init import fila_factors, lora_layers, row_weights, truncated_svd, weighted_error
+from loku.initializers import fila_factors, lora_layers, row_weights, truncated_svd, weighted_error
 from loku.trainer import adapt_model
 from tiny_models import make_tiny_model, random_sequences
 
@@ -129,8 +129,8 @@ def token_weighted_variance_fisher(model, batches, params: dict) -> dict:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_vila_lifts_the_lora_space_fisher_as_f_b_times_f_a(arch, monkeypatch):
-    import loku.init as init_mod
-    from loku.init import InitContext, apply_initializer
+    import loku.initializers as init_mod
+    from loku.initializers import InitContext, apply_initializer
 
     model = lora_model(arch)
     ids = random_sequences(6, 16, seed=4)
@@ -166,7 +166,7 @@ def test_vila_lifts_the_lora_space_fisher_as_f_b_times_f_a(arch, monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fila_with_the_fisher_in_chunks_of_layers_equals_one_pass_exactly(arch):
     from loku.fisher import fisher_bytes
-    from loku.init import InitContext, apply_initializer
+    from loku.initializers import InitContext, apply_initializer
 
     ids = random_sequences(6, 16, seed=4)
     forget = make_batches([ids[0, :7].tolist(), ids[1].tolist(), ids[2].tolist()], 2, 0)

@@ -1,4 +1,4 @@
-"""Losses (ALGORITHMS.md §1): IHL value and gradient against the closed form of the paper's
+"""Losses (docs/algorithms.md §1): IHL value and gradient against the closed form of the paper's
 appendix E, masking, float32 math for bf16 logits, GA/GD/NPO/KL against hand formulas."""
 from __future__ import annotations
 

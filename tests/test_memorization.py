@@ -1,4 +1,4 @@
-"""MA and EL_n (ALGORITHMS.md §6) against plain implementations written here from the definitions:
+"""MA and EL_n (docs/algorithms.md §6) against plain implementations written here from the definitions:
 a full forward pass per greedy step (no KV cache), n-grams counted with Python tuples."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Membership-inference scores and AUCs (beyond the LoKU paper; not in ALGORITHMS.md).
+"""Membership-inference scores and AUCs (beyond the LoKU paper; not in docs/algorithms.md).
 
 The pure pieces (AUC, Min-K%, Min-K%++) are checked on fixed numbers computed by hand; the
 model-level scores against a plain per-text loop; and a tiny model trained to memorize a few

@@ -1,4 +1,4 @@
-"""Target resolution (ALGORITHMS.md §5), rank checks and safe model loading."""
+"""Target resolution (docs/algorithms.md §5), rank checks and safe model loading."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""Perplexity of the ``ppl`` suite (ALGORITHMS.md §6: "perplexity on Pile validation text").
+"""Perplexity of the ``ppl`` suite (docs/algorithms.md §6: "perplexity on Pile validation text").
 
 Every number is checked against an independent hand loop over ``model(...).logits`` with
 ``torch.nn.functional.cross_entropy``, one text (or one window) at a time, no padding.
@@ -45,7 +45,7 @@ def _sum_nll(model, ids, n_context=1):
 
 
 def test_token_nll_matches_cross_entropy_and_masks():
-    """ALGORITHMS.md §6 perplexity: per-token NLL with HF's shift, -100 labels give 0."""
+    """docs/algorithms.md §6 perplexity: per-token NLL with HF's shift, -100 labels give 0."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=g)
     labels = torch.randint(0, 7, (2, 5), generator=g)
@@ -62,7 +62,7 @@ def test_token_nll_matches_cross_entropy_and_masks():
 
 
 def test_sliding_windows_by_hand():
-    """ALGORITHMS.md §6 perplexity: windows of max_length, overlap is context only."""
+    """docs/algorithms.md §6 perplexity: windows of max_length, overlap is context only."""
     ids = list(range(10))
     got = [(w.ids, w.context) for w in sliding_windows(ids, 4, 2)]
     assert got == [([0, 1, 2, 3], 1), ([2, 3, 4, 5], 2), ([4, 5, 6, 7], 2), ([6, 7, 8, 9], 2)]
@@ -82,7 +82,7 @@ def test_sliding_windows_by_hand():
 @pytest.mark.parametrize("n,max_length,stride", [(10, 4, 1), (10, 4, 3), (10, 4, 4), (10, 4, 9), (37, 8, 5),
                                                  (3, 8, None), (8, 8, None), (9, 8, None)])
 def test_every_token_but_the_first_scored_exactly_once(n, max_length, stride):
-    """ALGORITHMS.md §6 perplexity: each of tokens 1..T-1 is a target in exactly one window."""
+    """docs/algorithms.md §6 perplexity: each of tokens 1..T-1 is a target in exactly one window."""
     ids = list(range(n))
     scored = []
     for w in sliding_windows(ids, max_length, stride):
@@ -92,7 +92,7 @@ def test_every_token_but_the_first_scored_exactly_once(n, max_length, stride):
 
 
 def test_perplexity_equals_a_per_text_loop(model, tok):
-    """ALGORITHMS.md §6 perplexity: token-weighted exp(mean NLL) over texts shorter than max_length."""
+    """docs/algorithms.md §6 perplexity: token-weighted exp(mean NLL) over texts shorter than max_length."""
     texts = _texts([12, 5, 30, 2, 17])
     total = sum(_sum_nll(model, _ids(tok, t)) for t in texts)
     count = sum(len(_ids(tok, t)) - 1 for t in texts)
@@ -104,7 +104,7 @@ def test_perplexity_equals_a_per_text_loop(model, tok):
 
 
 def test_sliding_window_equals_a_hand_window_loop(model, tok):
-    """ALGORITHMS.md §6 perplexity: HF's fixed-length recipe, stride < max_length.
+    """docs/algorithms.md §6 perplexity: HF's fixed-length recipe, stride < max_length.
 
     Windows end at max_length, max_length + stride, ... and at the text's end; each holds the
     max_length tokens up to its end and scores the tokens past the previous window's end. (The
@@ -130,7 +130,7 @@ def test_sliding_window_equals_a_hand_window_loop(model, tok):
 
 
 def test_batch_size_and_padding_do_not_change_the_number(model, tok):
-    """ALGORITHMS.md §6 perplexity: right padding is masked; batching is invisible."""
+    """docs/algorithms.md §6 perplexity: right padding is masked; batching is invisible."""
     texts = _texts([3, 40, 7, 22, 9, 31])
     one = perplexity(model, tok, texts, batch_size=1, max_length=20, stride=7)
     four = perplexity(model, tok, texts, batch_size=4, max_length=20, stride=7)
@@ -146,7 +146,7 @@ def test_batch_size_and_padding_do_not_change_the_number(model, tok):
 
 
 def test_single_token_texts_count_nothing_and_no_token_is_an_error(model, tok):
-    """ALGORITHMS.md §6 perplexity: the first token of a text has no context."""
+    """docs/algorithms.md §6 perplexity: the first token of a text has no context."""
     texts = _texts([1, 6, 1])
     res = perplexity(model, tok, texts + [""])
     assert res["tokens"] == 5
@@ -158,7 +158,7 @@ def test_single_token_texts_count_nothing_and_no_token_is_an_error(model, tok):
 
 
 def test_training_flag_restored_and_progress_bar(model, tok):
-    """ALGORITHMS.md §6 perplexity: evaluation leaves the model as it found it."""
+    """docs/algorithms.md §6 perplexity: evaluation leaves the model as it found it."""
     texts = _texts([8, 9])
     model.train()
     try:
@@ -171,7 +171,7 @@ def test_training_flag_restored_and_progress_bar(model, tok):
 
 
 def test_bf16_model_scored_in_float32(tok):
-    """ALGORITHMS.md §6 perplexity: a bf16 model's number is close to its float32 twin's."""
+    """docs/algorithms.md §6 perplexity: a bf16 model's number is close to its float32 twin's."""
     texts = _texts([30, 12])
     fp32 = perplexity(make_tiny_model("llama", n_ctx=64), tok, texts)
     bf16 = perplexity(make_tiny_model("llama", n_ctx=64).bfloat16(), tok, texts)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loku.config import METHODS, Method, UnlearnConfig
-from loku.init import INITIALIZERS, lora_layers
+from loku.initializers import INITIALIZERS, lora_layers
 from loku.losses import FORGET_TERMS, LOSSES, LossSpec, inverted_hinge_loss, needs_reference
 from loku.models import load_model
 from loku.registry import Registry

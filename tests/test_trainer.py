@@ -1,4 +1,4 @@
-"""End to end (ALGORITHMS.md §3, §6): a tiny model that memorized 4 sequences is unlearned by
+"""End to end (docs/algorithms.md §3, §6): a tiny model that memorized 4 sequences is unlearned by
 fila-ihl until the stop rule holds; the saved output reloads with plain transformers."""
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_eval_suites_run_before_and_after_and_reach_the_report(memorized, tmp_pa
 
 
 def test_one_step_per_epoch_makes_exactly_one_optimizer_step_per_epoch(memorized, tmp_path, monkeypatch):
-    # Jang et al.'s schedule (ALGORITHMS.md §6): effective batch = the whole forget set.
+    # Jang et al.'s schedule (docs/algorithms.md §6): effective batch = the whole forget set.
     steps = []
     original_step = torch.optim.AdamW.step
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: steps.append(1) or original_step(self, *a, **k))
@@ -211,7 +211,7 @@ def test_float16_full_fine_tuning_is_refused_and_threshold_sources_are_reported_
 
 
 def test_paper_config_takes_one_step_per_epoch_with_jangs_adam():
-    # configs/tdec-gptneo-125m.yaml claims the paper's schedule (ALGORITHMS.md §6): 32 sequences, one step per epoch.
+    # configs/tdec-gptneo-125m.yaml claims the paper's schedule (docs/algorithms.md §6): 32 sequences, one step per epoch.
     from pathlib import Path
 
     from loku.config import load_config

@@ -1,7 +1,7 @@
 """A run's adapter folder: the PEFT adapter, the residual base weights, and which base it belongs to.
 
 An unlearned FILA model is W_res + s*B@A. Re-attaching the adapter to the ORIGINAL base would
-give W + s*B@A (a known bug of the public code, ALGORITHMS.md §3), so the adapter folder always
+give W + s*B@A (a known bug of the public code, docs/algorithms.md §3), so the adapter folder always
 carries the residual base weights it needs and :func:`attach_saved_adapter` puts them in place
 first. The base is identified by :func:`loku.provenance.model_fingerprint`.
 """

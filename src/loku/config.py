@@ -19,7 +19,7 @@ class Method:
     """One row of the paper's Table 1: which parameters train, how the adapter starts, which loss."""
 
     adapter: str  # "full" or "lora"
-    init: str | None  # initialiser name for LoRA (loku.init.INITIALIZERS)
+    init: str | None  # initialiser name for LoRA (loku.initializers.INITIALIZERS)
     loss: str  # loku.losses.LOSSES
     lr: float  # the paper's learning rate for this kind of run (§6)
 

@@ -2,7 +2,7 @@
 
 Suites (each one registered function; ``all`` runs them in this order):
 
-* ``tdec``      -- MA and EL_10 (ALGORITHMS.md section 6) on the forget file (default
+* ``tdec``      -- MA and EL_10 (docs/algorithms.md section 6) on the forget file (default
   ``tdec/forget/lm_extraction_32_0.csv``) and on as many held-out Pile validation excerpts
   (``tdec/eval/pile.csv``), sequences cut to 200 tokens. ``forgotten`` = forget MA <= MA threshold
   and forget EL <= EL threshold, where the thresholds are held-out means measured BEFORE unlearning

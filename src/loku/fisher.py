@@ -1,4 +1,4 @@
-"""Empirical Fisher information of chosen weights (ALGORITHMS.md §2) and the relative Fisher.
+"""Empirical Fisher information of chosen weights (docs/algorithms.md §2) and the relative Fisher.
 
 F_W(D) = (1/|D|) sum_x (dL(x)/dW)^2, where L(x) is the SUM of the sequence's unmasked token NLLs
 (the paper's Eq. 2), accumulated in float32 whatever the model's dtype.
@@ -23,7 +23,7 @@ memory. ``batch`` results do depend on it (the official code used the training b
 
 Memory: one float32 buffer per parameter and data set (two with first moments); ``fisher_bytes``
 estimates it and ``fisher_chunks`` splits the parameters into groups that fit a budget, so that a
-caller (loku.init) can run the pass once per group when all targets do not fit at once.
+caller (loku.initializers) can run the pass once per group when all targets do not fit at once.
 
 Under ``torch.distributed`` each process passes its own share of the batches; the sums and counts
 are all-reduced, so every process ends with the Fisher of the whole data set.

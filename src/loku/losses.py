@@ -1,4 +1,4 @@
-"""Unlearning losses (ALGORITHMS.md §1). Every function returns a scalar to MINIMISE.
+"""Unlearning losses (docs/algorithms.md §1). Every function returns a scalar to MINIMISE.
 
 A method's loss is a forget term (registry ``FORGET_TERMS``) weighted by gamma plus a retain term
 (registry ``RETAIN_TERMS``) weighted by alpha; ``LOSSES`` names the paper's combinations. All math

@@ -1,4 +1,4 @@
-"""What the unlearning loop measures: the stop-rule metrics of a state (ALGORITHMS.md §6), the
+"""What the unlearning loop measures: the stop-rule metrics of a state (docs/algorithms.md §6), the
 ``loku eval`` suites before and after, and the cost (FLOPs, peak memory)."""
 from __future__ import annotations
 

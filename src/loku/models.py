@@ -221,7 +221,7 @@ def load_model(
     """Load ``(model, tokenizer)`` from a built-in name, local folder or hub id (safetensors only).
 
     ``adapter`` is a loku adapter folder (``OUT/adapter``): the residual base weights stored with
-    it replace the targeted weights before the LoRA adapter is attached (ALGORITHMS.md §3).
+    it replace the targeted weights before the LoRA adapter is attached (docs/algorithms.md §3).
     ``progress=False`` hides transformers' "Loading weights" bar.
     """
     from transformers import AutoModelForCausalLM

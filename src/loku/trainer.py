@@ -1,10 +1,10 @@
-"""The unlearning loop (ALGORITHMS.md §6), as phases a reader can follow top to bottom:
+"""The unlearning loop (docs/algorithms.md §6), as phases a reader can follow top to bottom:
 
     prepare -> measure_before -> adapt -> [train_epoch -> decide -> save_epoch]* -> finish
 
 Each phase takes the :class:`Run` (everything a run holds between phases) and is usable alone:
 the continual and self-generated-data loops reuse them. The math lives in losses.py, fisher.py
-and init.py; data in data.py; metrics in measure.py and metrics/; several processes in
+and initializers.py; data in data.py; metrics in measure.py and metrics/; several processes in
 distributed.py. Runs unchanged under ``accelerate launch`` (only the main process writes).
 """
 from __future__ import annotations
@@ -289,7 +289,7 @@ def adapt(run: Run) -> None:
 
 
 def uses_fisher(cfg: UnlearnConfig) -> bool:
-    from .init import INITIALIZERS
+    from .initializers import INITIALIZERS
 
     init = cfg.method_spec().init
     return init is not None and INITIALIZERS.trait(init, "uses_fisher")
@@ -311,7 +311,7 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     from peft import LoraConfig, get_peft_model
 
     from .fisher import fisher_memory_budget
-    from .init import INITIALIZERS, InitContext, apply_initializer
+    from .initializers import INITIALIZERS, InitContext, apply_initializer
 
     targets = resolve_targets(model, cfg.targets)
     check_rank(model, targets, cfg.rank)

@@ -1,4 +1,4 @@
-"""Memorization accuracy MA and extraction likelihood EL_n (ALGORITHMS.md §6), plain and fast.
+"""Memorization accuracy MA and extraction likelihood EL_n (docs/algorithms.md §6), plain and fast.
 
 Batches are right-padded (``attention_mask`` 1 then 0); each sequence counts only its own tokens.
 Indexing (0-based): for a sequence of T tokens, EL_n averages over the T-n prefixes x[:L],

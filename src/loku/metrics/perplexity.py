@@ -1,4 +1,4 @@
-"""Token-weighted perplexity of a causal LM on a list of texts (the ``ppl`` suite, ALGORITHMS.md §6).
+"""Token-weighted perplexity of a causal LM on a list of texts (the ``ppl`` suite, docs/algorithms.md §6).
 
 Definition
     ``ppl = exp(sum of token NLLs / number of scored tokens)`` over the whole set, so long

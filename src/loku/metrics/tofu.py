@@ -1,4 +1,4 @@
-"""TOFU metrics (Maini et al. 2024; ALGORITHMS.md section 7).
+"""TOFU metrics (Maini et al. 2024; docs/algorithms.md section 7).
 
 Each QA item is formatted and split into prompt and answer tokens exactly as locuslab/tofu's
 ``convert_raw_data_to_model_format`` does (:class:`QATemplate`, :func:`qa_token_pair`): full text
