@@ -83,3 +83,14 @@ def test_per_sequence_equals_the_metric_on_each_batch_and_restores_the_mode():
     assert lm.mean_over_batches(memorization_accuracy, model, batches) == pytest.approx(float(expected.mean()))
     assert lm.per_sequence(memorization_accuracy, model, []).numel() == 0
     assert math.isnan(lm.mean_over_batches(memorization_accuracy, model, []))
+
+
+def test_forward_rows_leaves_grad_mode_and_training_flag_alone_between_yields():
+    from loku.lm import forward_rows
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model("llama").train()
+    rows = forward_rows(model, [[3, 4, 5], [6, 7]], pad_id=0, batch_size=1)
+    next(rows)  # a half-consumed generator
+    assert torch.is_grad_enabled() and model.training
+    rows.close()

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
                                                                   "tofu, mia")))
+    from .bench.tdec import add_arguments as add_tdec_arguments
+
+    bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model)")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    add_tdec_arguments(_add_debug(benches.add_parser("tdec", help="plant each TDEC split, unlearn it with every "
+                                                                  "method, compare with the original model")))
     return parser
 
 
@@ -85,6 +91,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .evaluate import run_eval_command
 
         return run_eval_command(args)
+    if args.command == "bench":
+        from .bench.tdec import run as run_tdec_bench
+
+        return run_tdec_bench(args)
     return 1
 
 

@@ -199,21 +199,23 @@ def forward_rows(
     Sequences are sorted by length (less padding), batched with right padding and an attention
     mask, and run under eval mode / no-grad on the model's device. Each row is cut back to its
     own length, so padding can never reach a score; callers do the float32 math one row at a
-    time, which keeps memory at one row of float32 logits. The caller's training flag is
-    restored when the generator finishes or is closed.
+    time, which keeps memory at one row of float32 logits. Grad mode and the training flag are
+    the caller's again at every yield.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted((i for i, s in enumerate(seqs) if len(s)), key=lambda i: -len(seqs[i]))
     device = model_device(model)
     starts = range(0, len(order), batch_size)
-    with eval_mode(model):
-        for start in progress_bar(starts, total=len(starts), desc=desc, enabled=progress):
-            idx = order[start:start + batch_size]
-            ids, mask = pad_sequences([seqs[i] for i in idx], pad_id)
+    for start in progress_bar(starts, total=len(starts), desc=desc, enabled=progress):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_sequences([seqs[i] for i in idx], pad_id)
+        # The context closes before each yield: a generator left half-consumed must not leave
+        # no-grad (a global mode) or eval mode on in its caller.
+        with eval_mode(model):
             logits = _model_logits(model, ids.to(device), mask.to(device))
-            for row, i in enumerate(idx):
-                yield i, logits[row, :len(seqs[i])]
+        for row, i in enumerate(idx):
+            yield i, logits[row, :len(seqs[i])]
 
 
 def per_sequence(metric: Callable[..., Tensor], model: Any, batches: Sequence[dict], *, bar: str | None = None,

@@ -1,7 +1,7 @@
 """Plant a forget set into a model the way pre-training would: mixed into general text.
 
 Small offline models have memorized nothing we can point at, so a benchmark first fine-tunes them
-on the forget set (ALGORITHMS.md §10). Fine-tuning on the forget set ALONE also wrecks the model
+on the forget set (docs/algorithms.md §10). Fine-tuning on the forget set ALONE also wrecks the model
 (SmolLM2-135M: held-out Pile perplexity x2.2), and then every "utility kept" number is measured
 against a broken model. Here each optimizer step holds ``forget_per_step`` forget sequences and
 ``general_per_forget`` times as many general texts (Pile / WikiText excerpts, drawn in order
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError
-from ..lm import ensure_pad_token
+from ..lm import IGNORE_INDEX, ensure_pad_token, token_nll
 
 __all__ = ["CACHE_VERSION", "PlantedCacheMismatch", "PlantingRecipe", "cache_key", "load_planted", "measure_planting",
            "plant", "planted_model", "planting_meta", "save_planted"]
@@ -47,14 +47,15 @@ class PlantedCacheMismatch(ConfigError):
 class PlantingRecipe:
     """How the forget set is planted (every field is part of the cache key).
 
-    Defaults: the recipe measured on SmolLM2-135M (see docs in :mod:`loku.bench.tdec` and
-    ``configs/bench-tdec-cpu.yaml``): full fine-tuning, AdamW, constant learning rate.
+    Defaults: the recipe measured on SmolLM2-135M (``configs/bench-tdec-cpu.yaml`` has the numbers):
+    full fine-tuning, AdamW, constant learning rate 1e-4, 8 epochs, each step 2 forget sequences and 2
+    general texts.
     """
 
-    epochs: int = 10  # passes over the forget set
+    epochs: int = 8  # passes over the forget set
     lr: float = 1e-4
     forget_per_step: int = 2  # forget sequences per optimizer step
-    general_per_forget: int = 3  # general texts per forget sequence in each step (mixing ratio)
+    general_per_forget: int = 1  # general texts per forget sequence in each step (mixing ratio)
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up, then constant
     decay: str = "constant"  # "constant" or "linear" (to 0 over the run)
@@ -158,14 +159,13 @@ def plant(model, tokenizer, forget: list[str], general: list[str], recipe: Plant
                 rows.append(general_ids[general_order[cursor % len(general_order)]])
                 cursor += 1
             batch = {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
-            logits = planted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            from ..lm import token_nll
-
-            nll = token_nll(logits, batch["labels"])  # [B, T-1], 0 where masked
-            scored = (batch["labels"][:, 1:] != -100).float()
-            loss = nll.sum() / scored.sum().clamp(min=1)  # one token-weighted LM loss over the mixed batch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with torch.enable_grad():  # even when a caller's no_grad is active
+                logits = planted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll = token_nll(logits, batch["labels"])  # [B, T-1], 0 where masked
+                scored = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+                loss = nll.sum() / scored.sum().clamp(min=1)  # one token-weighted LM loss over the mixed batch
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if recipe.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(planted.parameters(), recipe.max_grad_norm)
             optimizer.step()
@@ -291,14 +291,17 @@ def load_planted(folder: str | Path, expected: dict[str, Any]):
     return model, meta
 
 
-def save_planted(folder: str | Path, model, meta: dict[str, Any]) -> Path:
-    """Write the planted model and planting.json under a temporary name, then rename into place."""
+def save_planted(folder: str | Path, model, meta: dict[str, Any], tokenizer=None) -> Path:
+    """Write the planted model (with ``tokenizer``: a complete model folder, usable as ``--model``) and
+    planting.json under a temporary name, then rename into place."""
     from ..provenance import model_fingerprint
     from ..save import atomic_dir, atomic_write_json
 
     meta = {**meta, "planted_fingerprint": model_fingerprint(model)}
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / META, meta)
     return Path(folder)
 
@@ -337,6 +340,6 @@ def planted_model(original, tokenizer, *, base_name: str, forget: list[str], gen
     if measure is not None:
         meta["measurements"] = measure(original, planted)
     if folder is not None:
-        save_planted(folder, planted, meta)
+        save_planted(folder, planted, meta, tokenizer)
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     return planted, meta, folder, False

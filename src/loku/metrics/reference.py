@@ -1,4 +1,4 @@
-"""Distance of an unlearned model to the model that never saw the forget set (ALGORITHMS.md §10).
+"""Distance of an unlearned model to the model that never saw the forget set (docs/algorithms.md §10).
 
 When the forget set was planted into a model by fine-tuning, the model before planting is the
 exact "retrained without the data" reference real deployments never have. Unlearning should end
@@ -33,10 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError
-from loku.lm import context_length, ensure_pad_token, forward_rows, greedy_generate, token_logprobs
+from loku.lm import (context_length, ensure_pad_token, eval_mode, forward_rows, greedy_generate, pad_sequences,
+                     token_logprobs)
+from loku.provenance import model_device
 
-__all__ = ["agreement_f1", "distinct_n", "generation_quality", "greedy_continuations", "heldout_kl", "kl_per_token",
-           "reference_distances", "reference_stats", "repetition_rate", "sequence_nll", "token_ids"]
+__all__ = ["agreement_f1", "check_same_vocabulary", "distinct_n", "generation_quality", "greedy_continuations",
+           "heldout_kl", "kl_per_token", "reference_distances", "reference_stats", "reference_suite", "repetition_rate",
+           "reference_and_relearn", "sequence_nll", "token_ids"]
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -128,18 +131,24 @@ def heldout_kl(original: Any, model: Any, tokenizer: Any, texts: Sequence[str], 
     if not seqs:
         raise DataError("held-out KL: no text has 2 tokens")
     pad = ensure_pad_token(tokenizer)
+    device = model_device(model)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     worst = 0.0
-    # Both generators visit the rows in the same (length-sorted) order: one batch of each in memory.
-    pairs = zip(forward_rows(original, seqs, pad_id=pad, batch_size=batch_size),
-                forward_rows(model, seqs, pad_id=pad, batch_size=batch_size))
-    for (i, p_logits), (j, logits) in pairs:
-        assert i == j
-        kl = kl_per_token(p_logits.to(logits.device), logits).double()
-        total += kl.sum().cpu()
-        count += kl.numel()
-        worst = max(worst, float(kl.mean()))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    with eval_mode(original), eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = [seqs[i] for i in order[start:start + batch_size]]
+            ids, mask = (t.to(device) for t in pad_sequences(rows, pad))
+            p_logits = original(input_ids=ids.to(model_device(original)),
+                                attention_mask=mask.to(model_device(original))).logits.to(device)
+            q_logits = model(input_ids=ids, attention_mask=mask).logits
+            kl = kl_per_token(p_logits, q_logits).double()  # [B, T], padding rows masked below
+            valid = mask.bool()
+            total += kl[valid].sum().cpu()
+            count += int(valid.sum())
+            per_text = (kl * valid).sum(1) / valid.sum(1)
+            worst = max(worst, float(per_text.max()))
     return {"kl": float(total) / count, "max_text_kl": worst, "tokens": count}
 
 
@@ -162,7 +171,8 @@ def reference_stats(original: Any, tokenizer: Any, forget: Sequence[str], heldou
     continuations = greedy_continuations(original, tokenizer, forget, prompt_tokens=prompt_tokens,
                                          new_tokens=new_tokens, batch_size=batch_size)
     return {"forget_nll": sequence_nll(original, tokenizer, forget, max_tokens=max_tokens, batch_size=batch_size),
-            "mia_auc": mia_auc(original, tokenizer, forget, heldout, batch_size=batch_size, max_length=max_tokens)["auc"],
+            "mia_auc": mia_auc(original, tokenizer, forget, heldout, batch_size=batch_size,
+                               max_length=max_tokens)["auc"],
             "continuations": continuations,
             "generation": generation_quality(continuations, rep_n),
             "settings": {"max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -218,3 +228,67 @@ def reference_distances(model: Any, tokenizer: Any, forget: Sequence[str], heldo
                           "original": [tokenizer.decode(c) for c in original_stats["continuations"][:4]]},
         "settings": settings,
     }
+
+
+# ----------------------------------------------------------------------------- loku eval --reference
+
+
+def check_same_vocabulary(tokenizer: Any, reference_tokenizer: Any, reference_name: str = "the reference") -> None:
+    """The distances compare next-token distributions, so both models must share one tokenizer."""
+    if tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise ConfigError(f"{reference_name}: its tokenizer is not the evaluated model's "
+                          f"({len(reference_tokenizer)} vs {len(tokenizer)} tokens), so the distributions cannot be "
+                          "compared; pass as --reference the model the evaluated one was made from")
+
+
+def reference_suite(model: Any, tokenizer: Any, opts: Any, reference: Any, *, max_tokens: int = 200,
+                    prompt_tokens: int = 32, new_tokens: int = 64, rep_n: int = 4) -> dict[str, Any]:
+    """``loku eval --reference MODEL``: :func:`reference_distances` of ``model`` to ``reference`` (the model
+    that never saw the forget set) on the tdec suite's texts: the forget file (``--forget``, default
+    ``tdec/forget/lm_extraction_32_0.csv``, its first ``--limit`` rows) and as many held-out ``pile.csv``
+    excerpts, cut to ``max_tokens`` tokens. ``opts`` is the suites' :class:`loku.eval_options.EvalOptions`."""
+    from pathlib import Path
+
+    from loku.data import read_texts
+    from loku.eval_options import DEFAULT_FORGET
+    from loku.provenance import jsonable
+
+    forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
+    pile = opts.eval_file("pile.csv")
+    for path, role in ((forget_path, "forget"), (pile, "held-out")):
+        if not Path(path).is_file():
+            raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
+                            "(or set LOKU_DATA_DIR)")
+        opts.files[str(path)] = role
+    forget = opts.take(read_texts(forget_path, role="forget"))
+    heldout = read_texts(pile, role="held-out")[: len(forget)]
+    out = reference_distances(model, tokenizer, forget, heldout, original=reference, max_tokens=max_tokens,
+                              prompt_tokens=prompt_tokens, new_tokens=new_tokens, rep_n=rep_n,
+                              batch_size=opts.batch_size)
+    out["forget_file"] = str(forget_path)
+    return jsonable(out)
+
+
+def reference_and_relearn(model: Any, tokenizer: Any, opts: Any, *, reference: str | None = None,
+                          relearn: bool = False, dtype: str = "float32", trust_remote_code: bool = False
+                          ) -> dict[str, Any]:
+    """What ``loku eval --reference MODEL`` / ``--relearn`` add to the suites' results: ``{"reference": ...}``
+    (:func:`reference_suite`) and/or ``{"relearn": ...}`` (:func:`loku.metrics.relearn.relearn_suite`, with
+    ``reference`` as control). ``reference`` is loaded here (built-in name, folder or hub id) and freed after."""
+    import gc
+
+    from loku.metrics.relearn import relearn_suite
+    from loku.models import load_model
+
+    out: dict[str, Any] = {}
+    original = None
+    if reference is not None:
+        original, reference_tokenizer = load_model(reference, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   progress=opts.progress)
+        check_same_vocabulary(tokenizer, reference_tokenizer, reference)
+        out["reference"] = {"model": str(reference), **reference_suite(model, tokenizer, opts, original)}
+    if relearn:
+        out["relearn"] = relearn_suite(model, tokenizer, opts, original=original)
+    del original
+    gc.collect()
+    return out

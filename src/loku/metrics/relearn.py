@@ -1,4 +1,4 @@
-"""Relearning check (ALGORITHMS.md §11, beyond the paper): does forgotten text come back?
+"""Relearning check (docs/algorithms.md §11, beyond the paper): does forgotten text come back?
 
 Knowledge that unlearning only suppressed returns after a few fine-tuning steps on RELATED data,
 faster than in a model that never had it. The check fine-tunes a copy of the unlearned model for
@@ -9,7 +9,8 @@ models passed in are never modified (a merged copy is trained).
 
 Settings (:class:`RelearnSettings`): checkpoint steps (default 5, 10, 20), AdamW at lr 5e-5,
 ``batch_size`` training texts per step taken in a fixed order that cycles through the half, full
-fine-tuning in float32, the model in eval mode (no dropout).
+fine-tuning in float32, the model in eval mode (no dropout). EL_n at every checkpoint, or
+(``el_every_step=False``, cheaper: EL costs generation) at step 0 and the last step only.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 from loku.errors import ConfigError, DataError
 from loku.lm import ensure_pad_token
 
-__all__ = ["RelearnSettings", "memorization_of_texts", "relearn_curve", "relearning_check", "split_halves",
-           "trainable_copy"]
+__all__ = ["RelearnSettings", "memorization_of_texts", "relearn_curve", "relearn_suite", "relearning_check",
+           "split_halves", "trainable_copy"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RelearnSettings:
     weight_decay: float = 0.0
     batch_size: int = 4  # training texts per step
     el_n: int = 10
+    el_every_step: bool = True  # False: EL_n at step 0 and the last step only (MA at every checkpoint)
     seed: int = 0
     eval_batch_size: int = 8
     extra: dict[str, Any] = field(default_factory=dict)  # recorded as is (e.g. where the texts came from)
@@ -129,11 +131,12 @@ def relearn_curve(model: Any, tokenizer: Any, train_texts: Sequence[str], test_t
 
     def checkpoint(step: int, loss: float | None) -> None:
         clone.eval()
+        with_el = settings.el_every_step or step in (0, settings.steps[-1])
         numbers = memorization_of_texts(clone, tokenizer, test_texts, el_n=settings.el_n,
-                                        batch_size=settings.eval_batch_size)
+                                        batch_size=settings.eval_batch_size, with_el=with_el)
         curve["steps"].append(step)
         curve["ma"].append(numbers["ma"])
-        curve[key].append(numbers[key])
+        curve[key].append(numbers.get(key))
         curve["train_loss"].append(loss)
 
     torch.manual_seed(settings.seed)
@@ -144,12 +147,13 @@ def relearn_curve(model: Any, tokenizer: Any, train_texts: Sequence[str], test_t
         cursor += settings.batch_size
         batch = {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
         clone.eval()  # no dropout, as in unlearning
-        loss = clone(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # even when a caller's no_grad is active
+            loss = clone(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         if step in settings.steps:
-            checkpoint(step, float(loss))
+            checkpoint(step, float(loss.detach()))
     del clone, optimizer
     curve["seconds"] = time.time() - started
     return curve
@@ -177,8 +181,39 @@ def relearning_check(model: Any, tokenizer: Any, forget_texts: Sequence[str], *,
     if control["steps"] != curve["steps"]:
         raise ConfigError("the control curve has other checkpoint steps; compute it again")
     gap = {"ma": [a - b for a, b in zip(curve["ma"], control["ma"])],
-           key: [a - b for a, b in zip(curve[key], control[key])]}
+           key: [None if a is None or b is None else a - b for a, b in zip(curve[key], control[key])]}
     return {"settings": settings.to_dict(), "n_train": len(train), "n_test": len(test), "unlearned": curve,
             "control": control, "gap": gap,
             "final": {"ma": curve["ma"][-1], key: curve[key][-1], "control_ma": control["ma"][-1],
                       f"control_{key}": control[key][-1]}}
+
+
+def relearn_suite(model: Any, tokenizer: Any, opts: Any, *, original: Any = None,
+                  settings: RelearnSettings | None = None, max_tokens: int = 200) -> dict[str, Any]:
+    """``loku eval --relearn`` (with ``--reference ORIGINAL`` for the control): the relearning check on the
+    forget file of the tdec suite (``--forget``, its first ``--limit`` rows), texts cut to ``max_tokens``
+    tokens. Without ``original`` only the evaluated model's curve is returned (``"control": None``).
+    ``opts`` is the suites' :class:`loku.eval_options.EvalOptions`."""
+    from pathlib import Path
+
+    from loku.bench.data import clip_texts
+    from loku.data import read_texts
+    from loku.eval_options import DEFAULT_FORGET
+    from loku.provenance import jsonable
+
+    settings = (settings or RelearnSettings(seed=opts.seed, eval_batch_size=opts.batch_size,
+                                            el_n=opts.el_n)).validate()
+    forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
+    if not forget_path.is_file():
+        raise DataError(f"{forget_path}: forget file not found; pass --forget or --data-dir")
+    opts.files[str(forget_path)] = "forget"
+    forget = clip_texts(tokenizer, opts.take(read_texts(forget_path, role="forget")), max_tokens)
+    if original is not None:
+        out = relearning_check(model, tokenizer, forget, original=original, settings=settings)
+    else:
+        train, test = split_halves(forget)
+        out = {"settings": settings.to_dict(), "n_train": len(train), "n_test": len(test),
+               "unlearned": relearn_curve(model, tokenizer, train, test, settings), "control": None, "gap": None,
+               "note": "no control curve: pass --reference ORIGINAL_MODEL to fine-tune the original the same way"}
+    out["forget_file"] = str(forget_path)
+    return jsonable(out)

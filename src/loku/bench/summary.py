@@ -1,0 +1,303 @@
+"""The results of a TDEC bench folder: per-run rows, mean and spread over splits, Markdown, JSON.
+
+Reads every finished result of the folder (so results of earlier invocations count), whatever
+subset of models, splits and methods the current invocation asked for.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METRICS", "aggregate", "collect", "render_markdown", "row_metrics", "write_outputs"]
+
+# (key, column title, format) of the per-method numbers, in table order.
+METRICS: list[tuple[str, str, str]] = [
+    ("trainable_pct", "trainable %", "{:.2f}"),
+    ("el", "EL_10", "{:.3f}"),
+    ("ma", "MA", "{:.3f}"),
+    ("ppl_pile_ratio", "Pile PPL / orig", "{:.3f}"),
+    ("ppl_wiki_ratio", "WikiText PPL / orig", "{:.3f}"),
+    ("lambada", "LAMBADA", "{:.3f}"),
+    ("pubmedqa", "PubMedQA", "{:.3f}"),
+    ("dialogue_f1", "dialogue F1", "{:.3f}"),
+    ("tflops", "train+Fisher TFLOPs", "{:.2f}"),
+    ("seconds", "unlearn s", "{:.0f}"),
+    ("forget_nll_gap", "forget NLL gap", "{:+.3f}"),
+    ("heldout_kl", "KL(orig‖model)", "{:.4f}"),
+    ("mia_auc_loss", "MIA AUC (loss)", "{:.3f}"),
+    ("mia_auc_gap", "MIA AUC gap", "{:+.3f}"),
+    ("repetition_rate", "repetition", "{:.3f}"),
+    ("repetition_ratio", "repetition / orig", "{:.2f}"),
+    ("agreement_f1", "agreement F1", "{:.3f}"),
+    ("relearn_ma", "relearn MA", "{:.3f}"),
+    ("relearn_ma_control", "control MA", "{:.3f}"),
+    ("relearn_el", "relearn EL", "{:.3f}"),
+    ("relearn_el_control", "control EL", "{:.3f}"),
+]
+UTILITY = ["trainable_pct", "epochs", "el", "ma", "ppl_pile_ratio", "ppl_wiki_ratio", "lambada", "pubmedqa",
+           "dialogue_f1", "tflops", "seconds"]
+DISTANCE = ["forget_nll_gap", "heldout_kl", "mia_auc_loss", "mia_auc_gap", "repetition_rate", "repetition_ratio",
+            "agreement_f1", "relearn_ma", "relearn_ma_control", "relearn_el", "relearn_el_control"]
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def collect(out: Path) -> dict[str, dict[str, Any]]:
+    """``{model folder: {"original": ..., "splits": {split: {"split": split.json, "runs": {method: result}}}}}``."""
+    models: dict[str, dict[str, Any]] = {}
+    for folder in sorted(p for p in Path(out).iterdir() if p.is_dir() and (p / "original.json").is_file()):
+        entry: dict[str, Any] = {"original": _read(folder / "original.json"), "splits": {}}
+        for split_dir in sorted(folder.glob("split-*")):
+            split = split_dir.name[len("split-"):]
+            runs = {p.stem: _read(p) for p in sorted((split_dir / "runs").glob("*.json"))}
+            info = _read(split_dir / "split.json") if (split_dir / "split.json").is_file() else {}
+            entry["splits"][split] = {"split": info, "runs": runs}
+        name = entry["original"].get("model", {}).get("name", folder.name)
+        models[name] = entry
+    return models
+
+
+def _get(value: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return None
+        value = value[key]
+    return value
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def _distance_metrics(reference: dict | None, relearn: dict | None) -> dict[str, Any]:
+    gen = _get(reference, "generation") or {}
+    final = _get(relearn, "final") or {}
+    el_key = next((k for k in final if k.startswith("el_")), None)
+    return {
+        "forget_nll_gap": _get(reference, "forget_nll", "gap"),
+        "heldout_kl": _get(reference, "heldout_kl", "model"),
+        "mia_auc_loss": _get(reference, "mia_auc", "loss", "model"),
+        "mia_auc_gap": _get(reference, "mia_auc", "loss", "gap"),
+        "repetition_rate": _get(gen, "repetition_rate", "model"),
+        "repetition_ratio": gen.get("repetition_ratio"),
+        "agreement_f1": _get(gen, "agreement_f1", "model"),
+        "relearn_ma": final.get("ma"),
+        "relearn_ma_control": final.get("control_ma"),
+        "relearn_el": final.get(el_key) if el_key else None,
+        "relearn_el_control": final.get(f"control_{el_key}") if el_key else None,
+    }
+
+
+def row_metrics(run: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
+    """The table's numbers of one (split, method) result; ratios are to the ORIGINAL model."""
+    down, flops = run.get("downstream", {}), run.get("flops", {})
+    return {
+        "success": run["outcome"] == "success",
+        "epochs": run.get("epochs_to_success"),
+        "epochs_run": run.get("epochs_run"),
+        "trainable_pct": 100 * run["trainable_share"],
+        "el": _get(run, "after", "forget_el"),
+        "ma": _get(run, "after", "forget_ma"),
+        "ppl_pile": down.get("ppl_pile"),
+        "ppl_pile_ratio": _ratio(down.get("ppl_pile"), original.get("ppl_pile")),
+        "ppl_wiki_ratio": _ratio(down.get("ppl_wiki"), original.get("ppl_wiki")),
+        "lambada": down.get("lambada"),
+        "pubmedqa": down.get("pubmedqa"),
+        "dialogue_f1": down.get("dialogue_f1"),
+        "tflops": (flops.get("training", 0.0) + flops.get("fisher", 0.0)) / 1e12,
+        "seconds": _get(run, "seconds", "unlearn_wall"),
+        **_distance_metrics(run.get("reference"), run.get("relearn")),
+    }
+
+
+def planted_metrics(split: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
+    """The planted model's numbers (before unlearning), as a row of the same table."""
+    down = split.get("planted_downstream", {})
+    before = split.get("before") or {}
+    return {"el": before.get("forget_el"), "ma": before.get("forget_ma"),
+            "ppl_pile": down.get("ppl_pile"),
+            "ppl_pile_ratio": _ratio(down.get("ppl_pile"), original.get("ppl_pile")),
+            "ppl_wiki_ratio": _ratio(down.get("ppl_wiki"), original.get("ppl_wiki")),
+            "lambada": down.get("lambada"), "pubmedqa": down.get("pubmedqa"),
+            "dialogue_f1": down.get("dialogue_f1"),
+            **_distance_metrics(split.get("planted_reference"), None)}
+
+
+def _stats(values: list[Any]) -> dict[str, Any]:
+    nums = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not nums:
+        return {"mean": None, "std": None, "n": 0, "values": values}
+    return {"mean": statistics.fmean(nums), "std": statistics.stdev(nums) if len(nums) > 1 else 0.0, "n": len(nums),
+            "values": values}
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over splits of every metric; epochs over the successful splits."""
+    out: dict[str, Any] = {}
+    keys = dict.fromkeys(k for row in rows for k in row)
+    for key in keys:
+        if key == "epochs":
+            out[key] = _stats([r["epochs"] for r in rows if r.get("success")])
+        elif key != "success":
+            out[key] = _stats([r.get(key) for r in rows])
+    out["succeeded"] = sum(1 for r in rows if r.get("success"))
+    out["splits"] = len(rows)
+    return out
+
+
+def summarise_model(entry: dict[str, Any]) -> dict[str, Any]:
+    original = entry["original"].get("downstream", {})
+    per_method: dict[str, list[dict]] = {}
+    per_split: dict[str, Any] = {}
+    planted_rows = []
+    for split, content in entry["splits"].items():
+        info = content["split"]
+        planting = _get(info, "planting", "measurements")
+        per_split[split] = {"planting": planting, "before": info.get("before"),
+                            "runs": {m: row_metrics(r, original) for m, r in content["runs"].items()}}
+        if info.get("planted_downstream"):
+            planted_rows.append(planted_metrics(info, original))
+        for method, run in content["runs"].items():
+            per_method.setdefault(method, []).append(row_metrics(run, original))
+    table = {method: aggregate(rows) for method, rows in per_method.items()}
+    planted = None
+    if planted_rows:
+        planted = {k: v for k, v in aggregate(planted_rows).items() if k not in ("succeeded", "splits")}
+    return {"original": original, "planted": planted, "table": table,
+            "splits": per_split}
+
+
+def _cell(stats: dict | None, fmt: str) -> str:
+    if not stats or stats.get("mean") is None:
+        return "–"
+    text = fmt.format(stats["mean"])
+    if stats["n"] > 1:
+        text += " ± " + fmt.format(stats["std"]).lstrip("+")
+    return text
+
+
+def _epochs_cell(stats: dict) -> str:
+    ok, n = stats.get("succeeded", 0), stats.get("splits", 0)
+    if not ok:
+        return f"failed ({ok}/{n})"
+    return f"{_cell(stats['epochs'], '{:.1f}')} ({ok}/{n})"
+
+
+def _table(rows: dict[str, dict], keys: list[str], extra: dict[str, dict] | None = None) -> list[str]:
+    titles = {k: (title, fmt) for k, title, fmt in METRICS}
+    header = ["method"] + ["epochs (ok/splits)" if k == "epochs" else titles[k][0] for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(keys) + "|"]
+    for name, stats in {**(extra or {}), **rows}.items():
+        cells = []
+        for key in keys:
+            if key == "epochs":
+                cells.append(_epochs_cell(stats) if "succeeded" in stats else "–")
+            else:
+                cells.append(_cell(stats.get(key), titles[key][1]))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    cfg = summary["config"]
+    sizes, ev, rec = cfg["sizes"], cfg["evals"], cfg["relearn"]
+    lines = [f"# loku bench tdec: {cfg['name']}", ""]
+    lines += [f"Command: `{' '.join(summary.get('command') or [])}`  ",
+              f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s)"
+              + (f", {summary['machine']['gpu']}" if summary["machine"].get("gpu") else "")
+              + f"; torch {summary['versions'].get('torch')}, transformers {summary['versions'].get('transformers')}, "
+                f"peft {summary['versions'].get('peft')}  ",
+              f"Seeds: bench {cfg['seed']}, planting {cfg['planting']['seed']}, relearning {rec['seed']}  ",
+              f"Data: {sizes['n_forget']} forget sequences of {sizes['forget_tokens']} tokens per split "
+              f"(lm_extraction_{cfg['pool']}_SPLIT.csv), {sizes['n_heldout']} held-out Pile sequences "
+              "(stop thresholds), "
+              f"{sizes['n_retain']} WikiText retain texts of {sizes['retain_tokens']} tokens; perplexity on "
+              f"{sizes['n_ppl']} Pile and {sizes['n_ppl']} WikiText excerpts of {sizes['ppl_tokens']} tokens; "
+              f"LAMBADA {ev['lambada'] or '–'} items, PubMedQA {ev['pubmedqa'] or '–'} items, dialogue F1 on "
+              f"{ev['dialogue'] or '–'} dialogues of each of the 4 sets (small subsets: differences of a few points "
+              "are noise).  ",
+              f"Relearning: {rec['optimizer']} lr {rec['lr']:g}, {rec['batch_size']} texts a step, MA/EL of the second "
+              f"half of the forget set after {rec['steps'][-1]} steps on the first half; control = the original model "
+              "given the same fine-tune.", ""]
+    for model, result in summary["models"].items():
+        lines += [f"## {model}", ""]
+        if cfg.get("plant", True):
+            lines += ["### Planting (original → planted)", "",
+                      "| split | forget MA | forget EL_10 | held-out MA | held-out EL_10 | Pile PPL |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for split, info in result["splits"].items():
+                p = info.get("planting")
+                if not p:
+                    continue
+                o, q = p["original"], p["planted"]
+                el = next(k for k in o["forget"] if k.startswith("el_"))
+                lines.append(f"| {split} | {o['forget']['ma']:.3f} → {q['forget']['ma']:.3f} | "
+                             f"{o['forget'][el]:.3f} → {q['forget'][el]:.3f} | {o['heldout']['ma']:.3f} → "
+                             f"{q['heldout']['ma']:.3f} | {o['heldout'][el]:.3f} → {q['heldout'][el]:.3f} | "
+                             f"{o['ppl']:.2f} → {q['ppl']:.2f} (×{p['checks']['ppl_ratio']:.3f}) |")
+            lines.append("")
+        orig = result["original"]
+        extra = {"original": {"ppl_pile_ratio": {"mean": 1.0, "n": 1}, "ppl_wiki_ratio": {"mean": 1.0, "n": 1},
+                              **{k: {"mean": orig.get(k), "n": 1} for k in ("lambada", "pubmedqa", "dialogue_f1")}}}
+        if result.get("planted"):
+            extra["planted (before unlearning)"] = result["planted"]
+        lines += ["### Forgetting, utility and cost (mean ± std over splits)", ""]
+        lines += _table(result["table"], UTILITY, extra)
+        lines += ["", f"Original model: Pile PPL {orig.get('ppl_pile', float('nan')):.2f}, WikiText PPL "
+                      f"{orig.get('ppl_wiki', float('nan')):.2f}. Epochs: mean over the splits where the stop rule "
+                      "was met "
+                      "(forget EL_10 and MA at or below the planted model's held-out values).", ""]
+        if cfg.get("plant", True):
+            lines += ["### Distance to the original model (never saw the forget set) and relearning", ""]
+            lines += _table(result["table"], DISTANCE,
+                            {"planted (before unlearning)": result["planted"]} if result.get("planted") else None)
+            lines += ["", "forget NLL gap: mean token NLL of the forget texts minus the original's (far above 0 marks "
+                          "the text); KL per token on held-out text; MIA AUC forget vs held-out (the original's value "
+                          "is the target); repetition: seq-rep-4 of greedy continuations of forget prompts, and its "
+                          "ratio to the original's; agreement F1: token overlap with the original's continuation.", ""]
+    if summary.get("missing"):
+        lines += [f"Missing results ({len(summary['missing'])}): " + ", ".join(
+            "/".join(m) for m in summary["missing"][:20]), ""]
+    if summary.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]] + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
+                  seconds: float | None = None) -> dict[str, Any]:
+    """results.json, results.md and the plots of everything finished in ``out``."""
+    from ..provenance import jsonable, library_versions
+    from ..save import atomic_write_json, atomic_write_text
+    from .tdec import machine, slug
+
+    collected = collect(out)
+    models = {name: summarise_model(entry) for name, entry in collected.items()}
+    missing = []
+    for model in cfg.models:
+        for split in cfg.splits:
+            runs = _get(collected, model, "splits", split, "runs") or {}
+            missing += [[model, split, m] for m in cfg.methods if m not in runs]
+    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
+               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
+               "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed, "relearn": cfg.relearn.seed},
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds, "models": models,
+               "missing": missing, "runs": {m: e["splits"] for m, e in collected.items()},
+               "invocations": _read(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+    plots: list[str] = []
+    try:
+        from .plots import plot_model
+
+        for name, entry in collected.items():
+            plots += plot_model(out / "plots", slug(name) if len(collected) > 1 else "", name, entry, models[name])
+    except ImportError:  # matplotlib missing: the numbers are all in results.json
+        pass
+    summary["plots"] = [str(Path(p).relative_to(out)) for p in plots]
+    atomic_write_json(out / "results.json", jsonable(summary))
+    atomic_write_text(out / "results.md", render_markdown(summary))
+    return summary

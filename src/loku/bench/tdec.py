@@ -1,0 +1,737 @@
+"""`loku bench tdec`: the paper's Table 1, measured against the model that never saw the data.
+
+For each model and each TDEC split (``lm_extraction_{pool}_{split}.csv``, each split its own
+planting):
+
+1. the texts of the split (:mod:`loku.bench.data`: forget, held-out, retain, planting pool,
+   perplexity sets, disjoint rows);
+2. the forget set planted into the model mixed into general text (:mod:`loku.bench.planting`,
+   cached on disk), with the original and planted numbers that show it worked;
+3. once per split: the planted model's pre-unlearning measurements (the stop thresholds are its
+   held-out MA / EL), its downstream scores, the original model's side of the reference distances
+   and the relearning control (the original given the relearning fine-tune);
+4. every method from the same planted model (``loku.trainer``'s phases, exactly what
+   ``unlearn()`` runs, with step 3's measurement reused), then on the unlearned model: Pile /
+   WikiText perplexity, LAMBADA, PubMedQA, dialogue F1 (subsets, as configured), the distances to
+   the original model (:mod:`loku.metrics.reference`) and the relearning check
+   (:mod:`loku.metrics.relearn`), wall time and FLOPs.
+
+Every (model, split, method) result is written atomically to the bench folder as it finishes and
+a rerun skips finished ones (a method killed mid-run continues from its per-epoch checkpoint);
+adding splits, methods or models to a bench folder extends it, while a folder made with another
+configuration (sizes, recipe, training options, evaluation subsets, seed, data files) is refused.
+Unknown method or split names fail before any work. At the end (and with ``--report-only``)
+``results.json``, ``results.md`` and the plots are written from every finished result in the
+folder (:mod:`loku.bench.summary`, :mod:`loku.bench.plots`).
+
+Configurations: ``--config cpu`` (``configs/bench-tdec-cpu.yaml``: SmolLM2-135M on 2 CPU cores),
+``--config paper`` (``configs/bench-tdec-paper.yaml``: GPT-Neo, 32 x 200 tokens, for a GPU), or a
+YAML file; ``--smoke`` shrinks any of them to a few seconds on a tiny model (CI).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import gc
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import ConfigError, DataError
+from .data import ROWS, Sizes, forget_file
+from .planting import PlantingRecipe
+
+__all__ = ["BenchConfig", "DEFAULT_METHODS", "SMOKE", "add_arguments", "load_bench_config", "run", "run_bench"]
+
+DEFAULT_METHODS = ["full-ga", "full-gd", "lora-gd", "lora-ihl", "fila-gd", "fila-ihl", "vila-ihl", "npo"]
+NAMED_CONFIGS = ("cpu", "paper")
+BENCH_RECORD = "bench.json"
+FORMAT = 1
+
+# --smoke: everything tiny, for CI on a tiny random model (applied on top of the chosen config).
+SMOKE: dict[str, Any] = {
+    "sizes": {"n_forget": 4, "forget_tokens": 16, "n_heldout": 4, "n_retain": 4, "retain_tokens": 16, "n_ppl": 4,
+              "ppl_tokens": 24, "n_general": 16, "general_tokens": 16},
+    "planting": {"epochs": 3, "lr": 1e-2, "forget_per_step": 2, "general_per_forget": 1},
+    "unlearn": {"batch_size": 2, "max_epochs": 2, "fisher_batches": 1, "eval_batch_size": 4, "rank": 2},
+    "evals": {"lambada": 2, "pubmedqa": 2, "dialogue": 1, "batch_size": 4},
+    "reference": {"prompt_tokens": 4, "new_tokens": 4},
+    "relearn": {"steps": [1, 2], "batch_size": 2},
+}
+
+
+@dataclass
+class EvalSubsets:
+    """Items of each downstream set scored after unlearning (None: not scored)."""
+
+    lambada: int | None = 32
+    pubmedqa: int | None = 8
+    dialogue: int | None = 4  # dialogues per dialogue set (4 sets)
+    batch_size: int = 8
+
+
+@dataclass
+class ReferenceOptions:
+    prompt_tokens: int = 8  # forget-text prefix the generations continue
+    new_tokens: int = 24
+    rep_n: int = 4  # n of the repetition rate (seq-rep-n)
+    kl_texts: str = "heldout"  # held-out texts of KL(original || unlearned): heldout or ppl_pile
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark configuration; ``models``, ``splits`` and ``methods`` may grow in an existing folder."""
+
+    name: str = "custom"
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    splits: list[str] = field(default_factory=lambda: ["0", "1", "2"])
+    pool: int = 32  # the forget files lm_extraction_{pool}_{split}.csv
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seed: int = 0
+    plant: bool = True  # False: the model memorized the forget set in pre-training (GPT-Neo on TDEC)
+    sizes: Sizes = field(default_factory=Sizes)
+    planting: PlantingRecipe = field(default_factory=PlantingRecipe)
+    unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options for every method
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method overrides
+    evals: EvalSubsets = field(default_factory=EvalSubsets)
+    reference: ReferenceOptions = field(default_factory=ReferenceOptions)
+    relearn: Any = None  # RelearnSettings (set in __post_init__; metrics import torch lazily)
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from ..metrics.relearn import RelearnSettings
+
+        if self.relearn is None:
+            self.relearn = RelearnSettings()
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> "BenchConfig":
+        from ..config import METHODS
+
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ConfigError("models: give at least one model (built-in name, folder or hub id)")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)}")
+        if not self.methods:
+            raise ConfigError(f"no method given; choose from: {', '.join(METHODS)}")
+        if not self.splits:
+            raise ConfigError("no split given (e.g. --splits 0,1,2)")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.splits)) != len(self.splits):
+            raise ConfigError("a method or split is listed twice")
+        self.sizes.validate()
+        self.planting.validate()
+        for section, names, allow_none in ((self.evals, ("lambada", "pubmedqa", "dialogue"), True),
+                                           (self.evals, ("batch_size",), False),
+                                           (self.reference, ("prompt_tokens", "new_tokens", "rep_n"), False)):
+            for name in names:
+                value = getattr(section, name)
+                if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool)
+                                                      and value >= 1):
+                    continue
+                kind = "evals" if section is self.evals else "reference"
+                raise ConfigError(f"{kind}.{name} must be a positive integer{' or null' if allow_none else ''}, "
+                                  f"got {value!r}")
+        if not isinstance(self.plant, bool) or not isinstance(self.pool, int) or not isinstance(self.seed, int):
+            raise ConfigError("plant must be true or false, pool and seed integers")
+        self.relearn.validate()
+        if self.reference.kl_texts not in ("heldout", "ppl_pile"):
+            raise ConfigError(f"reference.kl_texts must be heldout or ppl_pile, got {self.reference.kl_texts!r}")
+        if self.sizes.n_forget < 2:
+            raise ConfigError("sizes.n_forget must be at least 2 (the relearning check trains on one half and "
+                              "measures the other)")
+        for method in self.methods:
+            self.unlearn_config(method, "f.jsonl", "r.jsonl", "v.jsonl", "out").validate()
+        bad = sorted(set(self.method_options) - set(METHODS))
+        if bad:
+            raise ConfigError(f"method_options for unknown method(s) {', '.join(bad)}; choose from: "
+                              f"{', '.join(METHODS)}")
+        return self
+
+    def data_root(self) -> Path:
+        from ..provenance import default_data_dir
+
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def check_data(self) -> dict[str, str]:
+        """Every file the bench reads exists (before any model is loaded); returns {path: sha256}."""
+        from ..provenance import file_sha256
+
+        root = self.data_root()
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
+                            "(or set LOKU_DATA_DIR)")
+        missing = [s for s in self.splits if not forget_file(root, s, self.pool).is_file()]
+        if missing:
+            folder = root / "tdec" / "forget"
+            have = sorted(p.stem.rsplit("_", 1)[1] for p in folder.glob(f"lm_extraction_{self.pool}_*.csv"))
+            raise ConfigError(f"unknown split(s) {', '.join(missing)}: no "
+                              f"{folder}/lm_extraction_{self.pool}_SPLIT.csv; "
+                              f"splits there: {', '.join(have) or 'none'}")
+        names = {name for name, _, _ in ROWS.values()}
+        if self.evals.lambada:
+            names.add("lambada.csv")
+        if self.evals.pubmedqa:
+            names.add("pubmed_qa.csv")
+        if self.evals.dialogue:
+            from ..metrics.dialogue import DIALOGUE_SETS
+
+            names.update(f"{d}.json" for d in DIALOGUE_SETS)
+        files = [root / "tdec" / "eval" / n for n in sorted(names)]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise DataError(f"{absent[0]}: evaluation file not found ({len(absent)} missing); pass --data-dir pointing "
+                            "at the shared data folder")
+        return {str(f.relative_to(root)): file_sha256(f) for f in files}
+
+    # ------------------------------------------------------------------ per method
+
+    def unlearn_config(self, method: str, forget: str, retain: str, validation: str, out: str,
+                       model: str = "planted"):
+        from ..config import load_config
+
+        values = {**self.unlearn, **self.method_options.get(method, {}),
+                  "method": method, "forget": forget, "retain": retain, "validation": validation, "out": out,
+                  "model": model, "seed": self.seed}
+        try:
+            return load_config(None, values)
+        except ConfigError as err:
+            raise ConfigError(f"unlearn options of method {method}: {err}") from None
+
+    # ------------------------------------------------------------------ records
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("sizes", "planting", "evals", "reference"):
+            out[name] = dataclasses.asdict(out[name])
+        out["relearn"] = self.relearn.to_dict()
+        return json.loads(json.dumps(out))
+
+    def identity(self) -> dict[str, Any]:
+        """What every result in a bench folder must share (models, splits and methods may be added)."""
+        values = self.to_dict()
+        for name in ("name", "models", "splits", "methods", "data_dir", "cache_dir"):
+            values.pop(name)
+        values["method_options"] = {m: o for m, o in values["method_options"].items()}
+        return values
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _section(cls, values: Any, name: str):
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a mapping of option: value, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hint = "; ".join(f"did you mean {g[0]}?" for u in unknown if (g := difflib.get_close_matches(u, known, 1)))
+        raise ConfigError(f"{name}: unknown option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; known: "
+                          f"{', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_path(name_or_path: str) -> Path:
+    """``cpu`` / ``paper`` -> configs/bench-tdec-NAME.yaml (in the working directory or loku's source
+    checkout); anything else is a YAML path."""
+    if name_or_path in NAMED_CONFIGS:
+        file = f"bench-tdec-{name_or_path}.yaml"
+        candidates = [Path.cwd() / "configs" / file, Path(__file__).resolve().parents[3] / "configs" / file]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"configuration {name_or_path!r} not found ({' or '.join(map(str, candidates))}); run from "
+                          "the loku checkout or pass --config PATH_TO_YAML")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: bench configuration not found; pass --config cpu, paper or a YAML file")
+    return path
+
+
+def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
+                      smoke: bool = False) -> BenchConfig:
+    """A :class:`BenchConfig` from a named or YAML configuration, with ``--smoke`` and flag overrides on top."""
+    from ..metrics.relearn import RelearnSettings
+
+    values: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = config_path(name_or_path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
+        values = loaded
+        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
+    if smoke:
+        values = _merge(values, SMOKE)
+        values["name"] = f"{values.get('name', 'custom')}-smoke"
+    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    if "model" in values:  # --model (comma-separated) or a YAML `model:` replaces the list of models
+        model = values.pop("model")
+        values["models"] = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else model
+    known = {f.name for f in dataclasses.fields(BenchConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hint = "; ".join(f"did you mean {g[0]}?" for u in unknown if (g := difflib.get_close_matches(u, known, 1)))
+        raise ConfigError(f"unknown bench option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; known: "
+                          f"{', '.join(sorted(known))}")
+    for key in ("models", "splits", "methods"):
+        if isinstance(values.get(key), str):
+            values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
+        if key in values:
+            values[key] = [str(v) for v in values[key]]
+    cfg = BenchConfig(
+        **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals", "reference", "relearn")},
+        sizes=_section(Sizes, values.get("sizes"), "sizes"),
+        planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
+        else PlantingRecipe(),
+        evals=_section(EvalSubsets, values.get("evals"), "evals"),
+        reference=_section(ReferenceOptions, values.get("reference"), "reference"),
+        relearn=RelearnSettings.from_dict(values.get("relearn")),
+    )
+    if not isinstance(cfg.unlearn, dict) or not isinstance(cfg.method_options, dict):
+        raise ConfigError("unlearn and method_options must be mappings of option: value")
+    return cfg
+
+
+# --------------------------------------------------------------------------- the bench folder
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable bench record ({err}); delete it (or the bench folder) and run again"
+                          ) from None
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differing(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def claim_folder(out: Path, cfg: BenchConfig, data: dict[str, str]) -> dict[str, Any]:
+    """Create the bench folder, or check an existing one was made with this configuration."""
+    from ..save import atomic_write_json
+
+    identity = {"format": FORMAT, "config": cfg.identity(), "data": data}
+    record_path = out / BENCH_RECORD
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder; choose another --out")
+    if record_path.is_file():
+        record = _read_json(record_path)
+        if record.get("identity") != identity:
+            diff = _differing(record.get("identity"), identity)
+            raise ConfigError(f"{out}: this bench folder was made with another configuration (differs in: "
+                              f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); choose another --out, or "
+                              "delete the folder to start afresh")
+        return record
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"{out}: folder exists, is not empty and is not a bench folder (no {BENCH_RECORD}); choose "
+                          "another --out")
+    record = {"identity": identity, "identity_sha256": _hash(identity), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "name": cfg.name}
+    atomic_write_json(record_path, record)
+    return record
+
+
+def slug(name: str) -> str:
+    """A folder name for a model: a local folder's own name, a hub id with / as _."""
+    if Path(name).expanduser().is_dir():
+        name = Path(name).expanduser().resolve().name
+    text = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name).strip("/"))
+    return text[-80:] or "model"
+
+
+class Store:
+    """A JSON file of named results, each computed once and written atomically when it is."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = _read_json(path) if path.is_file() else {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.data:
+            from ..provenance import jsonable
+            from ..save import atomic_write_json
+
+            self.data[key] = jsonable(compute())
+            atomic_write_json(self.path, self.data)
+        return self.data[key]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _say(progress: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+def downstream(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig) -> dict[str, Any]:
+    """Pile / WikiText perplexity, LAMBADA, PubMedQA and dialogue F1 (the configured subsets) and their seconds."""
+    from ..metrics.perplexity import perplexity
+
+    started = time.time()
+    ev, root = cfg.evals, cfg.data_root() / "tdec" / "eval"
+    out: dict[str, Any] = {}
+    for key in ("ppl_pile", "ppl_wiki"):
+        out[key] = perplexity(model, tokenizer, texts[key], batch_size=ev.batch_size)["ppl"]
+    if ev.lambada:
+        from ..metrics.reasoning import evaluate_lambada
+
+        out["lambada"] = evaluate_lambada(model, tokenizer, root / "lambada.csv", limit=ev.lambada,
+                                          batch_size=ev.batch_size)["accuracy"]
+    if ev.pubmedqa:
+        from ..metrics.reasoning import evaluate_pubmedqa
+
+        out["pubmedqa"] = evaluate_pubmedqa(model, tokenizer, root / "pubmed_qa.csv", limit=ev.pubmedqa,
+                                            batch_size=ev.batch_size)["accuracy"]
+    if ev.dialogue:
+        from ..metrics.dialogue import evaluate_dialogue_sets
+
+        out["dialogue_f1"] = evaluate_dialogue_sets(model, tokenizer, cfg.data_root(), limit=ev.dialogue,
+                                                    batch_size=ev.batch_size)["mean_f1"]
+    out["seconds"] = time.time() - started
+    return out
+
+
+def _reference_kwargs(cfg: BenchConfig) -> dict[str, Any]:
+    r = cfg.reference
+    return {"prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens, "rep_n": r.rep_n,
+            "batch_size": cfg.evals.batch_size}
+
+
+def unlearn_from(cfg, model, tokenizer, *, before: dict | None, resume: bool):
+    """``loku.trainer.unlearn(cfg, model=model, tokenizer=tokenizer)``, phase by phase, with the
+    pre-unlearning measurement ``before`` (the same planted model and batches for every method of a
+    split) reused instead of measured again. Returns (RunResult, the run's ``before``)."""
+    from .. import trainer
+
+    run = trainer.prepare(cfg, model=model, tokenizer=tokenizer, resume=resume)
+    if before is not None and run.checkpoint is None:
+        run.before = copy.deepcopy(before)
+        run.suites_before = None
+        run.ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else run.before["val_ma"]
+        run.el_threshold = cfg.el_threshold if cfg.el_threshold is not None else run.before["val_el"]
+    else:
+        trainer.measure_before(run)
+    trainer.adapt(run)
+    for epoch in range(len(run.epochs) + 1, cfg.max_epochs + 1):
+        if run.succeeded:
+            break
+        record = trainer.train_epoch(run, epoch)
+        trainer.decide(run, record)
+        trainer.save_epoch(run)
+        if record["success"]:
+            break
+    return trainer.finish(run), run.before
+
+
+def _free() -> None:
+    """Give back the memory of models dropped by the caller."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str, folder: Path,
+              original_scores: dict, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """Plant (cached), measure once, then every method of ``cfg.methods`` not finished yet."""
+    from ..models import cache_dir
+    from ..provenance import file_sha256, jsonable
+    from ..save import atomic_write_json, merged_copy
+    from . import data as bench_data
+    from .planting import measure_planting, planted_model
+
+    split_dir = folder / f"split-{split}"
+    texts = bench_data.bench_texts(tokenizer, cfg.data_root(), split, cfg.sizes, pool=cfg.pool)
+    files = {}
+    for role, name in (("forget", "forget"), ("retain", "retain"), ("heldout", "validation")):
+        path = split_dir / "data" / f"{name}.jsonl"
+        if not path.is_file() or path.read_text(encoding="utf-8") != "".join(
+                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts.texts[role]):
+            bench_data.write_jsonl(path, texts.texts[role])
+        files[name] = str(path)
+    store = Store(split_dir / "split.json")
+    forget_sha = file_sha256(forget_file(cfg.data_root(), split, cfg.pool))
+    recorded = store.get("data", lambda: {"forget_file_sha256": forget_sha, "texts_sha256": texts.sha256(),
+                                          "sources": texts.sources})
+    if recorded["texts_sha256"] != texts.sha256():
+        raise ConfigError(f"{split_dir}: this split was run on other texts (the data files or the tokenizer changed); "
+                          "choose another --out")
+    t = texts.texts
+
+    if cfg.plant:
+        def measure(orig, planted):
+            return measure_planting(orig, planted, tokenizer, t["forget"], t["heldout"], t["ppl_pile"],
+                                    el_n=int(cfg.unlearn.get("el_n", 10)), batch_size=cfg.evals.batch_size)
+
+        cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()
+        planted, meta, cache_folder, _ = planted_model(
+            original, tokenizer, base_name=model_name, forget=t["forget"], general=t["general"], recipe=cfg.planting,
+            cache_root=cache_root, measure=measure, progress=progress, log=say)
+        recorded = store.get("planting", lambda: {k: v for k, v in meta.items()} | {"cache_folder": str(cache_folder)})
+        if recorded.get("planted_fingerprint") != meta.get("planted_fingerprint"):
+            raise ConfigError(f"{split_dir}: the results of this split were measured on another planted model than "
+                              f"the one in {cache_folder} (planted again since?); choose another --out, or delete "
+                              f"{split_dir} to run the split again")
+    else:
+        planted = original
+    say(f"loku bench: split {split}: measuring the planted model once")
+    store.get("planted_downstream",
+              lambda: downstream(planted, tokenizer, t, cfg) if cfg.plant else dict(original_scores))
+    # The held-out val_ppl of the original, for the per-epoch perplexity curves (relative to the original).
+    store.get("original_heldout_ppl", lambda: _val_ppl(original, tokenizer, t["heldout"], cfg))
+    reference_stats = control = None
+    if cfg.plant:
+        from ..metrics.reference import reference_distances, reference_stats as make_stats
+        from ..metrics.relearn import relearn_curve, split_halves
+
+        reference_stats = store.get("reference_stats", lambda: make_stats(
+            original, tokenizer, t["forget"], t["heldout"], **_reference_kwargs(cfg)))
+        store.get("planted_reference", lambda: reference_distances(
+            planted, tokenizer, t["forget"], t["heldout"], original=original, original_stats=reference_stats,
+            kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg)))
+        train, test = split_halves(t["forget"])
+        control = store.get("relearn_control", lambda: relearn_curve(original, tokenizer, train, test, cfg.relearn))
+    before = store.data.get("before")
+
+    results = {}
+    for method in cfg.methods:
+        result_path = split_dir / "runs" / f"{method}.json"
+        if result_path.is_file():
+            results[method] = _read_json(result_path)
+            say(f"loku bench: split {split}, {method}: finished earlier, skipped")
+            continue
+        out = split_dir / "runs" / method
+        ucfg = cfg.unlearn_config(method, files["forget"], files["retain"], files["validation"], str(out),
+                                  model=f"{model_name} planted with split {split}" if cfg.plant else model_name)
+        ucfg.progress = progress
+        ucfg.overwrite = False
+        from ..checkpoint import STATE, checkpoint_dir
+
+        resume = (checkpoint_dir(out) / STATE).is_file()
+        say(f"loku bench: split {split}, {method}: {'resuming' if resume else 'unlearning'}")
+        started = time.time()
+        result, run_before = unlearn_from(ucfg, planted, tokenizer, before=before, resume=resume)
+        unlearn_seconds = time.time() - started
+        if before is None:
+            before = store.get("before", lambda: run_before)
+        report = result.report
+        evaluated = merged_copy(result.model).eval()
+        t_eval = time.time()
+        scores = downstream(evaluated, tokenizer, t, cfg)
+        entry: dict[str, Any] = {
+            "model": model_name, "split": split, "method": method, "seed": ucfg.seed,
+            "outcome": report["outcome"], "epochs_run": report["epochs_run"],
+            "epochs_to_success": report["epochs_to_success"], "max_epochs": ucfg.max_epochs,
+            "thresholds": report["thresholds"], "before": report["before"], "after": report["after"],
+            "epochs": report["epochs"], "trainable_share": report["trainable_share"],
+            "trainable_parameters": report["trainable_parameters"], "total_parameters": report["total_parameters"],
+            "flops": report["flops"], "init": report.get("init"), "peak_memory_bytes": report["peak_memory_bytes"],
+            "downstream": scores, "unlearn_config": ucfg.to_dict(), "data": report["data"],
+        }
+        if cfg.plant:
+            from ..metrics.reference import reference_distances
+            from ..metrics.relearn import relearning_check
+
+            t_ref = time.time()
+            entry["reference"] = reference_distances(
+                evaluated, tokenizer, t["forget"], t["heldout"], original=original, original_stats=reference_stats,
+                kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg))
+            entry["reference"]["seconds"] = time.time() - t_ref
+            entry["relearn"] = relearning_check(evaluated, tokenizer, t["forget"], control=control,
+                                                settings=cfg.relearn)
+        entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
+                            "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}
+        atomic_write_json(result_path, jsonable(entry))
+        import shutil
+
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        results[method] = entry
+        del result, evaluated
+        _free()
+        say(f"loku bench: split {split}, {method}: {entry['outcome']} after {entry['epochs_run']} epoch(s); "
+            f"EL {entry['after'].get('forget_el', float('nan')):.3f}, MA {entry['after']['forget_ma']:.3f}, Pile PPL "
+            f"{scores['ppl_pile']:.2f} (original {original_scores['ppl_pile']:.2f}); "
+            f"{unlearn_seconds:.0f} s + {entry['seconds']['evaluation']:.0f} s evaluation")
+    return results
+
+
+def _val_ppl(model, tokenizer, texts: list[str], cfg: BenchConfig) -> float:
+    """Held-out perplexity computed as the trainer does per epoch (``val_ppl``), for ratios to the original."""
+    from .. import measure
+    from ..data import make_batches, tokenize_texts
+    from ..lm import ensure_pad_token
+
+    ids = tokenize_texts(tokenizer, texts, max_length=1 << 20, source="held-out set")
+    batch = int(cfg.unlearn.get("eval_batch_size", 8))
+    return measure.heldout_perplexity(model, make_batches(ids, batch, ensure_pad_token(tokenizer)))
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: list[str] | None = None,
+              report_only: bool = False) -> dict[str, Any]:
+    """Run (or continue) the bench in ``out``; returns the summary written to ``out/results.json``."""
+    from ..models import load_model
+    from ..save import atomic_write_json
+    from .summary import write_outputs
+
+    cfg.validate()
+    data = cfg.check_data()
+    out = Path(out)
+    if report_only and not (out / BENCH_RECORD).is_file():
+        raise ConfigError(f"{out}: no bench here ({BENCH_RECORD} missing); run the bench first, without --report-only")
+    record = claim_folder(out, cfg, data)
+    say = _say(progress)
+    started = time.time()
+    if not report_only:
+        runs_file = out / "invocations.json"
+        history = _read_json(runs_file) if runs_file.is_file() else []
+        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+                        "models": cfg.models, "splits": cfg.splits, "methods": cfg.methods})
+        atomic_write_json(runs_file, history)
+        for model_name in cfg.models:
+            folder = out / slug(model_name)
+            say(f"loku bench: loading {model_name}")
+            original, tokenizer = load_model(model_name, progress=progress)
+            original.eval()
+            store = Store(folder / "original.json")
+            store.get("model", lambda: {"name": model_name,
+                                        "parameters": sum(p.numel() for p in original.parameters())})
+            from . import data as bench_data
+
+            texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool)
+            if "downstream" not in store.data:
+                say(f"loku bench: measuring {model_name} itself (perplexity, LAMBADA, PubMedQA, dialogue)")
+            original_scores = store.get("downstream", lambda: downstream(original, tokenizer, texts0.texts, cfg))
+            for split in cfg.splits:
+                run_split(cfg, model_name, original, tokenizer, split, folder, original_scores, say, progress)
+            del original
+            _free()
+    summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
+    say(f"loku bench: results in {out / 'results.md'}")
+    return summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``loku bench tdec``."""
+    parser.add_argument("--config", default="cpu",
+                        help="cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo, 32 x 200 tokens, GPU) or a YAML file "
+                             "[default: cpu]")
+    parser.add_argument("--out", default=None, help="bench folder (results, resumable) [default: runs/bench-tdec-NAME]")
+    parser.add_argument("--model", default=None, help="model(s) instead of the config's: built-in name, folder or hub "
+                                                      "id; comma-separated for several")
+    parser.add_argument("--splits", default=None, help="TDEC splits, comma-separated (e.g. 0,1,2)")
+    parser.add_argument("--methods", default=None,
+                        help=f"methods, comma-separated [default: {','.join(DEFAULT_METHODS)}]")
+    parser.add_argument("--seed", type=int, default=None, help="seed of unlearning (the planting recipe has its own)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="give up after this many epochs")
+    parser.add_argument("--data-dir", default=None,
+                        help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
+    parser.add_argument("--cache-dir", default=None, help="where planted models are cached [default: $LOKU_CACHE]")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only write results.json / results.md / plots from the finished results in --out")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages and bars")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    overrides: dict[str, Any] = {"model": args.model, "splits": args.splits, "methods": args.methods,
+                                 "seed": args.seed, "data_dir": args.data_dir, "cache_dir": args.cache_dir}
+    if args.max_epochs is not None:
+        overrides["unlearn"] = {"max_epochs": args.max_epochs}
+    return load_bench_config(args.config, overrides, smoke=args.smoke)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``loku bench tdec``: 0 when every (model, split, method) has a result."""
+    cfg = config_from_args(args)
+    out = args.out or f"runs/bench-tdec-{cfg.name}"
+    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
+    summary = run_bench(cfg, out, progress=args.progress, command=command, report_only=args.report_only)
+    missing = summary.get("missing", [])
+    if missing:
+        print(f"loku bench: {len(missing)} (model, split, method) result(s) missing in {out}; run again without "
+              "--report-only to compute them", file=sys.stderr)
+        return 3 if args.report_only else 1
+    print(f"loku bench: wrote {Path(out) / 'results.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point until ``loku bench tdec`` is wired: ``python -m loku.bench.tdec ...``."""
+    from ..cli import describe_error
+
+    parser = add_arguments(argparse.ArgumentParser(prog="loku bench tdec", description=__doc__.split("\n")[0]))
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except BaseException as err:  # noqa: BLE001
+        if args.debug or isinstance(err, SystemExit):
+            raise
+        code, message = describe_error(err, args)
+        print(f"loku: {message}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

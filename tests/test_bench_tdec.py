@@ -1,0 +1,136 @@
+"""`loku bench tdec --smoke` end to end on a tiny random model and synthetic TDEC-shaped data (seconds):
+outputs, resumability, extension with a new method, and the bad input refused before any work."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+
+from loku.bench import tdec
+from loku.bench.tdec import load_bench_config, run_bench
+from loku.errors import ConfigError
+from tiny_models import WORDS, make_tiny_model, word_tokenizer
+
+METHODS = ["full-gd", "fila-ihl", "npo"]
+
+
+def _words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS[3:]) for _ in range(n))
+
+
+def _csv(path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def bench_env(tmp_path_factory):
+    """A data folder shaped like ../shared/data/tdec (random words) and a tiny Llama model folder."""
+    root = tmp_path_factory.mktemp("bench")
+    rng = random.Random(0)
+    data = root / "data"
+    for split in ("0", "1"):
+        _csv(data / "tdec" / "forget" / f"lm_extraction_32_{split}.csv", ["doc_id", "corpus", "text"],
+             [[i, "pile", _words(rng, 24)] for i in range(8)])
+    _csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", _words(rng, 30)]
+                                                                              for i in range(560)])
+    _csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[_words(rng, 30)] for _ in range(300)])
+    _csv(data / "tdec" / "eval" / "lambada.csv", ["id", "token_length", "text", "task"],
+         [[i, 10, _words(rng, 10), "lambada"] for i in range(4)])
+    _csv(data / "tdec" / "eval" / "pubmed_qa.csv", ["pubid", "question", "context", "long_answer", "final_decision",
+                                                    "abstract"],
+         [[i, _words(rng, 4), _words(rng, 8), _words(rng, 4), "yes", _words(rng, 8)] for i in range(4)])
+    for name in ("blended_skill_talk", "empathetic_dialogues", "wizard_of_internet", "wizard_of_wikipedia"):
+        dialogues = {str(i): [_words(rng, 5), _words(rng, 5), _words(rng, 5)] for i in range(3)}
+        (data / "tdec" / "eval" / f"{name}.json").write_text(json.dumps({"text": dialogues}))
+    model_dir = root / "tiny"
+    make_tiny_model("llama", seed=0).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    return {"data": data, "model": str(model_dir), "cache": root / "cache"}
+
+
+def _cfg(env, **overrides):
+    values = {"model": env["model"], "splits": "0", "methods": ",".join(METHODS), "data_dir": str(env["data"]),
+              "cache_dir": str(env["cache"]), **overrides}
+    return load_bench_config("cpu", values, smoke=True)
+
+
+def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    summary = run_bench(_cfg(bench_env), out, progress=False, command=["loku", "bench", "tdec", "--smoke"])
+    assert summary["missing"] == []
+    model = summary["models"][bench_env["model"]]
+    assert set(model["table"]) == set(METHODS)
+    row = model["table"]["fila-ihl"]
+    for key in ("trainable_pct", "el", "ma", "ppl_pile_ratio", "lambada", "pubmedqa", "dialogue_f1", "tflops",
+                "forget_nll_gap", "heldout_kl", "mia_auc_gap", "repetition_ratio", "relearn_ma", "relearn_ma_control"):
+        assert key in row, key
+    assert row["trainable_pct"]["mean"] < model["table"]["full-gd"]["trainable_pct"]["mean"] == 100.0
+    run = json.loads((out / "tiny" / "split-0" / "runs" / "fila-ihl.json").read_text())
+    assert run["seed"] == 0 and run["relearn"]["control"]["steps"] == [0, 1, 2]
+    assert run["reference"]["settings"]["new_tokens"] == 4 and run["flops"]["fisher"] > 0
+    split = json.loads((out / "tiny" / "split-0" / "split.json").read_text())
+    assert split["planting"]["measurements"]["planted"]["forget"]["ma"] >= 0
+    assert {"before", "reference_stats", "relearn_control", "planted_downstream"} <= set(split)
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"][:3] == ["loku", "bench", "tdec"] and results["versions"]["torch"]
+    assert results["data_sha256"] and results["seeds"]["bench"] == 0
+    md = (out / "results.md").read_text()
+    assert "| fila-ihl |" in md and "Planting (original → planted)" in md and "Distance to the original" in md
+    for plot in ("figure1", "epochs", "relearn", "forgetting_vs_utility"):
+        assert (out / "plots" / f"{plot}.png").is_file(), plot
+
+    # A rerun skips every finished (split, method); adding a method runs only that one.
+    calls = []
+    real = tdec.unlearn_from
+    monkeypatch.setattr(tdec, "unlearn_from", lambda cfg, *a, **k: calls.append(cfg.method) or real(cfg, *a, **k))
+    run_bench(_cfg(bench_env), out, progress=False)
+    assert calls == []
+    run_bench(_cfg(bench_env, methods="full-gd,lora-ihl"), out, progress=False)
+    assert calls == ["lora-ihl"]
+    assert "| lora-ihl |" in (out / "results.md").read_text()
+
+
+def test_bad_input_fails_before_any_work(bench_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(tdec, "run_split", lambda *a, **k: pytest.fail("no work should start"))
+    out = tmp_path / "bench"
+    with pytest.raises(ConfigError, match="unknown method.*full-gx"):
+        run_bench(_cfg(bench_env, methods="full-gx"), out, progress=False)
+    with pytest.raises(ConfigError, match="unknown split.*7.*splits there: 0, 1"):
+        run_bench(_cfg(bench_env, splits="0,7"), out, progress=False)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="unknown bench option.*methds"):
+        load_bench_config("cpu", {"methds": "npo"})
+    with pytest.raises(ConfigError, match="sizes: unknown option.*n_forgt"):
+        load_bench_config("cpu", {"sizes": {"n_forgt": 3}})
+    with pytest.raises(ConfigError, match="unlearn options of method full-gd: unknown option.*batch_sise .did you"):
+        run_bench(_cfg(bench_env, unlearn={"batch_sise": 2}), out, progress=False)
+
+
+def test_a_folder_from_another_configuration_is_refused(bench_env, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    monkeypatch.setattr(tdec, "run_split", lambda *a, **k: {})
+    monkeypatch.setattr(tdec, "load_model", lambda *a, **k: pytest.fail("not loaded"), raising=False)
+    cfg = _cfg(bench_env)
+    tdec.claim_folder(out, cfg, cfg.check_data())
+    other = _cfg(bench_env, sizes={"n_forget": 6})
+    with pytest.raises(ConfigError, match="another configuration .*sizes.n_forget"):
+        run_bench(other, out, progress=False)
+    (tmp_path / "stranger").mkdir()
+    (tmp_path / "stranger" / "file.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a bench folder"):
+        run_bench(cfg, tmp_path / "stranger", progress=False)
+
+
+def test_named_configs_load_and_validate():
+    cpu = load_bench_config("cpu").validate()
+    assert cpu.models == ["smollm2-135m"] and cpu.splits == ["0", "1", "2"] and cpu.methods == tdec.DEFAULT_METHODS
+    paper = load_bench_config("paper").validate()
+    assert paper.sizes.n_forget == 32 and paper.sizes.forget_tokens == 200
+    assert paper.models[0] == "EleutherAI/gpt-neo-125m" and paper.unlearn["rank"] == 16
+    assert load_bench_config("cpu", {"model": "x,y"}).models == ["x", "y"]
