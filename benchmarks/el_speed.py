@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--plain-repeats", type=int, default=1, help="timed runs of the plain EL (default 1: it is slow)")
     p.add_argument("--rows-per-batch", type=int, default=64, help="extraction_likelihood's rows_per_batch (default 64)")
     p.add_argument("--device", default=common.default_device())
-    p.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(common.DTYPES),
+                   help="dtype the model is loaded in (default float32); MA and EL measure in float32 whatever it is")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=str(common.REPO.parent / "shared" / "data"),

@@ -6,11 +6,20 @@ L = 1..T-n, the n-gram overlap between the greedy continuation of x[:L] up to le
 true suffix x[L:]; it is the (1/(T-n)) sum of Jang et al. (the empty prefix cannot be continued).
 A greedy continuation here is T-L argmax steps with no early stop at EOS.
 
-Both metrics run the model with float32 weights whatever its dtype (:func:`float32_weights`): in
-bf16/fp16 the rounding of a whole-sequence forward differs from a prefix's, near-ties of the argmax
-flip and whole continuations change (up to 25% relative EL difference on SmolLM2 in bf16), and
-these numbers decide when unlearning stops. The cost is float32 memory during measurement only;
-the weights are cast back, bit for bit, afterwards.
+Both metrics measure in float32 whatever the model's dtype (:func:`float32_weights`, and any
+autocast switched off): in bf16/fp16 the rounding of a whole-sequence forward differs from a
+prefix's, near-ties of the argmax flip and whole continuations change (up to 25% relative EL
+difference between fast and plain EL on SmolLM2 in bf16), and these numbers decide when unlearning
+stops, so they must not depend on how they were computed. The cost: during a measurement the
+weights are float32 (twice the memory of bf16/fp16 weights, cast in place, no second copy of the
+model) and the forward passes run at float32 speed; afterwards each parameter and buffer gets its
+own dtype back, bit for bit (bf16/fp16 -> float32 -> bf16/fp16 is exact), and the same Parameter
+objects, so optimizer state stays attached. The numbers are those of the float32 model with the
+same (rounded) weights.
+
+The KV cache is passed as ``cache`` where the model's ``forward`` names it so (transformers 5.x;
+``past_key_values`` is deprecated there and goes away in 5.40), else as ``past_key_values``. The fast
+path reads the cache's ``layers`` and needs transformers >= 4.56.
 
 ``extraction_likelihood`` (fast, exact) needs no generation where the model already follows the
 text: if the teacher-forced argmax at position L-1 equals x[L], the continuation of x[:L] is
@@ -33,13 +42,19 @@ __all__ = ["extraction_likelihood", "extraction_likelihood_plain", "float32_weig
            "ngram_overlap"]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 @contextlib.contextmanager
 def float32_weights(model: torch.nn.Module) -> Iterator[None]:
-    """Run the block with every floating parameter and buffer of ``model`` in float32, in place (no
+    """Run the block with every bf16/fp16 parameter and buffer of ``model`` in float32, in place (no
     second copy of the model; Parameter objects, hence optimizer state, stay attached), and give each
-    tensor back its own dtype afterwards, also on an error. bf16/fp16 -> float32 -> back is exact."""
-    lowered = [t for t in itertools.chain(model.parameters(), model.buffers())
-               if t.is_floating_point() and t.dtype != torch.float32]
+    tensor back its own dtype afterwards, also on an error. bf16/fp16 -> float32 -> back is exact.
+
+    Dtypes are restored tensor by tensor (PEFT keeps LoRA weights in float32 beside a bf16 base; some
+    models keep norms or buffers in float32). Only 16-bit floats are raised: float64 would lose bits
+    on the way down, and float32 needs nothing. Nested use is free: the inner one finds float32."""
+    lowered = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.dtype in _HALF]
     dtypes = [t.dtype for t in lowered]
     try:
         for t in lowered:
@@ -53,19 +68,29 @@ def float32_weights(model: torch.nn.Module) -> Iterator[None]:
 def _in_float32(metric):
     @functools.wraps(metric)
     def measured(model, *args, **kwargs):
-        with float32_weights(model):
+        # Autocast (the bf16 compute of full fine-tuning, for one) would round the forward passes again.
+        device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        with float32_weights(model), torch.autocast(device.type, enabled=False):
             return metric(model, *args, **kwargs)
 
     return measured
 
 
 def _cache_keyword(model) -> str:
-    """transformers >= 5.x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    """The name of the KV cache argument: ``cache`` in transformers 5.x (``past_key_values`` is deprecated
+    there, removed in 5.40), ``past_key_values`` before. Asked of the model's own ``forward`` (of the base
+    model under PEFT); where that names neither, of the installed transformers' output classes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    params = inspect.signature(base.forward).parameters
+    if "cache" in params or "past_key_values" in params:
+        return "cache" if "cache" in params else "past_key_values"
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _returned_cache(out):
+    """The KV cache a forward returned, under its new name ``cache`` or its old one (no deprecation warning)."""
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
 
@@ -179,11 +204,11 @@ def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first
         mask[r, width - m:] = 1
     positions = torch.tensor([m for _, m in rows], device=device)
     tokens = torch.tensor(first_tokens, device=device)
-    generated = [tokens]
+    generated, keyword = [tokens], _cache_keyword(model)
     for step in range(max(steps) - 1):
         mask = torch.cat([mask, mask.new_ones((count, 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
-                    use_cache=True, **{_cache_keyword(model): cache})
+                    use_cache=True, **{keyword: cache})
         cache = _returned_cache(out)
         tokens = out.logits[:, -1].argmax(dim=-1)
         generated.append(tokens)
