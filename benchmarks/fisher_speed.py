@@ -1,17 +1,22 @@
-"""Speed of FILA's per-sample Fisher pass: one forward/backward per batch against one per sequence.
-
-``loku.fisher.empirical_fisher(mode="per_sample")`` gets every sequence's squared gradient of the
-QV+FFN weights from ONE forward and backward per batch (layer inputs x output gradients, hooked);
-``mode="per_sample_loop"`` is the per-sequence autograd reference, which is what the old code did
-(one ``autograd.grad`` per sequence). Both are timed on the demo's setting, their results compared
-(max relative difference), and put next to the rest of a fila-ihl run's cost: the FILA SVD (through
-``loku.trainer.adapt_model``) and one training epoch (IHL on forget + NLL on retain, AdamW, LoRA
-rank 16 on QV+FFN, as the trainer's loop).
+"""What FILA's initialisation costs next to one unlearning epoch, on the demo's setting.
 
 Setting (the demo's, ``loku demo``): the built-in SmolLM2-135M (float32), 8 TDEC forget texts and 128
 WikiText retain texts (``tdec/forget/lm_extraction_32_0.csv``, ``tdec/eval/wikitext.csv`` under
-``--data-dir``), each cut to 64 tokens, batch 2. The demo plants the forget texts first; speed does
-not depend on that, so the base model is used.
+``--data-dir``), each cut to 64 tokens, training batch 2. Speed does not depend on the planting, so
+the base model is used.
+
+Measured, in one run:
+
+* the Fisher of the trainer's default sets (the forget set and a seeded retain sample of the same
+  size, ``--fisher-retain-sequences``), by the one-pass per-sample Fisher (``mode="per_sample"``:
+  layer inputs x output gradients, hooked, one forward/backward per batch of ``--fisher-batch-size``)
+  and by the per-sequence autograd reference (``mode="per_sample_loop"``, what the old code did):
+  the ratio new/old and their max relative difference;
+* FILA's initialisation as the trainer runs it (``adapt_model``: both Fishers + the exact SVD), and
+  the same from all 128 retain texts (the old default), with how much the two starting adapters
+  agree (subspace overlaps of A's rows and B's columns, relative difference of B@A);
+* one training epoch (IHL on forget + NLL on retain, AdamW, LoRA rank 16 on QV+FFN, as the trainer),
+  so FILA init / epoch can be read off (issue target: at most 2).
 
 Also measured: the share of relative-Fisher entries where eps = 1e-5 dominates (F_retain < eps) on
 two layers, for the paper's per-sequence SUM loss and the old per-sequence MEAN loss, on the first
@@ -43,8 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--retain-sequences", type=int, default=128)
     p.add_argument("--tokens", type=int, default=64, help="tokens per text (cut), default 64")
     p.add_argument("--batch-size", type=int, default=2, help="training batch size, also the Fisher's (default 2)")
-    p.add_argument("--fisher-batch-size", type=int, default=None,
-                   help="also time the one-pass Fisher with this batch size (default: not timed)")
+    p.add_argument("--fisher-batch-size", type=int, default=16,
+                   help="batch size of the one-pass Fisher (default 16; the old loop does one sequence at a time)")
+    p.add_argument("--skip-full-retain", action="store_true",
+                   help="skip FILA init from the whole retain set (its cost and its agreement with the sample)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2, help="timed training epochs (mean reported; default 2)")
     p.add_argument("--share-sequences", type=int, default=6)
@@ -173,10 +180,65 @@ def train_epochs(model, cfg, forget_ids, retain_ids, pad: int, epochs: int) -> l
     return seconds
 
 
-def run(args) -> dict:
-    from loku.data import make_batches
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||Q_a^T Q_b||_F^2 / r for orthonormal bases of the column spaces of a and b [n, r]: 1 same, ~r/n random."""
+    qa, qb = torch.linalg.qr(a.double())[0], torch.linalg.qr(b.double())[0]
+    return float((qa.T @ qb).square().sum() / a.shape[1])
+
+
+def adapters(model) -> dict:
+    from loku.initializers import ADAPTER, lora_layers
+
+    return {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
+            for name, layer in lora_layers(model).items()}
+
+
+def agreement(sampled: dict, full: dict) -> dict:
+    """How close FILA's start from the sampled retain Fisher is to the start from the whole retain set."""
+    rows = {}
+    for name, (a_s, b_s) in sampled.items():
+        a_f, b_f = full[name]
+        delta_s, delta_f = b_s @ a_s, b_f @ a_f
+        rows[name] = {"input_subspace_overlap": subspace_overlap(a_s.T, a_f.T),
+                      "output_subspace_overlap": subspace_overlap(b_s, b_f),
+                      "relative_difference_of_BA": float(torch.linalg.norm(delta_s - delta_f)
+                                                         / torch.linalg.norm(delta_f).clamp(min=1e-30)),
+                      "random_overlap": a_s.shape[0] / a_s.shape[1]}
+    summary = {key: {"mean": statistics.mean(r[key] for r in rows.values()),
+                     "min": min(r[key] for r in rows.values()), "max": max(r[key] for r in rows.values())}
+               for key in ("input_subspace_overlap", "output_subspace_overlap", "relative_difference_of_BA")}
+    return {"summary": summary, "per_layer": rows}
+
+
+def memory_plan_llama2_7b(gpu_bytes: int = 80 * 10**9) -> dict:
+    """FILA's Fisher buffers for Llama-2-7B's QV+FFN targets and the chunks ``fisher_chunks`` makes on one
+    80 GB GPU (shapes only, meta device: nothing is allocated). The trainer's budget is half of the free
+    memory once the bf16 model is loaded (``fisher_memory_budget``)."""
+    from transformers import AutoModelForCausalLM
+
+    from loku.fisher import fisher_bytes, fisher_chunks
     from loku.models import resolve_targets
-    from loku.trainer import adapt_model
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(common.llama2_7b_config(), dtype=torch.bfloat16)
+    modules = dict(model.named_modules())
+    params = {t: modules[t].weight for t in resolve_targets(model, "qv-ffn")}
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = (gpu_bytes - model_bytes) // 2
+    chunks = fisher_chunks(params, budget)
+    return {"targets": len(params), "target_parameters": sum(p.numel() for p in params.values()),
+            "fisher_bytes_forget_plus_retain": fisher_bytes(params), "model_bytes_bf16": model_bytes,
+            "gpu_bytes": gpu_bytes, "budget_bytes": budget, "passes": len(chunks),
+            "largest_chunk_bytes": max(fisher_bytes(c) for c in chunks)}
+
+
+def run(args) -> dict:
+    import copy
+    import time
+
+    from loku.data import TokenizedSet, make_batches
+    from loku.models import resolve_targets
+    from loku.trainer import adapt_model, fisher_retain_sample
 
     load_before = os.getloadavg()[0]
     model, forget_ids, retain_ids, pad, source = load(args)
@@ -185,60 +247,63 @@ def run(args) -> dict:
     modules = dict(model.named_modules())
     weights = {t: modules[t].weight for t in targets}
     model.requires_grad_(False)  # as inside adapt_model: the Fisher pass enables what it needs
-    forget = make_batches(forget_ids, args.batch_size, pad)
-    retain = make_batches(retain_ids, args.batch_size, pad)
-    sequences = len(forget_ids) + len(retain_ids)
+    # The trainer's default Fisher sets: the forget set and a seeded retain sample of the same size.
+    sample = fisher_retain_sample(TokenizedSet(retain_ids, [0] * len(retain_ids)), len(forget_ids), cfg).ids
+    fisher_batch = args.fisher_batch_size or args.batch_size
+    forget = make_batches(forget_ids, fisher_batch, pad)
+    retain = make_batches(sample, fisher_batch, pad)
     record: dict = {"model": "tiny-llama-random" if args.smoke else "smollm2-135m", "text_source": source,
                     "parameters": sum(p.numel() for p in model.parameters()), "targets": len(targets),
                     "target_parameters": sum(w.numel() for w in weights.values()),
-                    "sequences": {"forget": len(forget_ids), "retain": len(retain_ids)},
-                    "tokens": sum(len(s) for s in forget_ids + retain_ids)}
+                    "sequences": {"forget": len(forget_ids), "retain_set": len(retain_ids),
+                                  "retain_fisher_sample": len(sample)},
+                    "fisher_batch_size": fisher_batch}
 
     print("[fisher_speed] eps-dominated shares ...", file=sys.stderr, flush=True)
     record["eps_share"] = eps_shares(model, forget_ids[: args.share_sequences], retain_ids[: args.share_sequences],
                                      args.share_layers, pad, args.eps)
-    print("[fisher_speed] old per-sequence Fisher ...", file=sys.stderr, flush=True)
+    print("[fisher_speed] old per-sequence Fisher (default Fisher sets) ...", file=sys.stderr, flush=True)
     old, old_seconds = common.timed(lambda: fisher_both(model, weights, forget, retain, "per_sample_loop"), "cpu")
-    record["fisher_old_per_sequence"] = {"seconds": old_seconds, "batch_size": args.batch_size,
-                                         "backward_passes": sequences}
-    print("[fisher_speed] new one-pass Fisher ...", file=sys.stderr, flush=True)
+    print("[fisher_speed] new one-pass Fisher (default Fisher sets) ...", file=sys.stderr, flush=True)
     new, new_seconds = common.timed(lambda: fisher_both(model, weights, forget, retain, "per_sample"), "cpu")
-    record["fisher_new_one_pass"] = {"seconds": new_seconds, "batch_size": args.batch_size,
-                                     "backward_passes": len(forget) + len(retain)}
+    record["fisher_old_per_sequence"] = {"seconds": old_seconds, "backward_passes": len(forget_ids) + len(sample)}
+    record["fisher_new_one_pass"] = {"seconds": new_seconds, "backward_passes": len(forget) + len(retain)}
     record["max_relative_difference_new_vs_old"] = {"forget": max_relative_difference(new[0], old[0]),
                                                     "retain": max_relative_difference(new[1], old[1])}
-    del new
-    big_seconds = None
-    if args.fisher_batch_size:
-        print(f"[fisher_speed] new one-pass Fisher, batch {args.fisher_batch_size} ...", file=sys.stderr, flush=True)
-        big = tuple(make_batches(ids, args.fisher_batch_size, pad) for ids in (forget_ids, retain_ids))
-        new_big, big_seconds = common.timed(lambda: fisher_both(model, weights, *big, "per_sample"), "cpu")
-        record["fisher_new_one_pass_big_batch"] = {"seconds": big_seconds, "batch_size": args.fisher_batch_size,
-                                                   "backward_passes": len(big[0]) + len(big[1])}
-        record["max_relative_difference_new_vs_old"].update(
-            forget_big_batch=max_relative_difference(new_big[0], old[0]),
-            retain_big_batch=max_relative_difference(new_big[1], old[1]))
-        del new_big
-    del old
+    del new, old
 
-    print("[fisher_speed] FILA init (new Fisher + SVD) ...", file=sys.stderr, flush=True)
-    model, _, stats, _ = adapt_model(model, cfg, forget, retain)
+    print("[fisher_speed] FILA init, default (retain sample) ...", file=sys.stderr, flush=True)
+    sampled_model, _, stats, _ = adapt_model(copy.deepcopy(model), cfg, forget, retain)
     record["fila_init"] = {"fisher_seconds": stats["seconds"]["fisher"], "svd_seconds": stats["seconds"]["svd"],
-                           "eps_dominated_share": stats["eps_dominated_share"], "rank": args.rank}
+                           "svd": cfg.svd, "eps_dominated_share": stats["eps_dominated_share"], "rank": args.rank}
+    if not args.skip_full_retain:
+        print(f"[fisher_speed] FILA init with all {len(retain_ids)} retain texts (agreement) ...", file=sys.stderr,
+              flush=True)
+        full_model, _, full_stats, _ = adapt_model(copy.deepcopy(model), cfg, forget,
+                                                   make_batches(retain_ids, fisher_batch, pad))
+        record["fila_init_full_retain"] = {"fisher_seconds": full_stats["seconds"]["fisher"],
+                                           "svd_seconds": full_stats["seconds"]["svd"],
+                                           "eps_dominated_share": full_stats["eps_dominated_share"]}
+        record["agreement_sample_vs_full_retain"] = agreement(adapters(sampled_model), adapters(full_model))
+        del full_model
+    print("[fisher_speed] SVD alternatives on the weights ...", file=sys.stderr, flush=True)
+    mats = [w.detach().float() for w in weights.values()]
+    start = time.perf_counter()
+    for m in mats:
+        torch.linalg.svd(m, full_matrices=False)
+    record["svd_seconds_lapack_float32_all_targets"] = time.perf_counter() - start
+    record["memory_plan_llama2_7b"] = memory_plan_llama2_7b()
     print("[fisher_speed] training epochs ...", file=sys.stderr, flush=True)
-    epochs = train_epochs(model, cfg, forget_ids, retain_ids, pad, args.epochs)
+    epochs = train_epochs(sampled_model, cfg, forget_ids, retain_ids, pad, args.epochs)
     record["epoch"] = {"seconds": epochs, "mean_seconds": statistics.mean(epochs),
                        "optimizer_steps": -(-len(forget_ids) // args.batch_size)}
 
     epoch = record["epoch"]["mean_seconds"]
-    svd = record["fila_init"]["svd_seconds"]
-    record["ratios"] = {
-        "new_over_old": new_seconds / old_seconds,
-        "fisher_plus_svd_over_epoch_new": (record["fila_init"]["fisher_seconds"] + svd) / epoch,
-        "fisher_plus_svd_over_epoch_old": (old_seconds + svd) / epoch,
-    }
-    if big_seconds is not None:
-        record["ratios"]["new_big_batch_over_old"] = big_seconds / old_seconds
+    init = record["fila_init"]["fisher_seconds"] + record["fila_init"]["svd_seconds"]
+    record["ratios"] = {"new_over_old": new_seconds / old_seconds, "fila_init_over_epoch": init / epoch}
+    if "fila_init_full_retain" in record:
+        full = record["fila_init_full_retain"]
+        record["ratios"]["fila_init_full_retain_over_epoch"] = (full["fisher_seconds"] + full["svd_seconds"]) / epoch
     # Other processes on the machine slow every phase unevenly: the 1-minute load average, before and after.
     record["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     return record
@@ -263,21 +328,30 @@ def main(argv=None) -> int:
     r = record
     rows = [["Fisher, old: per sequence", f"{r['fisher_old_per_sequence']['seconds']:.2f}",
              r["fisher_old_per_sequence"]["backward_passes"]],
-            [f"Fisher, new: one pass (batch {args.batch_size})", f"{r['fisher_new_one_pass']['seconds']:.2f}",
-             r["fisher_new_one_pass"]["backward_passes"]]]
-    if "fisher_new_one_pass_big_batch" in r:
-        big = r["fisher_new_one_pass_big_batch"]
-        rows.append([f"Fisher, new: one pass (batch {big['batch_size']})", f"{big['seconds']:.2f}",
-                     big["backward_passes"]])
-    rows += [["FILA init: Fisher (new, in adapt_model)", f"{r['fila_init']['fisher_seconds']:.2f}", ""],
-             ["FILA init: SVD", f"{r['fila_init']['svd_seconds']:.2f}", ""],
-             ["one fila-ihl epoch (mean)", f"{r['epoch']['mean_seconds']:.2f}", r["epoch"]["optimizer_steps"]]]
+            [f"Fisher, new: one pass (batch {r['fisher_batch_size']})", f"{r['fisher_new_one_pass']['seconds']:.2f}",
+             r["fisher_new_one_pass"]["backward_passes"]],
+            ["FILA init: Fisher (new, in adapt_model)", f"{r['fila_init']['fisher_seconds']:.2f}", ""],
+            ["FILA init: SVD (exact)", f"{r['fila_init']['svd_seconds']:.2f}", ""],
+            ["one fila-ihl epoch (mean)", f"{r['epoch']['mean_seconds']:.2f}", r["epoch"]["optimizer_steps"]]]
+    if "fila_init_full_retain" in r:
+        full = r["fila_init_full_retain"]
+        rows.insert(4, [f"FILA init, all {r['sequences']['retain_set']} retain texts: Fisher + SVD",
+                        f"{full['fisher_seconds'] + full['svd_seconds']:.2f}", ""])
     common.print_table(["phase", "seconds", "backward passes"], rows)
     ratios = r["ratios"]
-    print(f"new/old: {ratios['new_over_old']:.3f}; (Fisher+SVD)/epoch: "
-          f"new {ratios['fisher_plus_svd_over_epoch_new']:.1f}, old {ratios['fisher_plus_svd_over_epoch_old']:.1f}")
+    print(f"new/old: {ratios['new_over_old']:.3f}; FILA init / epoch: {ratios['fila_init_over_epoch']:.2f}"
+          + (f" (all retain texts: {ratios['fila_init_full_retain_over_epoch']:.1f})"
+             if "fila_init_full_retain_over_epoch" in ratios else ""))
     print("max relative difference new vs old: " + ", ".join(
         f"{k} {v['max']:.2e}" for k, v in r["max_relative_difference_new_vs_old"].items()))
+    if "agreement_sample_vs_full_retain" in r:
+        agree = r["agreement_sample_vs_full_retain"]["summary"]
+        print("sampled vs full retain Fisher: " + ", ".join(f"{k} mean {v['mean']:.3f} (min {v['min']:.3f})"
+                                                           for k, v in agree.items()))
+    plan = r["memory_plan_llama2_7b"]
+    print(f"Llama-2-7B QV+FFN: Fisher buffers {plan['fisher_bytes_forget_plus_retain'] / 1e9:.1f} GB; on an 80 GB GPU "
+          f"(bf16 model {plan['model_bytes_bf16'] / 1e9:.1f} GB) in {plan['passes']} pass(es) of at most "
+          f"{plan['largest_chunk_bytes'] / 1e9:.1f} GB")
     print(f"1-minute load average: {r['load_average_1min']['before']:.2f} before, "
           f"{r['load_average_1min']['after']:.2f} after (other processes slow the timings)")
     for loss, shares in r["eps_share"]["relative_fisher_eps_dominated_share"].items():

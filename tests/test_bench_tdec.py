@@ -10,7 +10,7 @@ import pytest
 
 from loku.bench import tdec
 from loku.bench.tdec import load_bench_config, run_bench
-from loku.errors import ConfigError
+from loku.errors import ConfigError, DataError
 from tiny_models import WORDS, make_tiny_model, word_tokenizer
 
 METHODS = ["full-gd", "fila-ihl", "npo"]
@@ -36,7 +36,7 @@ def bench_env(tmp_path_factory):
     data = root / "data"
     for split in ("0", "1"):
         _csv(data / "tdec" / "forget" / f"lm_extraction_32_{split}.csv", ["doc_id", "corpus", "text"],
-             [[i, "pile", _words(rng, 24)] for i in range(8)])
+             [[i, "pile", _words(rng, 24)] for i in range(12)])
     _csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", _words(rng, 30)]
                                                                               for i in range(560)])
     _csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[_words(rng, 30)] for _ in range(300)])
@@ -110,6 +110,12 @@ def test_bad_input_fails_before_any_work(bench_env, tmp_path, monkeypatch):
         load_bench_config("cpu", {"sizes": {"n_forgt": 3}})
     with pytest.raises(ConfigError, match="unlearn options of method full-gd: unknown option.*batch_sise .did you"):
         run_bench(_cfg(bench_env, unlearn={"batch_sise": 2}), out, progress=False)
+    with pytest.raises(ConfigError, match="heldout: tdec needs plant: true"):
+        run_bench(_cfg(bench_env, plant=False), out, progress=False)
+    with pytest.raises(ConfigError, match="heldout must be one of tdec, pile"):
+        run_bench(_cfg(bench_env, heldout="wiki"), out, progress=False)
+    with pytest.raises(DataError, match="fewer than 13 rows: 9 held-out sequences asked after the 4 forget rows"):
+        run_bench(_cfg(bench_env, sizes={"n_heldout": 9}), out, progress=False)
 
 
 def test_a_folder_from_another_configuration_is_refused(bench_env, tmp_path, monkeypatch):
@@ -133,4 +139,6 @@ def test_named_configs_load_and_validate():
     paper = load_bench_config("paper").validate()
     assert paper.sizes.n_forget == 32 and paper.sizes.forget_tokens == 200
     assert paper.models[0] == "EleutherAI/gpt-neo-125m" and paper.unlearn["rank"] == 16
+    # §6: thresholds from text of the forget set's kind; GPT-Neo saw every TDEC row, so Pile there
+    assert cpu.heldout == "tdec" and cpu.plant and paper.heldout == "pile" and not paper.plant
     assert load_bench_config("cpu", {"model": "x,y"}).models == ["x", "y"]

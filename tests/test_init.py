@@ -55,6 +55,24 @@ def test_uniform_weights_reduce_to_the_plain_svd_and_zero_rows_get_no_adapter():
     assert torch.all(b[:5] == 0) and torch.all(row_weights(fisher_rel)[:5] == 0)
 
 
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (20, 20)])
+def test_exact_truncated_svd_equals_the_full_svd(shape):
+    """§3 asks for the exact SVD: the Gram-matrix route must give LAPACK's top-r factors (up to sign)."""
+    g = torch.Generator().manual_seed(3)
+    matrix = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # a decaying spectrum
+    u, s, vh = truncated_svd(matrix, 5)
+    u_ref, s_ref, vh_ref = torch.linalg.svd(matrix.double(), full_matrices=False)
+    torch.testing.assert_close(s.double(), s_ref[:5], rtol=1e-6, atol=1e-9)
+    signs = torch.sign((u.double() * u_ref[:, :5]).sum(0))
+    torch.testing.assert_close(u.double() * signs, u_ref[:, :5], rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh.double() * signs[:, None], vh_ref[:5], rtol=0, atol=1e-5)
+    # rank-deficient (rows the forget set does not reach are zero after weighting): no NaN, exact product
+    matrix[:, 2:] = 0
+    u, s, vh = truncated_svd(matrix, 5)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all() and s[2:].abs().max() < 1e-3
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, matrix, atol=1e-5, rtol=1e-5)
+
+
 def test_randomized_svd_option_matches_exact_on_a_low_rank_weight():
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)

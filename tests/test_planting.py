@@ -116,6 +116,15 @@ def test_bench_slices_are_disjoint_and_cut_to_length(shared_data):
     assert any("pile.csv" in f for f in data.sources) and len(data.sha256()) == 64
     with pytest.raises(ConfigError, match="n_forget"):
         Sizes(n_forget=0).validate()
+    # held-out of the forget set's kind (§6): the split file's rows after the forget rows, never planted
+    from loku.bench.data import forget_file
+    from loku.data import read_texts
+
+    tdec = bench_texts(tok, shared_data, "1", sizes, heldout="tdec")
+    rows = read_texts(forget_file(shared_data, "1"), role="forget")
+    assert tdec.texts["heldout"] == clip_texts(tok, rows[4:8], 24)
+    assert tdec.texts["forget"] == data.texts["forget"] and not set(tdec.texts["heldout"]) & set(tdec.texts["forget"])
+    assert tdec.sources[str(forget_file(shared_data, "1"))]["rows"] == {"forget": [0, 4], "heldout": [4, 8]}
 
 
 def test_clip_texts_round_trips():

@@ -224,3 +224,23 @@ def test_paper_config_takes_one_step_per_epoch_with_jangs_adam():
         assert [len(plan_steps(batches, group, world, rank)) for rank in range(world)] == [1] * world
     assert (cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay) == (0.9, 0.98, 0.0)
     assert (cfg.method, cfg.rank, cfg.targets, cfg.learning_rate()) == ("fila-ihl", 16, "qv-ffn", 2e-4)
+
+
+def test_fisher_retain_sample_defaults_to_the_forget_set_size(memorized, tmp_path):
+    """§2: the retain Fisher is estimated on a seeded sample (as many as the forget set by default)."""
+    from loku.data import TokenizedSet
+    from loku.trainer import fisher_retain_sample
+
+    retain = TokenizedSet([[i, i + 1] for i in range(10)], [0] * 10)
+    cfg = config(memorized, tmp_path / "x")
+    sample = fisher_retain_sample(retain, 3, cfg)
+    assert len(sample) == 3 and all(ids in retain.ids for ids in sample.ids)
+    assert sample.ids == sorted(sample.ids), "file order is kept"
+    assert fisher_retain_sample(retain, 3, cfg).ids == sample.ids, "the sample depends on the seed only"
+    assert fisher_retain_sample(retain, 3, config(memorized, tmp_path / "x", seed=1)).ids != sample.ids
+    assert fisher_retain_sample(retain, 3, config(memorized, tmp_path / "x", fisher_retain_sequences=0)) is retain
+    assert len(fisher_retain_sample(retain, 3, config(memorized, tmp_path / "x", fisher_retain_sequences=7))) == 7
+    assert fisher_retain_sample(retain, 30, cfg) is retain
+
+    result = unlearn(config(memorized, tmp_path / "run", max_epochs=1))
+    assert result.report["init"]["fisher_sequences"] == {"forget": 4, "retain": 4}

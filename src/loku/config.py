@@ -91,6 +91,9 @@ class UnlearnConfig:
         "help": "added to the Fisher before it weights the SVD (FILA)", "range": "> 0"})
     fisher_batches: int | None = field(default=None, metadata={
         "help": "limit the Fisher pass to this many batches per set (default: all)", "range": ">= 1"})
+    fisher_retain_sequences: int | None = field(default=None, metadata={
+        "help": "retain sequences (a seeded sample) in the Fisher pass (default: as many as the forget set; "
+                "0: all of them)", "range": ">= 0"})
     fisher_batch_size: int | None = field(default=None, metadata={
         "help": "batch size of the Fisher pass (default: --batch-size)", "range": ">= 1"})
     svd: str = field(default="exact", metadata={

@@ -109,6 +109,7 @@ class _PerSampleHooks:
         self.handles = {name: layer.register_forward_hook(self._forward_hook(name, layer))
                         for name, layer in layers.items()}
         self.mask: Tensor | None = None
+        self.padded = False
         self.calls: dict[str, int] = {}
         self.unsupported: set[str] = set()
         self.probes: list[Tensor] = []
@@ -116,6 +117,7 @@ class _PerSampleHooks:
     def run(self, model: nn.Module, batch: dict[str, Tensor]) -> list[str]:
         """Add one batch's per-sample moments; returns the layers the hooks could not handle on it."""
         self.mask, self.calls, self.unsupported, self.probes = batch["attention_mask"].bool(), {}, set(), []
+        self.padded = not bool(self.mask.all())
         try:
             loss = _forward_loss(model, batch).sum()  # sequences do not interact: d(sum)/dY_b = dL(x_b)/dY_b
             if self.probes and loss.requires_grad:
@@ -153,10 +155,11 @@ class _PerSampleHooks:
     def _accumulate(self, name: str, layer: nn.Module, x: Tensor, g: Tensor) -> None:
         if name in self.unsupported:  # called again later in the same forward: the loop path takes it
             return
-        keep = self.mask[:, :, None]
-        # Padding positions carry no loss, so G is 0 there; masking both also keeps NaN/inf junk out.
-        x = torch.where(keep, x, 0).float()
-        g = torch.where(keep, g, 0).float()
+        x, g = x.float(), g.float()
+        if self.padded:
+            # Padding positions carry no loss, so G is 0 there; masking both also keeps NaN/inf junk out.
+            keep = self.mask[:, :, None]
+            x, g = torch.where(keep, x, 0), torch.where(keep, g, 0)
         conv = is_conv1d(layer)
         step = max(1, _PER_SAMPLE_BYTES // (4 * x.shape[-1] * g.shape[-1]))
         for s in range(0, x.shape[0], step):

@@ -28,12 +28,26 @@ def row_weights(fisher_rel: Tensor) -> Tensor:
 
 
 def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
-    """U [m, r], S [r], V^T [r, n] of the best rank-r approximation (randomized with ``lowrank``)."""
+    """U [m, r], S [r], V^T [r, n] of the best rank-r approximation, float32.
+
+    ``exact``: the eigendecomposition of the smaller Gram matrix (M M^T or M^T M) in float64, whose
+    top-r eigenvectors are the top-r singular vectors; the other side follows as M^T U / S. Exact up
+    to rounding (float64 keeps the squared condition number harmless for the leading components) and
+    about twice as fast on CPU as a full float32 SVD, most of whose work goes into the discarded
+    components. ``lowrank``: randomized (``torch.svd_lowrank``), approximate.
+    """
     if method == "lowrank":
         u, s, v = torch.svd_lowrank(matrix, q=min(rank + 8, *matrix.shape), niter=4)
         return u[:, :rank], s[:rank], v[:, :rank].T
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank]
+    m = matrix.double()
+    wide = m.shape[0] <= m.shape[1]
+    values, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending
+    top = vectors[:, -rank:].flip(1)
+    s = values[-rank:].flip(0).clamp(min=0).sqrt()
+    other = (m.T @ top if wide else m @ top) / s.clamp(min=torch.finfo(torch.float64).tiny)
+    other[:, s == 0] = 0  # no direction to speak of: contributes nothing either way
+    u, v = (top, other) if wide else (other, top)
+    return u.float(), s.float(), v.T.float()
 
 
 def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, *, svd: str = "exact",

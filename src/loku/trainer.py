@@ -258,13 +258,17 @@ def adapt(run: Run) -> None:
     # Each process takes its share of the Fisher batches; fisher.py all-reduces sums and counts.
     fisher_batch = cfg.fisher_batch_size or cfg.batch_size
     fisher_forget = data_mod.make_batches(run.sets.forget_ids, fisher_batch, run.pad)[: cfg.fisher_batches]
-    fisher_retain = data_mod.make_batches(run.sets.retain_ids, fisher_batch, run.pad)[: cfg.fisher_batches]
+    retain_sample = fisher_retain_sample(run.sets.retain_ids, len(run.sets.forget_ids), cfg)
+    fisher_retain = data_mod.make_batches(retain_sample, fisher_batch, run.pad)[: cfg.fisher_batches]
     started = time.time()
     run.model, run.targets, run.init_stats, run.residual = adapt_model(
         run.model, cfg, dist.shard(fisher_forget, run.accelerator), dist.shard(fisher_retain, run.accelerator),
         run_initializer=run.checkpoint is None)
     if uses_fisher(cfg):
         run.fisher_tokens = measure.token_count(fisher_forget) + measure.token_count(fisher_retain)
+        run.init_stats["fisher_sequences"] = {name: sum(int(b["input_ids"].shape[0]) for b in batches)
+                                              for name, batches in (("forget", fisher_forget),
+                                                                    ("retain", fisher_retain))}
     if run.checkpoint is not None:
         run.residual = restore_weights(run.model, run.checkpoint)
         run.init_stats = run.checkpoint.state["init"]
@@ -286,6 +290,22 @@ def adapt(run: Run) -> None:
         run.tokens_trained = run.checkpoint.state["tokens_trained"]
         run.optimizer_steps = run.epochs[-1].get("optimizer_steps", 0) if run.epochs else 0
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+
+
+def fisher_retain_sample(retain: data_mod.TokenizedSet, n_forget: int, cfg: UnlearnConfig) -> data_mod.TokenizedSet:
+    """The retain sequences of the Fisher pass: a seeded sample of ``cfg.fisher_retain_sequences`` of them
+    (default: as many as the forget set has; 0: all), kept in file order.
+
+    The retain Fisher only has to show which weights general text relies on; a pass over a retain set
+    16x the forget set made FILA's initialisation cost more than the epochs it saves (docs/algorithms.md §2).
+    """
+    wanted = n_forget if cfg.fisher_retain_sequences is None else cfg.fisher_retain_sequences
+    if wanted == 0 or wanted >= len(retain):
+        return retain
+    generator = torch.Generator().manual_seed(cfg.seed + 20_000)
+    keep = sorted(torch.randperm(len(retain), generator=generator)[:wanted].tolist())
+    return data_mod.TokenizedSet([retain.ids[i] for i in keep], [retain.prompt_lengths[i] for i in keep],
+                                 retain.template)
 
 
 def uses_fisher(cfg: UnlearnConfig) -> bool:

@@ -6,13 +6,21 @@ Every role reads its own rows, so no text is both trained on and measured:
 role         rows                                                    used for
 ===========  ======================================================  ==========================
 forget       ``tdec/forget/lm_extraction_{pool}_{split}.csv`` [0, n)  planted, then unlearned
-heldout      ``tdec/eval/pile.csv`` [0, 200)                          stop thresholds (MA/EL), MIA
-                                                                      non-members, KL to the original
+heldout      the same file's next rows [n, n + n_heldout) (``tdec``)  stop thresholds (MA/EL), MIA
+             or ``tdec/eval/pile.csv`` [0, 200) (``pile``)            non-members, KL to the original
 ppl_pile     ``pile.csv`` [200, 500)                                  Pile perplexity
 general      ``pile.csv`` [500, 1500)                                 mixed into the planting
 retain       ``wikitext.csv`` [0, 250)                                unlearning's retain set
 ppl_wiki     ``wikitext.csv`` [250, 350)                              WikiText perplexity
 ===========  ======================================================  ==========================
+
+The held-out set must be of the forget set's kind (docs/algorithms.md §6): TDEC sequences were picked
+for being extractable (licences, code, boilerplate), and a model that never saw them predicts them
+better than random Pile text (SmolLM2: MA 0.375 on split 0's forget rows, 0.26 on Pile excerpts).
+Thresholds from Pile text then demand a forget MA below the never-trained model's own, an
+overshoot that costs utility and marks the forgotten texts. A planted model never saw the split's
+other rows, so ``tdec`` (the bench's default when it plants) gives thresholds of the right kind;
+``pile`` is for models that memorized every TDEC row in pre-training (GPT-Neo).
 
 Texts are cut to their first N tokens of the model's tokenizer (:func:`clip_texts`); a Pile or
 WikiText excerpt shorter than N tokens is skipped so held-out sequences have the forget
@@ -29,7 +37,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..provenance import file_sha256
 
-__all__ = ["ROWS", "BenchTexts", "Sizes", "bench_texts", "clip_texts", "forget_file", "general_texts", "role_texts",
+__all__ = ["HELDOUT_SOURCES", "ROWS", "BenchTexts", "Sizes", "bench_texts", "clip_texts", "forget_file", "general_texts", "role_texts",
            "write_jsonl"]
 
 # (file under tdec/eval, first row, end row) per role; see the module docstring.
@@ -122,11 +130,18 @@ def _read(data_dir: Path, name: str, role: str) -> list[str]:
     return read_texts(path, role=role)
 
 
-def bench_texts(tokenizer: Any, data_dir: str | Path, split: str, sizes: Sizes, *, pool: int = 32) -> BenchTexts:
-    """The forget, held-out, retain, planting and perplexity texts of one TDEC split (module docstring)."""
+HELDOUT_SOURCES = ("tdec", "pile")
+
+
+def bench_texts(tokenizer: Any, data_dir: str | Path, split: str, sizes: Sizes, *, pool: int = 32,
+                heldout: str = "pile") -> BenchTexts:
+    """The forget, held-out, retain, planting and perplexity texts of one TDEC split (module docstring);
+    ``heldout``: ``tdec`` (the split file's rows after the forget set) or ``pile``."""
     from ..data import read_texts
 
     sizes.validate()
+    if heldout not in HELDOUT_SOURCES:
+        raise ConfigError(f"heldout must be one of {', '.join(HELDOUT_SOURCES)}, got {heldout!r}")
     data_dir = Path(data_dir)
     path = forget_file(data_dir, split, pool)
     if not path.is_file():
@@ -140,6 +155,20 @@ def bench_texts(tokenizer: Any, data_dir: str | Path, split: str, sizes: Sizes, 
     want = {"heldout": (sizes.n_heldout, sizes.forget_tokens), "ppl_pile": (sizes.n_ppl, sizes.ppl_tokens),
             "general": (sizes.n_general, sizes.general_tokens), "retain": (sizes.n_retain, sizes.retain_tokens),
             "ppl_wiki": (sizes.n_ppl, sizes.ppl_tokens)}
+    if heldout == "tdec":
+        want.pop("heldout")
+        # The first n_heldout rows after the forget rows that keep forget_tokens tokens (a cut that does
+        # not re-tokenize stably comes out shorter: that row is skipped, as role_texts skips short ones).
+        kept, end = [], sizes.n_forget
+        while len(kept) < sizes.n_heldout and end < len(forget_rows):
+            kept += clip_texts(tokenizer, [forget_rows[end]], sizes.forget_tokens, min_tokens=sizes.forget_tokens)
+            end += 1
+        if len(kept) < sizes.n_heldout:
+            raise DataError(f"{path}: {len(kept)} rows after the {sizes.n_forget} forget rows have "
+                            f"{sizes.forget_tokens} tokens, {sizes.n_heldout} held-out sequences asked; lower "
+                            "sizes.n_heldout or use heldout: pile")
+        texts["heldout"] = kept
+        sources[str(path)]["rows"]["heldout"] = [sizes.n_forget, end]
     files: dict[str, list[str]] = {}
     for role, (count, n_tokens) in want.items():
         texts[role] = role_texts(tokenizer, data_dir, role, count, n_tokens, files=files, sources=sources)

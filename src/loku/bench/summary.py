@@ -17,6 +17,7 @@ __all__ = ["METRICS", "aggregate", "collect", "render_markdown", "row_metrics", 
 # (key, column title, format) of the per-method numbers, in table order.
 METRICS: list[tuple[str, str, str]] = [
     ("trainable_pct", "trainable %", "{:.2f}"),
+    ("paper_epochs", "paper epochs", "{:.1f}"),
     ("el", "EL_10", "{:.3f}"),
     ("ma", "MA", "{:.3f}"),
     ("ppl_pile_ratio", "Pile PPL / orig", "{:.3f}"),
@@ -38,7 +39,9 @@ METRICS: list[tuple[str, str, str]] = [
     ("relearn_el", "relearn EL", "{:.3f}"),
     ("relearn_el_control", "control EL", "{:.3f}"),
 ]
-UTILITY = ["trainable_pct", "epochs", "el", "ma", "ppl_pile_ratio", "ppl_wiki_ratio", "lambada", "pubmedqa",
+# Epochs to the stop rule in the paper's Table 1 (GPT-Neo-125M, 32 x 200 tokens, one step per epoch).
+PAPER_EPOCHS = {"full-ga": 17.2, "full-gd": 4.6, "lora-gd": 8.6, "lora-ihl": 11.4, "fila-ihl": 6.0}
+UTILITY = ["trainable_pct", "epochs", "paper_epochs", "el", "ma", "ppl_pile_ratio", "ppl_wiki_ratio", "lambada", "pubmedqa",
            "dialogue_f1", "tflops", "seconds"]
 DISTANCE = ["forget_nll_gap", "heldout_kl", "mia_auc_loss", "mia_auc_gap", "repetition_rate", "repetition_ratio",
             "agreement_f1", "relearn_ma", "relearn_ma_control", "relearn_el", "relearn_el_control"]
@@ -198,6 +201,8 @@ def _table(rows: dict[str, dict], keys: list[str], extra: dict[str, dict] | None
         for key in keys:
             if key == "epochs":
                 cells.append(_epochs_cell(stats) if "succeeded" in stats else "–")
+            elif key == "paper_epochs":
+                cells.append(titles[key][1].format(PAPER_EPOCHS[name]) if name in PAPER_EPOCHS else "–")
             else:
                 cells.append(_cell(stats.get(key), titles[key][1]))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -215,8 +220,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 f"peft {summary['versions'].get('peft')}  ",
               f"Seeds: bench {cfg['seed']}, planting {cfg['planting']['seed']}, relearning {rec['seed']}  ",
               f"Data: {sizes['n_forget']} forget sequences of {sizes['forget_tokens']} tokens per split "
-              f"(lm_extraction_{cfg['pool']}_SPLIT.csv), {sizes['n_heldout']} held-out Pile sequences "
-              "(stop thresholds), "
+              f"(lm_extraction_{cfg['pool']}_SPLIT.csv), {sizes['n_heldout']} held-out "
+              + ("TDEC sequences (the split file's unplanted rows after the forget set" if cfg.get("heldout", "pile")
+                 == "tdec" else "Pile sequences (")
+              + "; stop thresholds, MIA non-members), "
               f"{sizes['n_retain']} WikiText retain texts of {sizes['retain_tokens']} tokens; perplexity on "
               f"{sizes['n_ppl']} Pile and {sizes['n_ppl']} WikiText excerpts of {sizes['ppl_tokens']} tokens; "
               f"LAMBADA {ev['lambada'] or '–'} items, PubMedQA {ev['pubmedqa'] or '–'} items, dialogue F1 on "
@@ -252,7 +259,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Original model: Pile PPL {orig.get('ppl_pile', float('nan')):.2f}, WikiText PPL "
                       f"{orig.get('ppl_wiki', float('nan')):.2f}. Epochs: mean over the splits where the stop rule "
                       "was met "
-                      "(forget EL_10 and MA at or below the planted model's held-out values).", ""]
+                      "(forget EL_10 and MA at or below the planted model's held-out values); paper epochs: the "
+                      "paper's Table 1 on GPT-Neo-125M (32 x 200 tokens, one optimizer step per epoch).", ""]
         if cfg.get("plant", True):
             lines += ["### Distance to the original model (never saw the forget set) and relearning", ""]
             lines += _table(result["table"], DISTANCE,

@@ -48,7 +48,7 @@ from typing import Any, Callable
 import yaml
 
 from ..errors import ConfigError, DataError
-from .data import ROWS, Sizes, forget_file
+from .data import HELDOUT_SOURCES, ROWS, Sizes, forget_file
 from .planting import PlantingRecipe
 
 __all__ = ["BenchConfig", "DEFAULT_METHODS", "SMOKE", "add_arguments", "load_bench_config", "run", "run_bench"]
@@ -99,6 +99,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     seed: int = 0
     plant: bool = True  # False: the model memorized the forget set in pre-training (GPT-Neo on TDEC)
+    heldout: str = "tdec"  # held-out sequences: the split file's unplanted rows (tdec) or Pile excerpts (pile)
     sizes: Sizes = field(default_factory=Sizes)
     planting: PlantingRecipe = field(default_factory=PlantingRecipe)
     unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options for every method
@@ -147,6 +148,11 @@ class BenchConfig:
         if not isinstance(self.plant, bool) or not isinstance(self.pool, int) or not isinstance(self.seed, int):
             raise ConfigError("plant must be true or false, pool and seed integers")
         self.relearn.validate()
+        if self.heldout not in HELDOUT_SOURCES:
+            raise ConfigError(f"heldout must be one of {', '.join(HELDOUT_SOURCES)}, got {self.heldout!r}")
+        if self.heldout == "tdec" and not self.plant:
+            raise ConfigError("heldout: tdec needs plant: true (a model that memorized TDEC in pre-training saw "
+                              "every row of the split files); use heldout: pile")
         if self.reference.kl_texts not in ("heldout", "ppl_pile"):
             raise ConfigError(f"reference.kl_texts must be heldout or ppl_pile, got {self.reference.kl_texts!r}")
         if self.sizes.n_forget < 2:
@@ -180,6 +186,16 @@ class BenchConfig:
             raise ConfigError(f"unknown split(s) {', '.join(missing)}: no "
                               f"{folder}/lm_extraction_{self.pool}_SPLIT.csv; "
                               f"splits there: {', '.join(have) or 'none'}")
+        if self.heldout == "tdec":  # the held-out rows follow the forget rows in each split's file
+            from ..data import read_texts
+
+            needed = self.sizes.n_forget + self.sizes.n_heldout
+            for split in self.splits:
+                path = forget_file(root, split, self.pool)
+                if len(read_texts(path, role="forget")) < needed:
+                    raise DataError(f"{path}: fewer than {needed} rows: {self.sizes.n_heldout} held-out sequences "
+                                    f"asked after the {self.sizes.n_forget} forget rows; lower sizes.n_heldout "
+                                    "or use heldout: pile")
         names = {name for name, _, _ in ROWS.values()}
         if self.evals.lambada:
             names.add("lambada.csv")
@@ -484,7 +500,8 @@ def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str
     from .planting import measure_planting, planted_model
 
     split_dir = folder / f"split-{split}"
-    texts = bench_data.bench_texts(tokenizer, cfg.data_root(), split, cfg.sizes, pool=cfg.pool)
+    texts = bench_data.bench_texts(tokenizer, cfg.data_root(), split, cfg.sizes, pool=cfg.pool,
+                                   heldout=cfg.heldout)
     files = {}
     for role, name in (("forget", "forget"), ("retain", "retain"), ("heldout", "validation")):
         path = split_dir / "data" / f"{name}.jsonl"
@@ -509,8 +526,10 @@ def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str
         cache_root = Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()
         planted, meta, cache_folder, _ = planted_model(
             original, tokenizer, base_name=model_name, forget=t["forget"], general=t["general"], recipe=cfg.planting,
-            cache_root=cache_root, measure=measure, progress=progress, log=say)
-        recorded = store.get("planting", lambda: {k: v for k, v in meta.items()} | {"cache_folder": str(cache_folder)})
+            cache_root=cache_root, progress=progress, log=say)
+        # Measured here, not kept in the cache: the held-out texts are not part of the planting's key.
+        recorded = store.get("planting", lambda: {k: v for k, v in meta.items()}
+                             | {"cache_folder": str(cache_folder), "measurements": measure(original, planted)})
         if recorded.get("planted_fingerprint") != meta.get("planted_fingerprint"):
             raise ConfigError(f"{split_dir}: the results of this split were measured on another planted model than "
                               f"the one in {cache_folder} (planted again since?); choose another --out, or delete "
@@ -654,7 +673,8 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
                                         "parameters": sum(p.numel() for p in original.parameters())})
             from . import data as bench_data
 
-            texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool)
+            texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool,
+                                            heldout=cfg.heldout)
             if "downstream" not in store.data:
                 say(f"loku bench: measuring {model_name} itself (perplexity, LAMBADA, PubMedQA, dialogue)")
             original_scores = store.get("downstream", lambda: downstream(original, tokenizer, texts0.texts, cfg))
