@@ -193,16 +193,6 @@ def test_per_sample_fisher_does_not_depend_on_the_batch_size():
     assert_same_fisher(seven, one)
 
 
-def test_per_sample_gradients_taken_a_few_sequences_at_a_time_give_the_same_fisher(monkeypatch):
-    import loku.fisher
-
-    model = make_tiny_model("gpt2")
-    _, weights = target_weights(model, peft=False)
-    whole = empirical_fisher(model, padded_batches(batch_size=7), weights)
-    monkeypatch.setattr(loku.fisher, "_PER_SAMPLE_BYTES", 4 * 32 * 96 * 2)  # c_attn [32, 96]: 2 sequences at a time
-    assert_same_fisher(empirical_fisher(model, padded_batches(batch_size=7), weights), whole)
-
-
 class Shared(nn.Module):
     """A Linear applied twice per forward: its per-sample gradient sums two uses, which the hooks do not do."""
 

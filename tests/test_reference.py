@@ -169,3 +169,32 @@ def test_eval_hook_loads_the_reference_and_runs_both_checks(setup, tmp_path):
     assert out["reference"]["model"] == str(folder) and out["reference"]["heldout_kl"]["model"] > 0
     assert out["relearn"]["control"]["steps"] == [0, 5, 10, 20] and out["relearn"]["n_train"] == 1
     assert reference_and_relearn(other, tok, opts) == {}
+
+
+def test_loku_eval_reference_and_relearn_flags_write_both_checks(setup, tmp_path):
+    """`loku eval --reference ORIGINAL --relearn` (§10, §11) puts both checks into eval.json / eval.md."""
+    import json
+
+    from loku.cli import main
+
+    tok, original, other, forget, heldout = setup
+    for name, model in (("original", original), ("other", other)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = _tdec_folder(tmp_path / "data", forget, heldout)
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(tmp_path / "other"), "--suite", "mia", "--data-dir", str(data),
+                 "--limit", "2", "--batch-size", "4", "--reference", str(tmp_path / "original"), "--relearn",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "eval.json").read_text())
+    suites = report["suites"]
+    assert set(suites) == {"mia", "reference", "relearn"} and report["meta"]["suites"] == ["mia", "reference", "relearn"]
+    assert suites["reference"]["model"] == str(tmp_path / "original") and suites["reference"]["heldout_kl"]["model"] > 0
+    assert suites["relearn"]["control"] is not None and suites["relearn"]["unlearned"]["steps"] == [0, 5, 10, 20]
+    assert report["meta"]["reference"] == str(tmp_path / "original") and report["meta"]["data_files"]
+    assert "## reference" in (out / "eval.md").read_text() and "## relearn" in (out / "eval.md").read_text()
+    # without --reference the relearning check still runs, with no control
+    code = main(["eval", "--model", str(tmp_path / "other"), "--suite", "mia", "--data-dir", str(data), "--limit", "2",
+                 "--relearn", "--out", str(tmp_path / "eval2")])
+    assert code == 0 and json.loads((tmp_path / "eval2" / "eval.json").read_text())["suites"]["relearn"]["control"] is None

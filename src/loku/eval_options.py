@@ -121,6 +121,13 @@ class EvalCommand:
     el_threshold: float | None = field(default=None, metadata={
         "range": "[0, 1]", "help": "tdec: fixed EL threshold instead of the pre-unlearning held-out mean "
                                    "(Jang: 0.0499)"})
+    reference: str | None = field(default=None, metadata={
+        "metavar": "ORIGINAL_MODEL",
+        "help": "also measure the distances to this model, the one that never saw the forget set (forget NLL "
+                "gap, KL on held-out text, MIA AUC, repetition of continuations; docs/algorithms.md §10)"})
+    relearn: bool = field(default=False, metadata={
+        "help": "also run the relearning check (§11): fine-tune a copy 5/10/20 steps on half the forget file, "
+                "MA/EL of the other half; --reference gets the same fine-tune as control"})
     out: str | None = field(default=None, metadata={
         "required": True, "help": "output folder for eval.json and eval.md"})
 

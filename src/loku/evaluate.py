@@ -19,6 +19,10 @@ Suites (each one registered function; ``all`` runs them in this order):
   reference log (:mod:`loku.metrics.tofu`).
 * ``mia``       -- membership-inference AUC, forget texts (members) vs held-out Pile texts.
 
+``loku eval --reference ORIGINAL`` adds the distances to the model that never saw the forget set
+(docs/algorithms.md section 10) and ``--relearn`` the relearning check (section 11, ``--reference``
+as its control), on the tdec suite's texts (:mod:`loku.metrics.reference`).
+
 ``limit`` keeps the first N items of every set (N forget sequences for tdec/mia).
 
 The suites' options are the fields of :class:`loku.eval_options.EvalOptions`, each declared once
@@ -515,6 +519,24 @@ def measure_base_thresholds(base: str, cmd: EvalCommand, opts: EvalOptions) -> d
             "from": base, "note": f"held-out means of {held['n']} pile.csv excerpts, {cmd.dtype}"}
 
 
+def add_reference_checks(results: dict, model: Any, tokenizer: Any, cmd: EvalCommand, opts: EvalOptions) -> None:
+    """``--reference`` / ``--relearn``: the distances to the never-trained model and the relearning check
+    (:func:`loku.metrics.reference.reference_and_relearn`) join the suites' results, timed, their files hashed."""
+    from loku.metrics.reference import reference_and_relearn
+
+    started = time.perf_counter()
+    set_seed(opts.seed)
+    extra = reference_and_relearn(model, tokenizer, opts, reference=cmd.reference, relearn=cmd.relearn,
+                                  dtype=cmd.dtype, trust_remote_code=cmd.trust_remote_code)
+    results["suites"].update(jsonable(extra))
+    meta = results["meta"]
+    meta["suites"] = [*meta["suites"], *extra]
+    meta["reference"] = cmd.reference
+    meta["seconds"]["reference+relearn"] = round(time.perf_counter() - started, 2)
+    for path, role in opts.files.items():
+        meta["data_files"].setdefault(path, {"role": role, "sha256": file_sha256(path)})
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """``loku eval``: load the model, run the suites, write OUT/eval.json and OUT/eval.md."""
     from loku.models import load_model
@@ -527,6 +549,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                   trust_remote_code=cmd.trust_remote_code, progress=opts.progress)
     results = run_suites(model, tokenizer, suites, model_name=str(cmd.model), adapter=cmd.adapter, dtype=cmd.dtype,
                          thresholds=thresholds, **suite_kwargs(opts))
+    if cmd.reference is not None or cmd.relearn:
+        add_reference_checks(results, model, tokenizer, cmd, opts)
     json_path, md_path = write_eval_outputs(results, cmd.out)
     tdec = results["suites"].get("tdec")
     if tdec is not None:
