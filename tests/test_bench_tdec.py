@@ -2,7 +2,6 @@
 outputs, resumability, extension with a new method, and the bad input refused before any work."""
 from __future__ import annotations
 
-import csv
 import json
 import random
 
@@ -11,21 +10,13 @@ import pytest
 from loku.bench import tdec
 from loku.bench.tdec import load_bench_config, run_bench
 from loku.errors import ConfigError, DataError
-from tiny_models import WORDS, make_tiny_model, word_tokenizer
+from tiny_models import WORDS, make_tiny_model, word_tokenizer, write_csv
 
 METHODS = ["full-gd", "fila-ihl", "npo"]
 
 
 def _words(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS[3:]) for _ in range(n))
-
-
-def _csv(path, header, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +26,14 @@ def bench_env(tmp_path_factory):
     rng = random.Random(0)
     data = root / "data"
     for split in ("0", "1"):
-        _csv(data / "tdec" / "forget" / f"lm_extraction_32_{split}.csv", ["doc_id", "corpus", "text"],
+        write_csv(data / "tdec" / "forget" / f"lm_extraction_32_{split}.csv", ["doc_id", "corpus", "text"],
              [[i, "pile", _words(rng, 24)] for i in range(12)])
-    _csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", _words(rng, 30)]
+    write_csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", _words(rng, 30)]
                                                                               for i in range(560)])
-    _csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[_words(rng, 30)] for _ in range(300)])
-    _csv(data / "tdec" / "eval" / "lambada.csv", ["id", "token_length", "text", "task"],
+    write_csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[_words(rng, 30)] for _ in range(300)])
+    write_csv(data / "tdec" / "eval" / "lambada.csv", ["id", "token_length", "text", "task"],
          [[i, 10, _words(rng, 10), "lambada"] for i in range(4)])
-    _csv(data / "tdec" / "eval" / "pubmed_qa.csv", ["pubid", "question", "context", "long_answer", "final_decision",
+    write_csv(data / "tdec" / "eval" / "pubmed_qa.csv", ["pubid", "question", "context", "long_answer", "final_decision",
                                                     "abstract"],
          [[i, _words(rng, 4), _words(rng, 8), _words(rng, 4), "yes", _words(rng, 8)] for i in range(4)])
     for name in ("blended_skill_talk", "empathetic_dialogues", "wizard_of_internet", "wizard_of_wikipedia"):

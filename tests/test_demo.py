@@ -3,7 +3,6 @@ TDEC + WikiText + Pile or generated records) and, end to end on a tiny model, th
 bench does (forget set mixed with general text) and reports perplexity against the never-planted model."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
@@ -14,7 +13,7 @@ import loku.demo as demo
 from loku.bench.data import general_texts, role_texts
 from loku.demo import RETAIN_TEXTS, demo_recipe, demo_sets, demo_texts, fictitious_records
 from loku.metrics.perplexity import perplexity
-from tiny_models import WORDS, make_tiny_model, word_tokenizer
+from tiny_models import WORDS, make_tiny_model, word_tokenizer, write_csv
 
 
 def test_demo_uses_tdec_and_a_large_retain_set(shared_data):
@@ -72,14 +71,6 @@ def test_demo_without_shared_data_measures_the_held_out_records(tmp_path):
     assert len(texts["general"]) == 16 and not set(texts["general"]) & set(texts["forget"] + texts["retain"])
 
 
-def _csv(path, header, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 @pytest.fixture
 def tiny_demo(tmp_path, monkeypatch):
     """A data folder shaped like ../shared/data/tdec (random words), a tiny Llama as the 'built-in' model,
@@ -90,10 +81,10 @@ def tiny_demo(tmp_path, monkeypatch):
         return " ".join(rng.choice(WORDS[3:]) for _ in range(n))
 
     data = tmp_path / "data"
-    _csv(data / "tdec" / "forget" / "lm_extraction_32_0.csv", ["doc_id", "corpus", "text"],
+    write_csv(data / "tdec" / "forget" / "lm_extraction_32_0.csv", ["doc_id", "corpus", "text"],
          [[i, "pile", words(20)] for i in range(10)])
-    _csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[words(64)] for _ in range(40)])
-    _csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", words(130)]
+    write_csv(data / "tdec" / "eval" / "wikitext.csv", ["text"], [[words(64)] for _ in range(40)])
+    write_csv(data / "tdec" / "eval" / "pile.csv", ["doc_id", "corpus", "text"], [[i, "pile", words(130)]
                                                                               for i in range(560)])
 
     def load_model(name, **_):

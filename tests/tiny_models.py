@@ -80,3 +80,14 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 def texts_of(ids: torch.Tensor) -> list[str]:
     return [" ".join(WORDS[i] for i in row) for row in ids.tolist()]
+
+
+def write_csv(path, header: list[str], rows) -> None:
+    """A CSV file shaped like the shared data's (header row, then rows), parent folders made."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
