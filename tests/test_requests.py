@@ -212,6 +212,33 @@ def test_a_killed_sequence_resumes_without_redoing_finished_requests(stacked, re
     torch.testing.assert_close(logits(resumed.model, ids), logits(stacked[0].model, ids), atol=0, rtol=0)
 
 
+def test_a_request_killed_mid_training_continues_from_its_last_epoch(stacked, requests_root, tmp_path, monkeypatch):
+    import loku.trainer as trainer
+
+    out, b = tmp_path / "out", str(requests_root / "b.txt")
+    seen = []
+    original = trainer.train_epoch
+
+    def crash_in_third_epoch_of_second_request(run, epoch):
+        if run.cfg.forget == b:
+            seen.append(epoch)
+            if epoch == 3 and not run.resumed:
+                raise KeyboardInterrupt
+        return original(run, epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", crash_in_third_epoch_of_second_request)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn_requests(config(requests_root, out, strategy="stack"))
+    assert (out.parent / "out.ckpt" / "request-02.start.safetensors").is_file()
+    seen.clear()
+    resumed = unlearn_requests(config(requests_root, out, strategy="stack"), resume=True)
+    assert seen[0] == 3, "epochs 1-2 of the second request are not trained again"
+    assert resumed.report["matrix"] == stacked[0].report["matrix"]
+    assert resumed.runs[1]["epochs_run"] == stacked[0].runs[1]["epochs_run"]
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(logits(resumed.model, ids), logits(stacked[0].model, ids), atol=0, rtol=0)
+
+
 def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_path):
     from peft import PeftModel
 
@@ -271,13 +298,20 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
                  "--forget", str(requests_root / "b.txt"), "--retain", str(requests_root / "retain.txt"),
                  "--validation", str(requests_root / "validation.txt"), "--strategy", "orthogonal", "--rank", "4",
                  "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-epochs", "3", "--no-progress",
-                 "--ma-threshold", "0.5", "--el-threshold", "0.5", "--out", str(out)])
+                 "--ma-threshold", "0.5", "--el-threshold", "0.5", "--gate-fpr", "0.5", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code in (0, 3) and "2 requests (orthogonal)" in printed
     assert (out / "adapters" / "request-01").is_dir() and (out / "adapters" / "request-02").is_dir()
     assert not (tmp_path / "cli.ckpt").exists(), "the finished output supersedes the checkpoint"
     report = json.loads((out / "report.json").read_text())
     assert report["strategy"] == "orthogonal" and len(report["matrix"]) == 3
+    gate = report["gate"]  # calibrated on validation rows 1 and 3, reported on rows 2 and 4
+    assert (gate["calibrated_on"], gate["reported_on"]) == (2, 2)
+    assert set(gate["true_positive_rate"]) == {"request-01", "request-02"}
+    assert all(0 <= v <= 1 for v in [*gate["true_positive_rate"].values(), *gate["false_positive_rate"].values()])
+    assert "Gate (target false-positive rate 0.5" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match="--gate-fpr .* use --strategy stack or orthogonal"):
+        config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1).validate()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -135,6 +135,12 @@ class UnlearnConfig:
     orthogonal_lambda: float = field(default=0.5, metadata={
         "help": "--strategy orthogonal: weight lambda of sum_i ||A_i A_k^T||_F^2 (O-LoRA's default 0.5)",
         "range": ">= 0"})
+    gate_fpr: float | None = field(default=None, metadata={
+        "help": "--strategy stack or orthogonal: fit the gate (each request's adapter only for inputs close to its "
+                "forget set), thresholds for this false-positive rate on half of --validation, rates reported on "
+                "the other half (default: no gate)", "range": "[0, 1]"})
+    gate_shrinkage: float = field(default=0.2, metadata={
+        "help": "the gate's covariance shrinkage towards a scaled identity", "range": "[0, 1]"})
 
     def __post_init__(self) -> None:
         # One --forget (the flag appends) is the single run it always was: the field holds a path.
@@ -172,6 +178,11 @@ class UnlearnConfig:
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES.names())}, got {self.strategy!r}")
+        if self.gate_fpr is not None and not STRATEGIES.trait(self.strategy, "keeps_adapters"):
+            raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {self.strategy} "
+                              "folds into the weights: use --strategy stack or orthogonal")
+        if self.gate_fpr is not None and not self.validation:
+            raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
         from .losses import RETAIN_TERMS
 
         if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):

@@ -30,8 +30,9 @@ say what is kept):
   down-projection A_k and every earlier one (A's rows span the input subspace an adapter reads).
 
 The overlap ||A_i A_k^T||_F / (||A_i||_F ||A_k||_F) of the trained A's is reported for every pair and
-layer. Only LoRA methods are supported (a full fine-tune leaves no low-rank delta to keep). A request
-interrupted mid-training restarts from its own beginning on resume; finished requests are not redone.
+layer. Only LoRA methods are supported (a full fine-tune leaves no low-rank delta to keep). On resume,
+finished requests are not redone and a request interrupted mid-training continues from its last
+finished epoch (the trainer's per-epoch checkpoint, beside the adapter's start kept by this module).
 """
 from __future__ import annotations
 
@@ -225,6 +226,7 @@ class RequestsResult:
     deltas: list[Delta]
     original: torch.nn.Module  # the model before the first request (the gate's base)
     runs: list[dict[str, Any]] = field(default_factory=list)  # each request's trainer report
+    gate: Any = None  # loku.gate.Gate with --gate-fpr: GatedModel(result.model, result.gate)
 
 
 def request_configs(requests: UnlearnConfig | Sequence[UnlearnConfig],
@@ -284,6 +286,9 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     strategy = strategy or first.strategy
     out = out or first.out
     STRATEGIES.get(strategy)  # an unknown name fails here, listing the known ones
+    if first.gate_fpr is not None and not STRATEGIES.trait(strategy, "keeps_adapters"):
+        raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {strategy} folds into "
+                          "the weights: use --strategy stack or orthogonal")
     forget_sets = check_requests(configs)
     seq_cfg = dataclasses.replace(first, out=out)
     accelerator = accelerator or dist.make_accelerator()
@@ -312,13 +317,22 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     current = apply_deltas(original, deltas)
     for k in range(len(deltas), len(configs)):
         name, cfg = names[k], dataclasses.replace(configs[k], out=str(ckpt / names[k]), overwrite=True)
-        run = prepare(cfg, model=current, tokenizer=tokenizer, accelerator=accelerator)
+        # A request killed mid-training continues from its last epoch (the trainer's own checkpoint) once
+        # its adapter's start is on disk too; otherwise it starts again.
+        start_file = ckpt / f"{name}.start.safetensors"
+        mid_request = resume and (checkpoint_dir(cfg.out) / STATE).is_file() and start_file.is_file()
+        run = prepare(cfg, model=current, tokenizer=tokenizer, accelerator=accelerator, resume=mid_request)
         del current
         measure_before(run)
         _hold_to_original(run, cfg, original, state)
         adapt(run)
         layers = _lora_layers(run.model)
-        start = _adapter_start(layers, cfg)
+        if mid_request:
+            start = _load_start(start_file)
+        else:
+            start = _adapter_start(layers, cfg)
+            if accelerator.is_main_process:
+                _save_start(start_file, start)
         run.extra_loss = STRATEGIES.get(strategy)(deltas, layers, cfg)
         train_until_stop(run)
         result = finish(run)
@@ -332,11 +346,37 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
         if accelerator.is_main_process:
             _save_request(ckpt, state, deltas[-1])
             shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)  # the request's per-epoch checkpoint
+            start_file.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
     report = sequence_report(state, deltas)
     final = stacked_model(original, deltas) if STRATEGIES.trait(strategy, "keeps_adapters") else current
+    gate = None
+    if first.gate_fpr is not None:
+        gate, report["gate"] = fit_request_gate(final, forget_batches, heldout_batches(first, tokenizer, original, pad),
+                                                first.gate_fpr, first.gate_shrinkage)
     return RequestsResult(model=final, tokenizer=tokenizer, report=report, deltas=deltas, original=original,
-                          runs=[f["run"] for f in state["finished"]])
+                          runs=[f["run"] for f in state["finished"]], gate=gate)
+
+
+def heldout_batches(cfg: UnlearnConfig, tokenizer, model, pad: int) -> list[dict]:
+    """The validation set (held-out text) in evaluation batches, tokenized as the runs tokenize it."""
+    return request_batches(cfg, tokenizer, model, data_mod.load_text_set(cfg.validation, "validation"), pad)
+
+
+def fit_request_gate(model, forget_batches: dict[str, list[dict]], heldout: list[dict], fpr: float,
+                     shrinkage: float):
+    """The gate of a stacked result (loku.gate) and its rates: calibrated on every other held-out
+    sequence, its false-positive rate reported on the others (calibrating and reporting on the same
+    texts would give at most ``fpr`` by construction), its true-positive rate on each forget set."""
+    from .gate import features_of, fit_gate, gate_rates
+
+    forget = {name: features_of(model, batches) for name, batches in forget_batches.items()}
+    features = features_of(model, heldout)
+    calibrate, report_on = features[0::2], features[1::2]
+    gate = fit_gate(forget, calibrate, fpr=fpr, shrinkage=shrinkage)
+    return gate, {"fpr_target": fpr, "shrinkage": shrinkage, "calibrated_on": len(calibrate),
+                  "reported_on": len(report_on), **gate_rates(gate, report_on, forget),
+                  "thresholds": dict(zip(gate.names, gate.thresholds.tolist()))}
 
 
 def request_batches(cfg: UnlearnConfig, tokenizer, model, forget_set: data_mod.TextSet, pad: int) -> list[dict]:
@@ -383,6 +423,26 @@ def _adapter_start(layers: dict[str, Any], cfg: UnlearnConfig) -> dict[str, tupl
             for name, layer in layers.items()}
 
 
+def _save_start(path: Path, start: dict[str, tuple[Tensor, Tensor]] | None) -> None:
+    """The adapter's start, written once before training (an empty file: a start that stays in the adapter)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{kind}/{name}": t.contiguous().cpu() for name, pair in (start or {}).items()
+               for kind, t in zip(("a0", "b0"), pair)}
+    from .save import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"moved_out_of_base": str(start is not None)})
+
+
+def _load_start(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
+    with safe_open(str(path), framework="pt") as handle:
+        if handle.metadata()["moved_out_of_base"] != "True":
+            return None
+    tensors = load_file(str(path))
+    names = {key.split("/", 1)[1] for key in tensors}
+    return {name: (tensors[f"a0/{name}"], tensors[f"b0/{name}"]) for name in names}
+
+
 def extract_delta(name: str, forget: str, model, start: dict[str, tuple[Tensor, Tensor]] | None) -> Delta:
     """The request's change Delta W = s (B A - B0 A0) of every LoRA layer of the trained ``model``."""
     from .initializers import ADAPTER
@@ -390,7 +450,7 @@ def extract_delta(name: str, forget: str, model, start: dict[str, tuple[Tensor, 
     a_table, b_table, reads, fan_in_fan_out = {}, {}, {}, False
     for layer_name, layer in _lora_layers(model).items():
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        a0, b0 = start[layer_name] if start is not None else (None, None)
+        a0, b0 = ((t.to(a.device) for t in start[layer_name]) if start is not None else (None, None))
         a_table[layer_name], b_table[layer_name] = request_delta_factors(a, b, layer.scaling[ADAPTER], a0, b0)
         reads[layer_name] = a.detach().float().cpu().clone()
         fan_in_fan_out = bool(layer.fan_in_fan_out)
@@ -521,6 +581,12 @@ def render_requests_markdown(report: dict[str, Any]) -> str:
     relapsed = report["relapses"]
     lines += ["", "Relapses: " + ("none" if not relapsed else "; ".join(
         f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})" for r in relapsed))]
+    if report.get("gate"):
+        gate = report["gate"]
+        lines.append(f"Gate (target false-positive rate {gate['fpr_target']:g}, calibrated on {gate['calibrated_on']} "
+                     f"held-out texts): false-positive rate {gate['false_positive_rate']['any']:.3f} on "
+                     f"{gate['reported_on']} other held-out texts; true-positive rate "
+                     + ", ".join(f"{n} {v:.3f}" for n, v in gate["true_positive_rate"].items()))
     if report["mean_overlap"] is not None:
         lines.append(f"Mean subspace overlap of the adapters' A: {report['mean_overlap']:.4f}")
     return "\n".join(lines) + "\n"
