@@ -148,6 +148,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides).validate()
     accelerator = make_accelerator()
+    if len(cfg.forget_files()) > 1:
+        return run_requests(cfg, accelerator, resume=bool(args.resume))
     result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
     if not accelerator.is_main_process:
         return 0
@@ -155,6 +157,22 @@ def run_unlearn(args: argparse.Namespace) -> int:
     report = result.report
     print(f"loku: {report['outcome']} after {report['epochs_run']} epoch(s); results in {out}/report.md")
     return 0 if report["outcome"] == "success" else 3
+
+
+def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
+    """Several --forget files: deletion requests one after another (docs/algorithms.md §8)."""
+    from .requests import unlearn_requests, write_requests
+
+    result = unlearn_requests(cfg, accelerator=accelerator, resume=resume)
+    if not accelerator.is_main_process:
+        return 0
+    out = write_requests(result, cfg)
+    report = result.report
+    failed = [r["name"] for r in report["requests"] if r["outcome"] != "success"]
+    relapsed = sorted({r["request"] for r in report["relapses"]})
+    print(f"loku: {len(report['requests'])} requests ({report['strategy']}); failed: {', '.join(failed) or 'none'}; "
+          f"relapsed: {', '.join(relapsed) or 'none'}; results in {out}/report.md")
+    return 0 if not failed and not relapsed else 3
 
 
 def resumed_config(out: str, overrides: dict) -> UnlearnConfig:

@@ -50,9 +50,11 @@ def suite_option(name: str) -> Any:
 class UnlearnConfig:
     """Everything a run depends on; recorded in full in report.json. One field per ``loku unlearn`` flag."""
 
-    forget: str | None = field(default=None, metadata={
+    forget: str | list[str] | None = field(default=None, metadata={
+        "action": "append",
         "help": "forget set: CSV with a `text` column, JSONL with `text` or `question`/`answer`, or text "
-                "(one per line)"})
+                "(one per line); repeat it for a sequence of deletion requests, unlearned one after another "
+                "(docs/algorithms.md §8)"})
     retain: str | None = field(default=None, metadata={"help": "retain set, same formats (the paper: WikiText)"})
     validation: str | None = field(default=None, metadata={
         "help": "held-out set never trained on, not the forget set; its EL/MA before unlearning are the stop "
@@ -126,6 +128,30 @@ class UnlearnConfig:
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
     save_model: bool = field(default=True, metadata={
         "help": "do not save the merged model (the adapter and the report are saved)"})
+    strategy: str = field(default="merge", metadata={
+        "help": "with several --forget requests: merge (each request's adapter folded into the model before the "
+                "next, the paper), stack (one frozen adapter per request) or orthogonal (stack plus O-LoRA's "
+                "penalty between the new adapter and the earlier ones)"})
+    orthogonal_lambda: float = field(default=0.5, metadata={
+        "help": "--strategy orthogonal: weight lambda of sum_i ||A_i A_k^T||_F^2 (O-LoRA's default 0.5)",
+        "range": ">= 0"})
+    gate_fpr: float | None = field(default=None, metadata={
+        "help": "--strategy stack or orthogonal: fit the gate (each request's adapter only for inputs close to its "
+                "forget set), thresholds for this false-positive rate on half of --validation, rates reported on "
+                "the other half (default: no gate)", "range": "[0, 1]"})
+    gate_shrinkage: float = field(default=0.2, metadata={
+        "help": "the gate's covariance shrinkage towards a scaled identity", "range": "[0, 1]"})
+
+    def __post_init__(self) -> None:
+        # One --forget (the flag appends) is the single run it always was: the field holds a path.
+        if isinstance(self.forget, (list, tuple)):
+            self.forget = self.forget[0] if len(self.forget) == 1 else list(self.forget)
+
+    def forget_files(self) -> list[str]:
+        """The forget files in request order (one for a single run)."""
+        if not self.forget:
+            return []
+        return [self.forget] if isinstance(self.forget, str) else list(self.forget)
 
     def method_spec(self) -> Method:
         return METHODS[self.method]
@@ -145,6 +171,18 @@ class UnlearnConfig:
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
+        if not all(isinstance(f, str) and f for f in self.forget_files()):
+            raise ConfigError(f"--forget must be file paths, got {self.forget!r}")
+        check_forget_files_distinct(self.forget_files())
+        from .requests import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES.names())}, got {self.strategy!r}")
+        if self.gate_fpr is not None and not STRATEGIES.trait(self.strategy, "keeps_adapters"):
+            raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {self.strategy} "
+                              "folds into the weights: use --strategy stack or orthogonal")
+        if self.gate_fpr is not None and not self.validation:
+            raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
         from .losses import RETAIN_TERMS
 
         if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
@@ -230,7 +268,8 @@ def check_output_apart(cfg: UnlearnConfig) -> None:
             raise ConfigError(f"--out {cfg.out} lies inside the model folder {folder} (--model), so the output would "
                               f"be written into the model; {hint}")
     folders = [("--eval-data-dir", cfg.eval_data_dir)] if cfg.eval_suites and cfg.eval_data_dir else []
-    for flag, given in [("--forget", cfg.forget), ("--retain", cfg.retain), ("--validation", cfg.validation), *folders]:
+    forgets = [("--forget", f) for f in cfg.forget_files()]
+    for flag, given in [*forgets, ("--retain", cfg.retain), ("--validation", cfg.validation), *folders]:
         if not given:
             continue
         path = _resolved(given)
@@ -247,10 +286,28 @@ def check_validation_apart(cfg: UnlearnConfig) -> None:
 
     Same texts in another file are refused once the sets are read (:func:`loku.data.check_validation_not_forget`).
     """
-    if cfg.validation and cfg.forget and _resolved(cfg.validation) == _resolved(cfg.forget):
-        raise ConfigError(f"--validation {cfg.validation} is the forget set (--forget {cfg.forget}): the stop "
-                          "thresholds would be measured on the texts being unlearned; pass held-out texts the model "
-                          "was never trained on, or --ma-threshold and --el-threshold instead of --validation")
+    for forget in cfg.forget_files():
+        if cfg.validation and _resolved(cfg.validation) == _resolved(forget):
+            raise ConfigError(f"--validation {cfg.validation} is the forget set (--forget {forget}): the stop "
+                              "thresholds would be measured on the texts being unlearned; pass held-out texts the "
+                              "model was never trained on, or --ma-threshold and --el-threshold instead of "
+                              "--validation")
+
+
+def check_forget_files_distinct(files: list[str]) -> None:
+    """A sequence of requests unlearns each file once (docs/algorithms.md §8): the same file twice is refused.
+
+    Requests that are different files sharing texts are refused once read
+    (:func:`loku.data.check_requests_disjoint`).
+    """
+    seen: dict[Path, int] = {}
+    for number, given in enumerate(files, start=1):
+        key = _resolved(given)
+        if key in seen:
+            raise ConfigError(f"--forget {given} is given twice (requests {seen[key]} and {number}): each deletion "
+                              "request is unlearned once; remove the repeated --forget (put texts that belong "
+                              "together in one file)")
+        seen[key] = number
 
 
 def config_fields() -> dict[str, dataclasses.Field]:

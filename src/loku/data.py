@@ -531,6 +531,27 @@ def check_forget_not_in_retain(forget_texts: Sequence[str], retain_texts: Sequen
                       f"{retain_path}; consider removing them from the retain set", UserWarning, stacklevel=2)
 
 
+def check_requests_disjoint(forget_sets: Sequence[TextSet]) -> None:
+    """Refuse a deletion request that shares texts with an earlier one (docs/algorithms.md §8).
+
+    The paper's continual tasks are disjoint; a text in two requests would be unlearned twice and make
+    the later request's numbers (and any relapse of the earlier one) meaningless. Texts are compared
+    with whitespace normalised.
+    """
+    earlier: dict[str, int] = {}
+    for number, text_set in enumerate(forget_sets, start=1):
+        shared = [(i, earlier[_normalise(t)]) for i, t in enumerate(text_set.texts) if _normalise(t) in earlier]
+        if shared:
+            first, other = shared[0]
+            raise DataError(
+                f"{text_set.path}: {len(shared)} of {len(text_set.texts)} forget texts of request {number} are "
+                f"already in request {other} ({forget_sets[other - 1].path}), the first is item {first + 1}; "
+                f"deletion requests must be disjoint: remove them from {text_set.path} (request {other} "
+                "unlearns them already)")
+        for t in text_set.texts:
+            earlier.setdefault(_normalise(t), number)
+
+
 def check_validation_not_forget(forget_texts: Sequence[str], validation_texts: Sequence[str],
                                 forget_path: str | os.PathLike[str],
                                 validation_path: str | os.PathLike[str]) -> None:

@@ -1,6 +1,7 @@
 """The unlearning loop (docs/algorithms.md §6), as phases a reader can follow top to bottom:
 
     prepare -> measure_before -> adapt -> [train_epoch -> decide -> save_epoch]* -> finish
+                                          (train_until_stop)
 
 Each phase takes the :class:`Run` (everything a run holds between phases) and is usable alone:
 the continual and self-generated-data loops reuse them. The math lives in losses.py, fisher.py
@@ -16,7 +17,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -82,6 +83,9 @@ class Run:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     tokens_trained: int = 0
     optimizer_steps: int = 0
+    # A term added to every micro-batch's loss (the continual loop's O-LoRA penalty, loku.requests);
+    # its value is logged as loss_extra. None: the loss is the method's alone.
+    extra_loss: Callable[[Any], torch.Tensor] | None = None
 
     @property
     def pad(self) -> int:
@@ -111,6 +115,13 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     run = prepare(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, resume=resume)
     measure_before(run)
     adapt(run)
+    train_until_stop(run)
+    return finish(run)
+
+
+def train_until_stop(run: Run) -> None:
+    """[train_epoch -> decide -> save_epoch]* until the stop rule holds or ``max_epochs`` have run."""
+    cfg = run.cfg
     bar = tqdm(range(len(run.epochs) + 1, cfg.max_epochs + 1), desc="unlearning", unit="epoch",
                disable=not cfg.progress or not run.accelerator.is_main_process)
     for epoch in ([] if run.succeeded else bar):
@@ -122,7 +133,6 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         if record["success"]:
             break
     bar.close()
-    return finish(run)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -131,6 +141,9 @@ def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
 def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False) -> Run:
     """Check everything that can be checked cheaply, then load and tokenize: bad input fails in seconds."""
     cfg.validate()
+    if len(cfg.forget_files()) > 1:
+        raise ConfigError(f"several --forget files ({', '.join(cfg.forget_files())}) are a sequence of deletion "
+                          "requests: run them with loku.requests.unlearn_requests (`loku unlearn` does)")
     set_seed(cfg.seed)
     accelerator = accelerator or dist.make_accelerator()
     if accelerator.is_main_process and cfg.out and not resume:
@@ -383,6 +396,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             with contextlib.nullcontext() if i == len(share) else accelerator.no_sync(model):
                 with compute_autocast(cfg, accelerator.device):
                     loss, parts = batch_loss(model, run.reference, cfg.method_spec().loss, fb, rb, cfg)
+                if run.extra_loss is not None:
+                    extra = run.extra_loss(model)
+                    loss = loss + extra
+                    parts["extra"] = float(extra.detach())
                 if not torch.isfinite(loss):
                     raise diverged(run, epoch, micro_batches + 1)
                 accelerator.backward(loss * weight)

@@ -1,0 +1,592 @@
+"""Continual unlearning (docs/algorithms.md §8): deletion requests unlearned one after another.
+
+Each request is one run of the trainer's phases (prepare -> measure_before -> adapt ->
+[train_epoch -> decide -> save_epoch]* -> finish) on the model the earlier requests left, with its own
+stop rule. After each request every request so far is measured again; one back above its own
+thresholds is a relapse, named in the report.
+
+What a request leaves is a low-rank change of its target weights,
+
+    Delta_k = s (B_k A_k - B_k^0 A_k^0)
+
+(B^0 = 0 for a Gaussian start; FILA moves its start B^0 A^0 out of the base weight, §3). It is kept as
+a LoRA adapter on the ORIGINAL base weights (factors [A_k; A_k^0] and s [B_k, -B_k^0], rank 2r for
+FILA, r otherwise), so it needs no residual base and can be switched off on its own (``loku.gate``).
+The model request k trains on is always built the same way, the original weights plus the earlier
+deltas in request order, so a sequence resumed after a crash starts each request from the same
+weights as an uninterrupted one.
+
+Strategies (registry ``STRATEGIES``; a strategy gives the extra loss term of a request, its traits
+say what is kept):
+
+- ``merge``: every request trains a fresh adapter, FILA computed on the current model (the
+  earlier requests folded in): the paper's setting. The result is one merged model.
+- ``stack``: the same training (a frozen adapter adds a fixed matrix to a weight, so training on the
+  folded sum is the same function and gradient), but the result keeps one adapter per request,
+  all active and frozen, which the gate can switch one by one. In float32 the stacked model
+  reproduces the sequential one up to rounding (tests/test_requests.py); in 16-bit dtypes it differs
+  by the rounding of folding the deltas into 16-bit base weights.
+- ``orthogonal`` (O-LoRA): stack plus lambda * sum_{i<k} ||A_i A_k^T||_F^2 between the new adapter's
+  down-projection A_k and every earlier one (A's rows span the input subspace an adapter reads).
+
+The overlap ||A_i A_k^T||_F / (||A_i||_F ||A_k||_F) of the trained A's is reported for every pair and
+layer. Only LoRA methods are supported (a full fine-tune leaves no low-rank delta to keep). On resume,
+finished requests are not redone and a request interrupted mid-training continues from its last
+finished epoch (the trainer's per-epoch checkpoint, beside the adapter's start kept by this module).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import data as data_mod
+from . import measure
+from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir, read_state
+from .config import UnlearnConfig, check_forget_files_distinct
+from .errors import ConfigError, ModelError
+from .registry import Registry
+from .save import atomic_dir, atomic_write_json, atomic_write_text
+
+KIND = "requests"  # the sequence's checkpoint state says so, beside a single run's
+
+
+# --------------------------------------------------------------------------- the math (pure)
+
+
+def orthogonal_penalty(earlier: Tensor, current: Tensor) -> Tensor:
+    """sum_i ||A_i A_k^T||_F^2 with the earlier A_i stacked as rows of ``earlier`` [sum r_i, in] (§8, O-LoRA).
+
+    Stacking the A_i is exact: ||[A_1; A_2] A_k^T||_F^2 = ||A_1 A_k^T||_F^2 + ||A_2 A_k^T||_F^2.
+    Gradient with respect to A_k: 2 A_k E^T E (E = ``earlier``, a constant).
+    """
+    return (earlier.to(current.dtype) @ current.T).pow(2).sum()
+
+
+def subspace_overlap(a_i: Tensor, a_k: Tensor) -> float:
+    """||A_i A_k^T||_F / (||A_i||_F ||A_k||_F), in [0, 1]: 0 when the adapters read orthogonal input subspaces."""
+    a_i, a_k = a_i.double(), a_k.double()
+    scale = float(torch.linalg.norm(a_i) * torch.linalg.norm(a_k))
+    return float(torch.linalg.norm(a_i @ a_k.T)) / scale if scale > 0 else 0.0
+
+
+def request_delta_factors(a: Tensor, b: Tensor, scaling: float, a0: Tensor | None = None,
+                          b0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(A' [r', in], B' [out, r']) with B' A' = s (B A - B0 A0): a request's change as one LoRA of scaling 1.
+
+    Without a start that was moved out of the base (a0/b0 None: the Gaussian start, B0 = 0) the
+    factors are A and s B, rank r; with FILA's, [A; A0] and s [B, -B0], rank 2r.
+    """
+    if a0 is None or b0 is None:
+        return a.detach().float().clone(), scaling * b.detach().float()
+    return torch.cat([a, a0]).detach().float(), scaling * torch.cat([b, -b0], dim=1).detach().float()
+
+
+def relapses(matrix: Sequence[dict[str, Any]], thresholds: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Every (after request k, earlier request j < k) whose MA or EL is above request j's own thresholds.
+
+    ``matrix`` rows are ``{"after": name_k, "measured": {name_j: {"ma", "el"}}}`` in request order
+    (a row "before" is skipped); a request is "earlier" once a row after it has been seen.
+    """
+    found, done = [], []
+    for row in matrix:
+        if row["after"] == "before":
+            continue
+        for name in done:
+            value, limit = row["measured"][name], thresholds[name]
+            if value["ma"] > limit["ma"] or value["el"] > limit["el"]:
+                found.append({"after": row["after"], "request": name, "ma": value["ma"], "el": value["el"],
+                              "ma_threshold": limit["ma"], "el_threshold": limit["el"]})
+        done.append(row["after"])
+    return found
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass
+class Delta:
+    """What request ``name`` changed: per target layer (module name) Delta W = b @ a in [out, in] orientation."""
+
+    name: str
+    forget: str
+    a: dict[str, Tensor]
+    b: dict[str, Tensor]
+    reads: dict[str, Tensor]  # the trained A_k [r, in]: the subspace the adapter reads (overlap, penalty)
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores its weight [in, out]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{kind}/{layer}": t.contiguous() for kind, table in (("a", self.a), ("b", self.b),
+                                                                      ("reads", self.reads))
+                for layer, t in table.items()}
+
+    @classmethod
+    def from_tensors(cls, name: str, forget: str, tensors: dict[str, Tensor], fan_in_fan_out: bool) -> "Delta":
+        tables: dict[str, dict[str, Tensor]] = {"a": {}, "b": {}, "reads": {}}
+        for key, value in tensors.items():
+            kind, layer = key.split("/", 1)
+            tables[kind][layer] = value
+        return cls(name, forget, tables["a"], tables["b"], tables["reads"], fan_in_fan_out)
+
+
+# strategy(earlier deltas, the new request's LoRA layers by name, its config) -> the extra loss term or None
+Strategy = Callable[[list[Delta], dict[str, Any], UnlearnConfig], Callable[[Any], Tensor] | None]
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+
+
+@STRATEGIES.register("merge", keeps_adapters=False)
+def _merge(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> None:
+    return None
+
+
+@STRATEGIES.register("stack", keeps_adapters=True)
+def _stack(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> None:
+    return None
+
+
+@STRATEGIES.register("orthogonal", keeps_adapters=True)
+def _orthogonal(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> Callable[[Any], Tensor] | None:
+    from .initializers import ADAPTER
+
+    pairs = []
+    for name, layer in layers.items():
+        reads = [d.reads[name] for d in earlier if name in d.reads]
+        if reads:
+            weight = layer.lora_A[ADAPTER].weight
+            pairs.append((torch.cat(reads).to(weight.device, torch.float32), weight))
+    if not pairs or cfg.orthogonal_lambda == 0:
+        return None
+    lam = cfg.orthogonal_lambda
+
+    def penalty(model) -> Tensor:  # the layers' A's are the model's own parameters: the model is not needed
+        return lam * sum(orthogonal_penalty(e, a.float()) for e, a in pairs)
+
+    return penalty
+
+
+# --------------------------------------------------------------------------- building models from deltas
+
+
+@torch.no_grad()
+def apply_deltas(model: torch.nn.Module, deltas: Sequence[Delta]) -> torch.nn.Module:
+    """A copy of the plain ``model`` with every delta added to its weights, in request order (float32 sums)."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for delta in deltas:
+        for layer, a in delta.a.items():
+            weight = modules[layer].weight
+            change = delta.b[layer].to(weight.device, torch.float32) @ a.to(weight.device, torch.float32)
+            weight.copy_((weight.float() + (change.T if delta.fan_in_fan_out else change)).to(weight.dtype))
+    return model
+
+
+@torch.no_grad()
+def stacked_model(model: torch.nn.Module, deltas: Sequence[Delta]):
+    """A PeftModel on a copy of the plain ``model``: one frozen LoRA adapter per request (named after it),
+    all active. Each adapter has scaling 1 and the delta's factors, so it adds exactly Delta_k."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = None
+    for delta in deltas:
+        rank = next(iter(delta.a.values())).shape[0]
+        lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=sorted(delta.a),
+                          fan_in_fan_out=delta.fan_in_fan_out, bias="none")
+        if peft_model is None:
+            peft_model = get_peft_model(copy.deepcopy(model), lora, adapter_name=delta.name)
+        else:
+            peft_model.add_adapter(delta.name, lora)
+        modules = dict(peft_model.get_base_model().named_modules())
+        for layer, a in delta.a.items():
+            target = modules[layer]
+            target.lora_A[delta.name].weight.copy_(a)
+            target.lora_B[delta.name].weight.copy_(delta.b[layer])
+    if peft_model is None:
+        raise ConfigError("no request to stack")
+    peft_model.base_model.set_adapter([d.name for d in deltas], inference_mode=True)
+    peft_model.requires_grad_(False)
+    return peft_model.eval()
+
+
+# --------------------------------------------------------------------------- the sequence
+
+
+@dataclass
+class RequestsResult:
+    model: torch.nn.Module  # merge: the merged model; stack/orthogonal: a PeftModel, one adapter per request
+    tokenizer: Any
+    report: dict[str, Any]
+    deltas: list[Delta]
+    original: torch.nn.Module  # the model before the first request (the gate's base)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # each request's trainer report
+    gate: Any = None  # loku.gate.Gate with --gate-fpr: GatedModel(result.model, result.gate)
+
+
+def request_configs(requests: UnlearnConfig | Sequence[UnlearnConfig],
+                    forget: Sequence[str] | None = None) -> list[UnlearnConfig]:
+    """One config per request: the base config with each forget file (``forget``, else the base's
+    ``--forget`` list), or the given per-request configs as they are."""
+    if isinstance(requests, UnlearnConfig):
+        files = list(forget) if forget is not None else requests.forget_files()
+        return [dataclasses.replace(requests, forget=f) for f in files]
+    if forget is not None:
+        raise ConfigError("pass either one base config and the forget files, or one config per request")
+    return [dataclasses.replace(c) for c in requests]
+
+
+def check_requests(configs: Sequence[UnlearnConfig]) -> list[data_mod.TextSet]:
+    """Everything that can fail before a model is loaded: options, the same file twice, requests sharing
+    texts, one base model, a LoRA method. Returns each request's forget set."""
+    if not configs:
+        raise ConfigError("no deletion request: pass --forget FILE (repeat it for a sequence)")
+    for c in configs:
+        if len(c.forget_files()) != 1:
+            raise ConfigError(f"a request has one --forget file, got {c.forget!r}")
+    check_forget_files_distinct([c.forget for c in configs])
+    for c in configs:
+        c.validate()
+        if c.method_spec().adapter != "lora":
+            raise ConfigError(f"method {c.method} trains every weight; a sequence of requests keeps each request as "
+                              "a LoRA adapter: use a LoRA method (lora-ihl, fila-ihl, ...)")
+    models = sorted({c.model for c in configs})
+    if len(models) > 1:
+        raise ConfigError(f"the requests name different models ({', '.join(models)}); a sequence unlearns one "
+                          "model: pass the same --model to every request")
+    sets = [data_mod.load_text_set(c.forget, "forget") for c in configs]
+    data_mod.check_requests_disjoint(sets)
+    return sets
+
+
+def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: Sequence[str] | None = None, *,
+                     strategy: str | None = None, out: str | None = None, model=None, tokenizer=None,
+                     accelerator=None, resume: bool = False) -> RequestsResult:
+    """Unlearn deletion requests one after another (docs/algorithms.md §8).
+
+    ``requests``: one base config (its ``--forget`` list, or ``forget``) or one config per request,
+    each with its own stop rule, thresholds and options. ``strategy`` (default: the first config's)
+    names an entry of :data:`STRATEGIES`; ``out`` (default: the first config's) is the sequence's
+    output folder, whose checkpoint folder OUT.ckpt holds every finished request, so ``resume``
+    continues a killed sequence without redoing them. Thresholds not given as numbers are measured
+    on each request's validation set on the model BEFORE the first request (as the single run does),
+    so every request is held to the bar of the original model throughout.
+    """
+    from . import distributed as dist
+    from .trainer import adapt, finish, guard_output, master_dtype, measure_before, prepare, train_until_stop
+    from .models import load_model, model_fingerprint
+
+    configs = request_configs(requests, forget)
+    first = configs[0]
+    strategy = strategy or first.strategy
+    out = out or first.out
+    STRATEGIES.get(strategy)  # an unknown name fails here, listing the known ones
+    if first.gate_fpr is not None and not STRATEGIES.trait(strategy, "keeps_adapters"):
+        raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {strategy} folds into "
+                          "the weights: use --strategy stack or orthogonal")
+    forget_sets = check_requests(configs)
+    seq_cfg = dataclasses.replace(first, out=out)
+    accelerator = accelerator or dist.make_accelerator()
+    ckpt = checkpoint_dir(out)
+    if accelerator.is_main_process and not resume:
+        guard_output(seq_cfg)
+    if model is None:
+        model, tokenizer = load_model(first.model, dtype=master_dtype(first), trust_remote_code=first.trust_remote_code,
+                                      progress=first.progress)
+    original = copy.deepcopy(model).to(accelerator.device).eval()
+    from .lm import ensure_pad_token
+
+    pad = ensure_pad_token(tokenizer)
+    fingerprint = model_fingerprint(original)
+    names = [f"request-{k:02d}" for k in range(1, len(configs) + 1)]
+    forget_batches = {name: request_batches(c, tokenizer, original, s, pad)
+                      for name, c, s in zip(names, configs, forget_sets)}
+    state = _fresh_state(seq_cfg, configs, strategy, fingerprint, forget_sets)
+    deltas: list[Delta] = []
+    if resume:
+        state, deltas = _resume(out, state)
+    else:  # task 0 of the paper: every request measured on the model before unlearning
+        state["matrix"] = [{"after": "before",
+                            "measured": {n: measure_request(original, forget_batches[n], c.el_n)
+                                         for n, c in zip(names, configs)}}]
+    current = apply_deltas(original, deltas)
+    for k in range(len(deltas), len(configs)):
+        name, cfg = names[k], dataclasses.replace(configs[k], out=str(ckpt / names[k]), overwrite=True)
+        # A request killed mid-training continues from its last epoch (the trainer's own checkpoint) once
+        # its adapter's start is on disk too; otherwise it starts again.
+        start_file = ckpt / f"{name}.start.safetensors"
+        mid_request = resume and (checkpoint_dir(cfg.out) / STATE).is_file() and start_file.is_file()
+        run = prepare(cfg, model=current, tokenizer=tokenizer, accelerator=accelerator, resume=mid_request)
+        del current
+        measure_before(run)
+        _hold_to_original(run, cfg, original, state)
+        adapt(run)
+        layers = _lora_layers(run.model)
+        if mid_request:
+            start = _load_start(start_file)
+        else:
+            start = _adapter_start(layers, cfg)
+            if accelerator.is_main_process:
+                _save_start(start_file, start)
+        run.extra_loss = STRATEGIES.get(strategy)(deltas, layers, cfg)
+        train_until_stop(run)
+        result = finish(run)
+        deltas.append(extract_delta(name, cfg.forget, result.model, start))
+        current = apply_deltas(original, deltas)
+        state["matrix"].append({"after": name, "measured": {
+            n: measure_request(current, forget_batches[n], c.el_n) for n, c in zip(names[: k + 1], configs)}})
+        state["finished"].append({"name": name, "forget": cfg.forget, "outcome": result.report["outcome"],
+                                  "epochs_run": result.report["epochs_run"],
+                                  "thresholds": result.report["thresholds"], "run": result.report})
+        if accelerator.is_main_process:
+            _save_request(ckpt, state, deltas[-1])
+            shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)  # the request's per-epoch checkpoint
+            start_file.unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+    report = sequence_report(state, deltas)
+    final = stacked_model(original, deltas) if STRATEGIES.trait(strategy, "keeps_adapters") else current
+    gate = None
+    if first.gate_fpr is not None:
+        gate, report["gate"] = fit_request_gate(final, forget_batches, heldout_batches(first, tokenizer, original, pad),
+                                                first.gate_fpr, first.gate_shrinkage)
+    return RequestsResult(model=final, tokenizer=tokenizer, report=report, deltas=deltas, original=original,
+                          runs=[f["run"] for f in state["finished"]], gate=gate)
+
+
+def heldout_batches(cfg: UnlearnConfig, tokenizer, model, pad: int) -> list[dict]:
+    """The validation set (held-out text) in evaluation batches, tokenized as the runs tokenize it."""
+    return request_batches(cfg, tokenizer, model, data_mod.load_text_set(cfg.validation, "validation"), pad)
+
+
+def fit_request_gate(model, forget_batches: dict[str, list[dict]], heldout: list[dict], fpr: float,
+                     shrinkage: float):
+    """The gate of a stacked result (loku.gate) and its rates: calibrated on every other held-out
+    sequence, its false-positive rate reported on the others (calibrating and reporting on the same
+    texts would give at most ``fpr`` by construction), its true-positive rate on each forget set."""
+    from .gate import features_of, fit_gate, gate_rates
+
+    forget = {name: features_of(model, batches) for name, batches in forget_batches.items()}
+    features = features_of(model, heldout)
+    calibrate, report_on = features[0::2], features[1::2]
+    gate = fit_gate(forget, calibrate, fpr=fpr, shrinkage=shrinkage)
+    return gate, {"fpr_target": fpr, "shrinkage": shrinkage, "calibrated_on": len(calibrate),
+                  "reported_on": len(report_on), **gate_rates(gate, report_on, forget),
+                  "thresholds": dict(zip(gate.names, gate.thresholds.tolist()))}
+
+
+def request_batches(cfg: UnlearnConfig, tokenizer, model, forget_set: data_mod.TextSet, pad: int) -> list[dict]:
+    """A request's forget set tokenized as its own run tokenizes it, in evaluation batches."""
+    from .trainer import model_context, tokenize_sets
+
+    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, None, None, model=model)
+    return data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad)
+
+
+def measure_request(model, batches: list[dict], el_n: int) -> dict[str, float]:
+    """MA and EL_n of one request's forget set (the stop rule's numbers, §6)."""
+    model.eval()
+    return {"ma": measure.memorization(model, batches), "el": measure.extraction(model, batches, el_n)}
+
+
+def _hold_to_original(run, cfg: UnlearnConfig, original, state: dict) -> None:
+    """Thresholds not given are the validation set's MA/EL on the model before the first request."""
+    if cfg.ma_threshold is not None and cfg.el_threshold is not None:
+        return
+    cache = state.setdefault("validation_before", {})
+    if cfg.validation not in cache:
+        batches = run.eval_batches["validation"]
+        cache[cfg.validation] = ({"ma": run.before["val_ma"], "el": run.before["val_el"]} if not state["finished"]
+                                 else measure_request(original, batches, cfg.el_n))
+    values = cache[cfg.validation]
+    run.ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else values["ma"]
+    run.el_threshold = cfg.el_threshold if cfg.el_threshold is not None else values["el"]
+
+
+def _lora_layers(model) -> dict[str, Any]:
+    from .initializers import lora_layers
+
+    return lora_layers(getattr(model, "module", model))  # DDP wraps the model in .module
+
+
+def _adapter_start(layers: dict[str, Any], cfg: UnlearnConfig) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The adapter's start (A0, B0) per layer when the initialiser moved it out of the base (FILA, VILA)."""
+    from .initializers import ADAPTER, INITIALIZERS
+
+    if not INITIALIZERS.trait(cfg.method_spec().init, "replaces_base"):
+        return None
+    return {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
+            for name, layer in layers.items()}
+
+
+def _save_start(path: Path, start: dict[str, tuple[Tensor, Tensor]] | None) -> None:
+    """The adapter's start, written once before training (an empty file: a start that stays in the adapter)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{kind}/{name}": t.contiguous().cpu() for name, pair in (start or {}).items()
+               for kind, t in zip(("a0", "b0"), pair)}
+    from .save import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"moved_out_of_base": str(start is not None)})
+
+
+def _load_start(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
+    with safe_open(str(path), framework="pt") as handle:
+        if handle.metadata()["moved_out_of_base"] != "True":
+            return None
+    tensors = load_file(str(path))
+    names = {key.split("/", 1)[1] for key in tensors}
+    return {name: (tensors[f"a0/{name}"], tensors[f"b0/{name}"]) for name in names}
+
+
+def extract_delta(name: str, forget: str, model, start: dict[str, tuple[Tensor, Tensor]] | None) -> Delta:
+    """The request's change Delta W = s (B A - B0 A0) of every LoRA layer of the trained ``model``."""
+    from .initializers import ADAPTER
+
+    a_table, b_table, reads, fan_in_fan_out = {}, {}, {}, False
+    for layer_name, layer in _lora_layers(model).items():
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        a0, b0 = ((t.to(a.device) for t in start[layer_name]) if start is not None else (None, None))
+        a_table[layer_name], b_table[layer_name] = request_delta_factors(a, b, layer.scaling[ADAPTER], a0, b0)
+        reads[layer_name] = a.detach().float().cpu().clone()
+        fan_in_fan_out = bool(layer.fan_in_fan_out)
+    return Delta(name, forget, {k: v.cpu() for k, v in a_table.items()}, {k: v.cpu() for k, v in b_table.items()},
+                 reads, fan_in_fan_out)
+
+
+def overlaps(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
+    """The subspace overlap of every earlier request's A with every later one's, per shared layer."""
+    rows = []
+    for k, later in enumerate(deltas):
+        for earlier in deltas[:k]:
+            per_layer = {layer: subspace_overlap(earlier.reads[layer], later.reads[layer])
+                         for layer in later.reads if layer in earlier.reads}
+            values = list(per_layer.values())
+            rows.append({"earlier": earlier.name, "later": later.name,
+                         "mean": sum(values) / len(values) if values else None,
+                         "max": max(values) if values else None, "per_layer": per_layer})
+    return rows
+
+
+def sequence_report(state: dict, deltas: Sequence[Delta]) -> dict[str, Any]:
+    thresholds = {f["name"]: {"ma": f["thresholds"]["ma"], "el": f["thresholds"]["el"]} for f in state["finished"]}
+    pairs = overlaps(deltas)
+    means = [p["mean"] for p in pairs if p["mean"] is not None]
+    return {
+        "strategy": state["strategy"],
+        "requests": [{k: v for k, v in f.items() if k != "run"} for f in state["finished"]],
+        "matrix": state["matrix"],
+        "relapses": relapses(state["matrix"], thresholds),
+        "overlaps": pairs,
+        "mean_overlap": sum(means) / len(means) if means else None,
+        "thresholds_source": "given, or each request's validation set on the model before the first request",
+        "base_fingerprint": state["base_fingerprint"],
+        "resumed": state.get("resumed", False),
+    }
+
+
+# --------------------------------------------------------------------------- checkpoint of the sequence
+
+
+def _fresh_state(seq_cfg: UnlearnConfig, configs, strategy: str, fingerprint: str, forget_sets) -> dict:
+    return {"kind": KIND, "config": seq_cfg.to_dict(), "requests": [c.to_dict() for c in configs],
+            "strategy": strategy, "base_fingerprint": fingerprint, "sha256": [s.sha256 for s in forget_sets],
+            "matrix": [], "finished": [], "validation_before": {}}
+
+
+def _save_request(ckpt: Path, state: dict, delta: Delta) -> None:
+    """The finished request's delta, then the state naming it (so a crash in between redoes only that request)."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(ckpt / delta.name) as tmp:
+        save_file(delta.tensors(), str(tmp / "delta.safetensors"),
+                  metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
+    atomic_write_json(ckpt / STATE, state)
+
+
+def _resume(out: str, fresh: dict) -> tuple[dict, list[Delta]]:
+    ckpt = checkpoint_dir(out)
+    state = read_state(out)
+    if state.get("kind") != KIND:
+        raise ConfigError(f"{ckpt}: this checkpoint is of a single run, not of a sequence of requests; resume it "
+                          "with one --forget")
+    if state["base_fingerprint"] != fresh["base_fingerprint"]:
+        raise ModelError(f"{ckpt}: the checkpoint was made on a different base model; resume with the same --model")
+    changed = sorted({key for old, new in zip(state["requests"], fresh["requests"]) for key in new
+                      if key not in RESUME_MAY_CHANGE and old.get(key) != new[key]}
+                     | ({"strategy"} if state["strategy"] != fresh["strategy"] else set())
+                     | ({"forget"} if state["sha256"] != fresh["sha256"] or len(state["requests"]) != len(
+                         fresh["requests"]) else set()))
+    if changed:
+        raise ConfigError(f"{ckpt}: the checkpoint was made with other requests or settings ({', '.join(changed)}); "
+                          "resume with the original files and options")
+    deltas = []
+    for finished in state["finished"]:
+        path = ckpt / finished["name"] / "delta.safetensors"
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata()
+        deltas.append(Delta.from_tensors(finished["name"], finished["forget"], load_file(str(path)),
+                                         meta["fan_in_fan_out"] == "True"))
+    state["resumed"] = True
+    return state, deltas
+
+
+# --------------------------------------------------------------------------- output
+
+
+def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None = None) -> Path:
+    """The sequence's output folder, written under a temporary name then renamed: report.json/.md,
+    ``adapters/`` (one PEFT adapter per request on the original base, whatever the strategy), and
+    ``model/`` (the final model, every request folded in) unless ``save_model`` is off."""
+    from .provenance import library_versions
+    from .report import transformers_progress
+    from .save import merged_copy
+
+    out_path = Path(out or cfg.out)
+    report = {"config": cfg.to_dict(), "versions": library_versions(), **result.report}
+    with atomic_dir(out_path) as tmp, transformers_progress(cfg.progress):
+        if result.deltas:
+            stacked = stacked_model(result.original, result.deltas)
+            stacked.save_pretrained(tmp / "adapters", safe_serialization=True)
+            atomic_write_json(tmp / "adapters" / "loku_requests.json",
+                              {"base_model": cfg.model, "base_fingerprint": report["base_fingerprint"],
+                               "adapters": [d.name for d in result.deltas],
+                               "forget": [d.forget for d in result.deltas],
+                               "note": "each adapter is its request's change on the ORIGINAL base weights"})
+            if cfg.save_model:
+                merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
+                result.tokenizer.save_pretrained(tmp / "model")
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", render_requests_markdown(report))
+    shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
+    return out_path
+
+
+def render_requests_markdown(report: dict[str, Any]) -> str:
+    names = [r["name"] for r in report["requests"]]
+    lines = [f"# loku: {len(names)} deletion requests, strategy {report['strategy']}", "",
+             "| request | forget | outcome | epochs | MA threshold | EL threshold |", "|---|---|---|---|---|---|"]
+    for r in report["requests"]:
+        lines.append(f"| {r['name']} | {r['forget']} | {r['outcome']} | {r['epochs_run']} | "
+                     f"{r['thresholds']['ma']:.4f} | {r['thresholds']['el']:.4f} |")
+    lines += ["", "MA / EL of every request so far, after each request:", "",
+              "| after | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in report["matrix"]:
+        cells = [f"{row['measured'][n]['ma']:.3f} / {row['measured'][n]['el']:.3f}" if n in row["measured"] else ""
+                 for n in names]
+        lines.append(f"| {row['after']} | " + " | ".join(cells) + " |")
+    relapsed = report["relapses"]
+    lines += ["", "Relapses: " + ("none" if not relapsed else "; ".join(
+        f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})" for r in relapsed))]
+    if report.get("gate"):
+        gate = report["gate"]
+        lines.append(f"Gate (target false-positive rate {gate['fpr_target']:g}, calibrated on {gate['calibrated_on']} "
+                     f"held-out texts): false-positive rate {gate['false_positive_rate']['any']:.3f} on "
+                     f"{gate['reported_on']} other held-out texts; true-positive rate "
+                     + ", ".join(f"{n} {v:.3f}" for n, v in gate["true_positive_rate"].items()))
+    if report["mean_overlap"] is not None:
+        lines.append(f"Mean subspace overlap of the adapters' A: {report['mean_overlap']:.4f}")
+    return "\n".join(lines) + "\n"

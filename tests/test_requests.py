@@ -1,0 +1,338 @@
+"""Continual unlearning (docs/algorithms.md §8): deletion requests one after another on a tiny Llama
+that memorized 4 sequences, split into two requests of 2; strategies merge, stack and orthogonal."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loku.cli import build_parser, main
+from loku.config import UnlearnConfig, load_config
+from loku.errors import ConfigError, DataError
+from loku.models import load_model
+from loku.requests import (apply_deltas, orthogonal_penalty, relapses, request_delta_factors, subspace_overlap,
+                           unlearn_requests, write_requests)
+from tiny_models import VOCAB, texts_of
+
+# --------------------------------------------------------------------------- the math
+
+
+def test_orthogonal_penalty_value_and_gradient_match_the_closed_form():
+    # O-LoRA (§8): lambda * sum_i ||A_i A_k^T||_F^2; d/dA_k = 2 A_k E^T E with E the earlier A's stacked.
+    g = torch.Generator().manual_seed(0)
+    earlier = [torch.randn(3, 10, generator=g, dtype=torch.float64) for _ in range(2)]
+    a_k = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    stacked = torch.cat(earlier)
+    value = orthogonal_penalty(stacked, a_k)
+    expected = sum(torch.linalg.norm(a_i @ a_k.T) ** 2 for a_i in earlier)
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    torch.testing.assert_close(a_k.grad, 2 * a_k.detach() @ stacked.T @ stacked)
+
+
+def test_subspace_overlap_is_zero_for_orthogonal_reads_and_scale_free():
+    eye = torch.eye(6)
+    assert subspace_overlap(eye[:2], eye[2:5]) == 0.0
+    a, b = torch.randn(2, 6), torch.randn(3, 6)
+    assert subspace_overlap(a, b) == pytest.approx(subspace_overlap(10 * a, 0.1 * b))
+    assert subspace_overlap(eye[:1], 3 * eye[:1]) == pytest.approx(1.0)
+    assert 0 <= subspace_overlap(a, b) <= 1
+
+
+def test_delta_factors_give_the_change_of_the_weight():
+    # FILA moved s*B0@A0 out of the base (§3): the request's change is s (B A - B0 A0), rank 2r.
+    a, b, a0, b0 = torch.randn(2, 5), torch.randn(4, 2), torch.randn(2, 5), torch.randn(4, 2)
+    fa, fb = request_delta_factors(a, b, 2.0, a0, b0)
+    assert fa.shape == (4, 5) and fb.shape == (4, 4)
+    torch.testing.assert_close(fb @ fa, 2.0 * (b @ a - b0 @ a0))
+    fa, fb = request_delta_factors(a, b, 2.0)  # Gaussian start: B0 = 0, rank r
+    torch.testing.assert_close(fb @ fa, 2.0 * b @ a)
+
+
+def test_relapses_name_the_earlier_request_back_above_its_own_thresholds():
+    thresholds = {"r1": {"ma": 0.1, "el": 0.0}, "r2": {"ma": 0.5, "el": 0.5}}
+    matrix = [{"after": "before", "measured": {"r1": {"ma": 1, "el": 1}, "r2": {"ma": 1, "el": 1}}},
+              {"after": "r1", "measured": {"r1": {"ma": 0.1, "el": 0.0}}},
+              {"after": "r2", "measured": {"r1": {"ma": 0.05, "el": 0.01}, "r2": {"ma": 0.9, "el": 0.0}}}]
+    # r2 above its own bar after r2 is its failure, not a relapse; r1's EL 0.01 > 0.0 is.
+    assert relapses(matrix, thresholds) == [{"after": "r2", "request": "r1", "ma": 0.05, "el": 0.01,
+                                             "ma_threshold": 0.1, "el_threshold": 0.0}]
+    matrix[2]["measured"]["r1"]["el"] = 0.0
+    assert relapses(matrix, thresholds) == []
+
+
+# --------------------------------------------------------------------------- sequences on the tiny model
+
+
+@pytest.fixture(scope="module")
+def requests_root(memorized):
+    """Two requests: the first 2 and the last 2 memorized forget sequences."""
+    lines = (memorized / "forget.txt").read_text().splitlines()
+    (memorized / "a.txt").write_text("\n".join(lines[:2]) + "\n")
+    (memorized / "b.txt").write_text("\n".join(lines[2:]) + "\n")
+    return memorized
+
+
+def config(root, out, **kw) -> UnlearnConfig:
+    base = dict(model=str(root / "base"), forget=[str(root / "a.txt"), str(root / "b.txt")],
+                retain=str(root / "retain.txt"), validation=str(root / "validation.txt"), out=str(out),
+                method="fila-ihl", rank=4, lora_alpha=8, lr=1e-2, batch_size=2, max_epochs=40, progress=False, seed=0)
+    base.update(kw)
+    return UnlearnConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def stacked(requests_root, tmp_path_factory):
+    """A stack sequence, with the trained model of each request's own run (the sequential model)."""
+    import loku.trainer as trainer
+
+    runs, finish = [], trainer.finish
+
+    def keep(run):
+        result = finish(run)
+        runs.append(result)
+        return result
+
+    trainer.finish = keep
+    try:
+        result = unlearn_requests(config(requests_root, tmp_path_factory.mktemp("stack") / "out", strategy="stack"))
+    finally:
+        trainer.finish = finish
+    return result, runs
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_stack_reproduces_the_sequential_model_and_every_request_stays_forgotten_or_is_named(stacked):
+    result, runs = stacked
+    report = result.report
+    ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(7))
+    # The last request's own run trained on the earlier request folded in: the stacked adapters on the
+    # original base reproduce it, and so does the model built from the deltas.
+    torch.testing.assert_close(logits(result.model, ids), logits(runs[-1].model, ids), atol=1e-5, rtol=1e-5)
+    # (Folding the deltas into float32 weights rounds differently from adding them as adapters: logits of
+    # this memorizing model are of order 10, so differences of a few 1e-5 are rounding.)
+    torch.testing.assert_close(logits(apply_deltas(result.original, result.deltas), ids), logits(result.model, ids),
+                               atol=1e-4, rtol=1e-5)
+    assert list(result.model.peft_config) == ["request-01", "request-02"]
+    assert result.model.base_model.active_adapters == ["request-01", "request-02"]
+    assert not any(p.requires_grad for p in result.model.parameters()), "earlier adapters are frozen"
+    # Switching one adapter off is exactly the other request's change alone.
+    with torch.no_grad():
+        result.model.base_model.set_adapter(["request-01"], inference_mode=True)
+        only_first = logits(result.model, ids)
+        result.model.base_model.set_adapter(["request-01", "request-02"], inference_mode=True)
+    torch.testing.assert_close(only_first, logits(apply_deltas(result.original, result.deltas[:1]), ids),
+                               atol=1e-4, rtol=1e-5)
+
+    assert [r["name"] for r in report["requests"]] == ["request-01", "request-02"]
+    assert report["matrix"][0]["after"] == "before"
+    assert all(v["ma"] > 0.95 for v in report["matrix"][0]["measured"].values())
+    named = {(r["after"], r["request"]) for r in report["relapses"]}
+    thresholds = {r["name"]: r["thresholds"] for r in report["requests"]}
+    outcomes = {r["name"]: r["outcome"] for r in report["requests"]}
+    for row in report["matrix"][1:]:
+        assert set(row["measured"]) == set(list(thresholds)[: list(thresholds).index(row["after"]) + 1])
+        for name, value in row["measured"].items():
+            below = value["ma"] <= thresholds[name]["ma"] and value["el"] <= thresholds[name]["el"]
+            own = name == row["after"]
+            assert below or (own and outcomes[name] == "failed") or (not own and (row["after"], name) in named)
+    # Thresholds come from the model before the first request, for every request (§8).
+    assert thresholds["request-01"]["ma"] == thresholds["request-02"]["ma"] == runs[0].report["before"]["val_ma"]
+    # The matrix's own entry is the request's result.
+    assert report["matrix"][1]["measured"]["request-01"]["ma"] == pytest.approx(runs[0].report["after"]["forget_ma"])
+    assert report["overlaps"][0]["earlier"] == "request-01" and 0 <= report["overlaps"][0]["mean"] <= 1
+
+
+def test_merge_trains_what_stack_trains_and_keeps_one_model(stacked, requests_root, tmp_path):
+    result, _ = stacked
+    merged = unlearn_requests(config(requests_root, tmp_path / "out", strategy="merge"))
+    assert not hasattr(merged.model, "peft_config"), "merge folds every request into the weights"
+    assert merged.report["matrix"] == result.report["matrix"]
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(logits(merged.model, ids), logits(result.model, ids), atol=1e-4, rtol=1e-5)
+
+
+def test_orthogonal_penalty_lowers_the_overlap_of_the_adapters(requests_root, tmp_path):
+    # Gaussian starts: both strategies begin from the same A's; only the penalty differs. One config per
+    # request (its own options): a short first request, a longer second one for the penalty to act in.
+    # Adam bounds each step, so how far A_2 turns away depends on the steps it gets more than on lambda.
+    def requests(strategy):
+        common = dict(method="lora-ihl", ma_threshold=0.0, el_threshold=0.0, strategy=strategy)
+        return [config(requests_root, tmp_path / strategy, forget=str(requests_root / "a.txt"), max_epochs=5, **common),
+                config(requests_root, tmp_path / strategy, forget=str(requests_root / "b.txt"), max_epochs=30,
+                       **common)]
+
+    stack = unlearn_requests(requests("stack"))
+    ortho = unlearn_requests(requests("orthogonal"))
+    assert [len(r["epochs"]) for r in ortho.runs] == [5, 30]
+    assert ortho.report["mean_overlap"] < 0.5 * stack.report["mean_overlap"], (ortho.report["mean_overlap"],
+                                                                               stack.report["mean_overlap"])
+    # The penalty is in the loss of the second request only (the first has nothing to be orthogonal to).
+    assert "loss_extra" not in ortho.runs[0]["epochs"][0] and "loss_extra" not in stack.runs[1]["epochs"][0]
+    assert all(e["loss_extra"] > 0 for e in ortho.runs[1]["epochs"])
+    penalties = [e["loss_extra"] for e in ortho.runs[1]["epochs"]]
+    assert penalties[-1] < penalties[0]
+
+
+def test_a_killed_sequence_resumes_without_redoing_finished_requests(stacked, requests_root, tmp_path, monkeypatch):
+    import loku.trainer as trainer
+
+    out = tmp_path / "out"
+    calls = []
+    original = trainer.train_until_stop
+
+    def crash_on_second(run):
+        calls.append(run.cfg.forget)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(run)
+
+    monkeypatch.setattr(trainer, "train_until_stop", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn_requests(config(requests_root, out, strategy="stack"))
+    state = json.loads((out.parent / "out.ckpt" / "state.json").read_text())
+    assert [f["name"] for f in state["finished"]] == ["request-01"]
+
+    calls.clear()
+    monkeypatch.setattr(trainer, "train_until_stop", original)
+    counted = []
+    monkeypatch.setattr(trainer, "train_until_stop", lambda run: counted.append(run.cfg.forget) or original(run))
+    with pytest.raises(ConfigError, match="other requests or settings"):
+        unlearn_requests(config(requests_root, out, strategy="stack", rank=2), resume=True)
+    resumed = unlearn_requests(config(requests_root, out, strategy="stack"), resume=True)
+    assert counted == [str(requests_root / "b.txt")], "request 1 is not trained again"
+    assert resumed.report["resumed"] is True
+    assert resumed.report["matrix"] == stacked[0].report["matrix"]
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(logits(resumed.model, ids), logits(stacked[0].model, ids), atol=0, rtol=0)
+
+
+def test_a_request_killed_mid_training_continues_from_its_last_epoch(stacked, requests_root, tmp_path, monkeypatch):
+    import loku.trainer as trainer
+
+    out, b = tmp_path / "out", str(requests_root / "b.txt")
+    seen = []
+    original = trainer.train_epoch
+
+    def crash_in_third_epoch_of_second_request(run, epoch):
+        if run.cfg.forget == b:
+            seen.append(epoch)
+            if epoch == 3 and not run.resumed:
+                raise KeyboardInterrupt
+        return original(run, epoch)
+
+    monkeypatch.setattr(trainer, "train_epoch", crash_in_third_epoch_of_second_request)
+    with pytest.raises(KeyboardInterrupt):
+        unlearn_requests(config(requests_root, out, strategy="stack"))
+    assert (out.parent / "out.ckpt" / "request-02.start.safetensors").is_file()
+    seen.clear()
+    resumed = unlearn_requests(config(requests_root, out, strategy="stack"), resume=True)
+    assert seen[0] == 3, "epochs 1-2 of the second request are not trained again"
+    assert resumed.report["matrix"] == stacked[0].report["matrix"]
+    assert resumed.runs[1]["epochs_run"] == stacked[0].runs[1]["epochs_run"]
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(logits(resumed.model, ids), logits(stacked[0].model, ids), atol=0, rtol=0)
+
+
+def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_path):
+    from peft import PeftModel
+
+    result, _ = stacked
+    cfg = config(requests_root, tmp_path / "saved", strategy="stack")
+    out = write_requests(result, cfg)
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == "stack" and report["config"]["forget"] == cfg.forget
+    assert "Relapses" in (out / "report.md").read_text()
+    base, _ = load_model(cfg.model)
+    model = PeftModel.from_pretrained(base, str(out / "adapters" / "request-01"), adapter_name="request-01")
+    model.load_adapter(str(out / "adapters" / "request-02"), adapter_name="request-02")
+    model.base_model.set_adapter(["request-01", "request-02"], inference_mode=True)
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(logits(model, ids), logits(result.model, ids), atol=1e-6, rtol=1e-6)
+    merged = type(base).from_pretrained(out / "model")
+    torch.testing.assert_close(logits(merged, ids), logits(result.model, ids), atol=1e-4, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input, command line
+
+
+def test_the_same_file_twice_or_overlapping_requests_are_refused_naming_the_files(requests_root, tmp_path, capsys):
+    a, b = str(requests_root / "a.txt"), str(requests_root / "b.txt")
+    with pytest.raises(ConfigError, match=r"a\.txt is given twice \(requests 1 and 3\).*remove the repeated"):
+        config(requests_root, tmp_path / "x", forget=[a, b, a]).validate()
+    overlapping = tmp_path / "c.txt"
+    first_of_a = (requests_root / "a.txt").read_text().splitlines()[0]
+    overlapping.write_text(texts_of(torch.randint(3, VOCAB, (1, 24)))[0] + "\n" + first_of_a + "\n")
+    with pytest.raises(DataError, match=r"c\.txt: 1 of 2 forget texts of request 3 are already in request 1 "
+                                        r"\(.*a\.txt\).*item 2.*must be disjoint"):
+        unlearn_requests(config(requests_root, tmp_path / "y", forget=[a, b, str(overlapping)]))
+    with pytest.raises(ConfigError, match="LoRA method"):
+        unlearn_requests(config(requests_root, tmp_path / "z", method="full-ga"))
+    with pytest.raises(ConfigError, match="--strategy must be one of merge, orthogonal, stack"):
+        config(requests_root, tmp_path / "w", strategy="nope").validate()
+    from loku.trainer import unlearn
+
+    with pytest.raises(ConfigError, match="sequence of deletion requests"):
+        unlearn(config(requests_root, tmp_path / "v"))
+    assert main(["unlearn", "--model", str(requests_root / "base"), "--forget", a, "--forget", a,
+                 "--out", str(tmp_path / "cli")]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_one_forget_flag_is_a_single_run_as_before(requests_root, tmp_path):
+    args = build_parser().parse_args(["unlearn", "--forget", "x.txt", "--out", "o"])
+    assert args.forget == ["x.txt"]
+    cfg = load_config(None, {"forget": args.forget, "out": "o"})
+    assert cfg.forget == "x.txt" and cfg.forget_files() == ["x.txt"]
+    assert load_config(None, {"forget": ["x.txt", "y.txt"]}).forget == ["x.txt", "y.txt"]
+
+
+def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["unlearn", "--model", str(requests_root / "base"), "--forget", str(requests_root / "a.txt"),
+                 "--forget", str(requests_root / "b.txt"), "--retain", str(requests_root / "retain.txt"),
+                 "--validation", str(requests_root / "validation.txt"), "--strategy", "orthogonal", "--rank", "4",
+                 "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-epochs", "3", "--no-progress",
+                 "--ma-threshold", "0.5", "--el-threshold", "0.5", "--gate-fpr", "0.5", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code in (0, 3) and "2 requests (orthogonal)" in printed
+    assert (out / "adapters" / "request-01").is_dir() and (out / "adapters" / "request-02").is_dir()
+    assert not (tmp_path / "cli.ckpt").exists(), "the finished output supersedes the checkpoint"
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == "orthogonal" and len(report["matrix"]) == 3
+    gate = report["gate"]  # calibrated on validation rows 1 and 3, reported on rows 2 and 4
+    assert (gate["calibrated_on"], gate["reported_on"]) == (2, 2)
+    assert set(gate["true_positive_rate"]) == {"request-01", "request-02"}
+    assert all(0 <= v <= 1 for v in [*gate["true_positive_rate"].values(), *gate["false_positive_rate"].values()])
+    assert "Gate (target false-positive rate 0.5" in (out / "report.md").read_text()
+    with pytest.raises(ConfigError, match="--gate-fpr .* use --strategy stack or orthogonal"):
+        config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1).validate()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stacked_adapters_add_exactly_the_folded_deltas(arch):
+    # GPT-2's Conv1D stores [in, out]: the deltas are [out, in] and are transposed where folded in.
+    from loku.models import is_conv1d
+    from loku.requests import Delta, stacked_model
+    from tiny_models import make_tiny_model
+
+    base = make_tiny_model(arch)
+    g = torch.Generator().manual_seed(0)
+    layers = {n: m for n, m in base.named_modules() if n.endswith(("q_proj", "v_proj", "c_attn", "c_fc"))}
+    conv = any(is_conv1d(m) for m in layers.values())
+
+    def shape(m):  # (out, in)
+        return tuple(reversed(m.weight.shape)) if is_conv1d(m) else tuple(m.weight.shape)
+
+    deltas = [Delta(f"request-0{k}", "f.txt", a={n: torch.randn(3, shape(m)[1], generator=g) for n, m in layers.items()},
+                    b={n: 0.3 * torch.randn(shape(m)[0], 3, generator=g) for n, m in layers.items()},
+                    reads={}, fan_in_fan_out=conv) for k in (1, 2)]
+    ids = torch.randint(3, VOCAB, (2, 10), generator=g)
+    folded = logits(apply_deltas(base, deltas), ids)
+    torch.testing.assert_close(logits(stacked_model(base, deltas), ids), folded, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(base, ids), folded, atol=1e-3)
