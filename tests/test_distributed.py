@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 
 def launch(root, out, processes: int, grad_accum: int, port: int = 29531, extra: tuple[str, ...] = ()):
-    args = ["unlearn", "--model", str(root / "base"), "--forget", str(root / "forget.txt"),
+    # --forget repeats for a sequence of requests, so an extra --forget replaces the default one here
+    forget = [] if "--forget" in extra else ["--forget", str(root / "forget.txt")]
+    args = ["unlearn", "--model", str(root / "base"), *forget,
             "--retain", str(root / "retain.txt"), "--validation", str(root / "validation.txt"),
             "--method", "fila-ihl", "--rank", "4", "--lora-alpha", "8", "--lr", "5e-3", "--batch-size", "1",
             "--grad-accum", str(grad_accum), "--max-epochs", "3", "--no-progress", "--out", str(out), *extra]
