@@ -114,3 +114,23 @@ def test_nan_loss_stops_and_names_the_epoch(memorized, tmp_path, monkeypatch):
     state = json.loads((checkpoint_dir(cfg.out) / "state.json").read_text())
     assert [e["epoch"] for e in state["epochs"]] == [1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_default(memorized, tmp_path):
+    """Upgrading loku adds options; a checkpoint written before one existed was made with its default."""
+    from loku.checkpoint import load_checkpoint, option_defaults
+    from loku.models import load_model, model_fingerprint
+
+    out = tmp_path / "run"
+    crash = run(cli_args(memorized, out), LOKU_FAILPOINT="step:3")
+    assert crash.returncode == -signal.SIGKILL
+    state_file = checkpoint_dir(out) / "state.json"
+    state = json.loads(state_file.read_text())
+    config = dict(state["config"])
+    assert config["strategy"] == option_defaults()["strategy"] == "merge"
+    del state["config"]["strategy"]  # as written by a loku without --strategy
+    state_file.write_text(json.dumps(state))
+    fingerprint = model_fingerprint(load_model(str(memorized / "base"))[0])
+    assert load_checkpoint(out, config, fingerprint).state["epochs"] == state["epochs"]
+    with pytest.raises(ConfigError, match="other settings.*strategy"):
+        load_checkpoint(out, {**config, "strategy": "stack"}, fingerprint)
