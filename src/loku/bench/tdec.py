@@ -467,14 +467,7 @@ def unlearn_from(cfg, model, tokenizer, *, before: dict | None, resume: bool):
     else:
         trainer.measure_before(run)
     trainer.adapt(run)
-    for epoch in range(len(run.epochs) + 1, cfg.max_epochs + 1):
-        if run.succeeded:
-            break
-        record = trainer.train_epoch(run, epoch)
-        trainer.decide(run, record)
-        trainer.save_epoch(run)
-        if record["success"]:
-            break
+    trainer.train_until_stop(run)
     return trainer.finish(run), run.before
 
 
