@@ -13,6 +13,7 @@ from loku.losses import (
     kl_to_reference,
     mean_nll,
     needs_reference,
+    reference_sides,
     npo_loss,
     unlearning_loss,
 )
@@ -138,5 +139,8 @@ def test_which_losses_need_the_frozen_reference_model():
     assert needs_reference("npo", None) and needs_reference("ihl", "kl")
     assert not needs_reference("ihl", None) and not needs_reference("gd", "nll")
     assert set(LOSSES) == {"ga", "gd", "ihl", "npo"}
+    # Only the side whose term compares gets a reference forward pass (IHL + KL: retain only).
+    assert reference_sides("ihl", "kl") == (False, True) and reference_sides("npo", None) == (True, False)
+    assert reference_sides("npo", "kl") == (True, True) and reference_sides("ga", None) == (False, False)
     with pytest.raises(ValueError, match="unknown loss"):
         unlearning_loss("magic", torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))

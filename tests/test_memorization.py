@@ -220,3 +220,25 @@ def test_kv_cache_is_passed_without_deprecated_names():
         extraction_likelihood(model, ids, n=1)
         extraction_likelihood_plain(model, ids, n=1)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_heldout_ma_and_perplexity_from_one_forward_equal_the_separate_metrics():
+    """The per-epoch held-out MA and perplexity (docs/algorithms.md §6) share one forward pass."""
+    import math
+
+    from loku import lm
+    from loku.measure import heldout_scores, memorization
+
+    model = make_tiny_model()
+    rows = [seq[: 8 + 3 * i].tolist() for i, seq in enumerate(random_sequences(5, 20))]  # ragged: padding
+    batches = make_batches(rows, 2, 0)
+    ma, ppl = heldout_scores(model, batches)
+    total = count = 0.0
+    with torch.no_grad():
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            total += float(lm.token_nll(logits, b["labels"]).double().sum())
+            count += int((b["labels"][:, 1:] != lm.IGNORE_INDEX).sum())
+    assert ma == pytest.approx(memorization(model, batches), abs=1e-7)
+    assert ppl == pytest.approx(math.exp(total / count), rel=1e-6)
+    assert 1.0 < ppl < float("inf") and 0.0 <= ma <= 1.0

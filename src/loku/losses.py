@@ -128,11 +128,17 @@ def uses_retain(loss: str, retain_term: str | None) -> bool:
     return retain_term_of(loss, retain_term) != "none"
 
 
-def needs_reference(loss: str, retain_term: str | None) -> bool:
-    """Whether a term compares against the original model's logits (trait ``needs_reference``: NPO, KL)."""
+def reference_sides(loss: str, retain_term: str | None) -> tuple[bool, bool]:
+    """(forget term, retain term): which compare against the original model's logits (trait
+    ``needs_reference``: NPO on the forget side, KL on the retain side)."""
     term = retain_term_of(loss, retain_term)
-    return (FORGET_TERMS.trait(LOSSES[loss].forget, "needs_reference")
-            or (uses_retain(loss, retain_term) and RETAIN_TERMS.trait(term, "needs_reference")))
+    return (bool(FORGET_TERMS.trait(LOSSES[loss].forget, "needs_reference")),
+            bool(uses_retain(loss, retain_term) and RETAIN_TERMS.trait(term, "needs_reference")))
+
+
+def needs_reference(loss: str, retain_term: str | None) -> bool:
+    """Whether a term compares against the original model's logits (NPO, KL)."""
+    return any(reference_sides(loss, retain_term))
 
 
 def unlearning_loss(

@@ -24,17 +24,20 @@ def extraction(model, batches, n: int, progress: bool = False) -> float:
     return lm.mean_over_batches(extraction_likelihood, model, batches, n=n, progress=progress)
 
 
-def heldout_perplexity(model, batches) -> float:
-    """Token-weighted perplexity of the held-out set, float32 log-probs summed in float64."""
-    total, count = 0.0, 0
+def heldout_scores(model, batches) -> tuple[float, float]:
+    """(MA, perplexity) of the held-out batches from one float32 forward pass per batch."""
+    from .metrics.memorization import memorization_and_nll
+
     device = model_device(model)
+    ma, total, count = [], 0.0, 0
     with lm.eval_mode(model):
         for b in batches:
             b = {k: v.to(device) for k, v in b.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(lm.token_nll(logits, b["labels"]).double().sum())
-            count += int((b["labels"][:, 1:] != lm.IGNORE_INDEX).sum())
-    return math.exp(total / max(count, 1))
+            values, nll, tokens = memorization_and_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
+            ma.append(values.float().cpu())
+            total, count = total + float(nll), count + tokens
+    values = torch.cat(ma) if ma else torch.zeros(0)
+    return (float(values.mean()) if values.numel() else float("nan")), math.exp(total / max(count, 1))
 
 
 def evaluate_state(model, eval_batches: dict[str, list], el_n: int, *, with_el: bool,
@@ -43,8 +46,7 @@ def evaluate_state(model, eval_batches: dict[str, list], el_n: int, *, with_el: 
     model.eval()
     out: dict[str, Any] = {"forget_ma": memorization(model, eval_batches["forget"])}
     if eval_batches["validation"]:
-        out["val_ma"] = memorization(model, eval_batches["validation"])
-        out["val_ppl"] = heldout_perplexity(model, eval_batches["validation"])
+        out["val_ma"], out["val_ppl"] = heldout_scores(model, eval_batches["validation"])
     if with_el or (ma_threshold is not None and out["forget_ma"] <= ma_threshold):
         out["forget_el"] = extraction(model, eval_batches["forget"], el_n, progress)
         if with_el and eval_batches["validation"]:

@@ -425,9 +425,11 @@ def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, c
 
     ref_f = ref_r = None
     if reference is not None:
+        # Only the sides whose term compares against the reference (IHL + KL needs no reference forget pass).
+        forget_side, retain_side = losses.reference_sides(loss, cfg.retain_term)
         with torch.no_grad():
-            ref_f = logits(reference, forget)
-            ref_r = logits(reference, retain) if retain is not None else None
+            ref_f = logits(reference, forget) if forget_side else None
+            ref_r = logits(reference, retain) if retain is not None and retain_side else None
     return losses.unlearning_loss(
         loss, logits(model, forget), forget["labels"], logits(model, retain) if retain is not None else None,
         retain["labels"] if retain is not None else None, ref_forget_logits=ref_f, ref_retain_logits=ref_r,

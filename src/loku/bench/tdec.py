@@ -618,7 +618,7 @@ def _val_ppl(model, tokenizer, texts: list[str], cfg: BenchConfig) -> float:
 
     ids = tokenize_texts(tokenizer, texts, max_length=1 << 20, source="held-out set")
     batch = int(cfg.unlearn.get("eval_batch_size", 8))
-    return measure.heldout_perplexity(model, make_batches(ids, batch, ensure_pad_token(tokenizer)))
+    return measure.heldout_scores(model, make_batches(ids, batch, ensure_pad_token(tokenizer)))[1]
 
 
 def machine() -> dict[str, Any]:

@@ -110,16 +110,34 @@ def _forward(model, input_ids: Tensor, attention_mask: Tensor | None, **kwargs):
     return model(input_ids=input_ids, attention_mask=mask, **kwargs)
 
 
-@_in_float32
-@torch.no_grad()
-def memorization_accuracy(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-    """MA per sequence [B]: the share of positions t = 1..T-1 where argmax p(.|x_<t) == x_t."""
+def _memorization_from_logits(logits: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     lengths = _lengths(input_ids, attention_mask)
-    predicted = _forward(model, input_ids, attention_mask).logits[:, :-1].argmax(dim=-1)
+    predicted = logits[:, :-1].argmax(dim=-1)
     hits = (predicted == input_ids[:, 1:]).float()
     valid = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)[None, :] < (
         torch.tensor(lengths, device=input_ids.device)[:, None] - 1)
     return (hits * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+@_in_float32
+@torch.no_grad()
+def memorization_accuracy(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """MA per sequence [B]: the share of positions t = 1..T-1 where argmax p(.|x_<t) == x_t."""
+    return _memorization_from_logits(_forward(model, input_ids, attention_mask).logits, input_ids, attention_mask)
+
+
+@_in_float32
+@torch.no_grad()
+def memorization_and_nll(model, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+                         ) -> tuple[Tensor, Tensor, int]:
+    """(MA per sequence [B], summed float64 token NLL of ``labels``, labelled token count) from ONE
+    forward pass: the held-out MA and perplexity the stop rule logs every epoch."""
+    from loku.lm import IGNORE_INDEX, token_nll
+
+    logits = _forward(model, input_ids, attention_mask).logits
+    nll = token_nll(logits, labels).double().sum()
+    return (_memorization_from_logits(logits, input_ids, attention_mask), nll,
+            int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
 
 def ngram_overlap(prediction: list[int], reference: list[int], n: int) -> float:
