@@ -87,6 +87,25 @@ def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
     assert "| lora-ihl |" in (out / "results.md").read_text()
 
 
+def test_jobs_run_the_same_bench_in_worker_processes(bench_env, tmp_path):
+    """--jobs 2: the waves of tasks in two spawned workers give the serial bench's results."""
+    cfg = dict(splits="0,1", methods="fila-ihl,full-gd")
+    serial = run_bench(_cfg(bench_env, **cfg), tmp_path / "serial", progress=False)
+    parallel = run_bench(_cfg(bench_env, **cfg), tmp_path / "jobs", progress=False, jobs=2)
+    assert serial["missing"] == parallel["missing"] == []
+    for split in ("0", "1"):
+        for method in ("fila-ihl", "full-gd"):
+            a, b = (json.loads((tmp_path / name / "tiny" / f"split-{split}" / "runs" / f"{method}.json").read_text())
+                    for name in ("serial", "jobs"))
+            assert a["epochs_run"] == b["epochs_run"] and a["outcome"] == b["outcome"]
+            for ea, eb in zip(a["epochs"], b["epochs"]):
+                assert eb["loss_forget"] == pytest.approx(ea["loss_forget"], rel=1e-4, abs=1e-5)
+                assert eb["val_ppl"] == pytest.approx(ea["val_ppl"], rel=1e-4)
+            assert b["downstream"]["ppl_pile"] == pytest.approx(a["downstream"]["ppl_pile"], rel=1e-4)
+    history = json.loads((tmp_path / "jobs" / "invocations.json").read_text())
+    assert history[-1]["jobs"] == 2
+
+
 def test_bad_input_fails_before_any_work(bench_env, tmp_path, monkeypatch):
     monkeypatch.setattr(tdec, "run_split", lambda *a, **k: pytest.fail("no work should start"))
     out = tmp_path / "bench"

@@ -31,6 +31,7 @@ YAML file; ``--smoke`` shrinks any of them to a few seconds on a tiny model (CI)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -391,20 +392,48 @@ def slug(name: str) -> str:
 
 
 class Store:
-    """A JSON file of named results, each computed once and written atomically when it is."""
+    """A JSON file of named results, each computed once and written atomically when it is.
+
+    Safe for several bench processes on one folder (``--jobs``): a missing key is looked up on disk
+    again before it is computed, and written under a lock on the folder with whatever other
+    processes stored meanwhile (the first value stored for a key wins)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.data: dict[str, Any] = _read_json(path) if path.is_file() else {}
 
+    def reload(self) -> dict[str, Any]:
+        if self.path.is_file():
+            self.data = _read_json(self.path)
+        return self.data
+
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.data:
+        if key not in self.data and key not in self.reload():
             from ..provenance import jsonable
             from ..save import atomic_write_json
 
-            self.data[key] = jsonable(compute())
-            atomic_write_json(self.path, self.data)
+            value = jsonable(compute())
+            with _folder_lock(self.path.parent):
+                self.reload().setdefault(key, value)
+                atomic_write_json(self.path, self.data)
         return self.data[key]
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive lock on ``folder`` between processes (a no-op where there is no ``fcntl``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: one bench process per folder
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 # --------------------------------------------------------------------------- running
@@ -483,12 +512,38 @@ def _free() -> None:
         pass
 
 
+@dataclass
+class SplitContext:
+    """What every method of one (model, split) starts from: texts, files, the planted model and the
+    measurements taken once (``store``: the split's split.json)."""
+
+    cfg: BenchConfig
+    model_name: str
+    split: str
+    split_dir: Path
+    texts: dict[str, list[str]]
+    files: dict[str, str]
+    store: "Store"
+    original: Any
+    planted: Any
+    tokenizer: Any
+    original_scores: dict
+    reference_stats: dict | None
+    control: dict | None
+
+
 def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str, folder: Path,
               original_scores: dict, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
     """Plant (cached), measure once, then every method of ``cfg.methods`` not finished yet."""
+    ctx = prepare_split(cfg, model_name, original, tokenizer, split, folder, original_scores, say, progress)
+    return {method: run_method(ctx, method, say, progress) for method in cfg.methods}
+
+
+def prepare_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str, folder: Path,
+                  original_scores: dict, say: Callable[[str], None], progress: bool) -> SplitContext:
+    """The split's texts and files, its planted model (cached) and its once-per-split measurements."""
     from ..models import cache_dir
-    from ..provenance import file_sha256, jsonable
-    from ..save import atomic_write_json, merged_copy
+    from ..provenance import file_sha256
     from . import data as bench_data
     from .planting import measure_planting, planted_model
 
@@ -546,68 +601,71 @@ def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str
             kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg)))
         train, test = split_halves(t["forget"])
         control = store.get("relearn_control", lambda: relearn_curve(original, tokenizer, train, test, cfg.relearn))
-    before = store.data.get("before")
+    return SplitContext(cfg, model_name, split, split_dir, t, files, store, original, planted, tokenizer,
+                        original_scores, reference_stats, control)
 
-    results = {}
-    for method in cfg.methods:
-        result_path = split_dir / "runs" / f"{method}.json"
-        if result_path.is_file():
-            results[method] = _read_json(result_path)
-            say(f"loku bench: split {split}, {method}: finished earlier, skipped")
-            continue
-        out = split_dir / "runs" / method
-        ucfg = cfg.unlearn_config(method, files["forget"], files["retain"], files["validation"], str(out),
-                                  model=f"{model_name} planted with split {split}" if cfg.plant else model_name)
-        ucfg.progress = progress
-        ucfg.overwrite = False
-        from ..checkpoint import STATE, checkpoint_dir
 
-        resume = (checkpoint_dir(out) / STATE).is_file()
-        say(f"loku bench: split {split}, {method}: {'resuming' if resume else 'unlearning'}")
-        started = time.time()
-        result, run_before = unlearn_from(ucfg, planted, tokenizer, before=before, resume=resume)
-        unlearn_seconds = time.time() - started
-        if before is None:
-            before = store.get("before", lambda: run_before)
-        report = result.report
-        evaluated = merged_copy(result.model).eval()
-        t_eval = time.time()
-        scores = downstream(evaluated, tokenizer, t, cfg)
-        entry: dict[str, Any] = {
-            "model": model_name, "split": split, "method": method, "seed": ucfg.seed,
-            "outcome": report["outcome"], "epochs_run": report["epochs_run"],
-            "epochs_to_success": report["epochs_to_success"], "max_epochs": ucfg.max_epochs,
-            "thresholds": report["thresholds"], "before": report["before"], "after": report["after"],
-            "epochs": report["epochs"], "trainable_share": report["trainable_share"],
-            "trainable_parameters": report["trainable_parameters"], "total_parameters": report["total_parameters"],
-            "flops": report["flops"], "init": report.get("init"), "peak_memory_bytes": report["peak_memory_bytes"],
-            "downstream": scores, "unlearn_config": ucfg.to_dict(), "data": report["data"],
-        }
-        if cfg.plant:
-            from ..metrics.reference import reference_distances
-            from ..metrics.relearn import relearning_check
+def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
+    """One method from the split's planted model, then its evaluation; the stored result if it has one."""
+    from ..checkpoint import STATE, checkpoint_dir
+    from ..provenance import jsonable
+    from ..save import atomic_write_json, merged_copy
 
-            t_ref = time.time()
-            entry["reference"] = reference_distances(
-                evaluated, tokenizer, t["forget"], t["heldout"], original=original, original_stats=reference_stats,
-                kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg))
-            entry["reference"]["seconds"] = time.time() - t_ref
-            entry["relearn"] = relearning_check(evaluated, tokenizer, t["forget"], control=control,
-                                                settings=cfg.relearn)
-        entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
-                            "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}
-        atomic_write_json(result_path, jsonable(entry))
-        import shutil
+    cfg, split, t, files = ctx.cfg, ctx.split, ctx.texts, ctx.files
+    result_path = ctx.split_dir / "runs" / f"{method}.json"
+    if result_path.is_file():
+        say(f"loku bench: split {split}, {method}: finished earlier, skipped")
+        return _read_json(result_path)
+    out = ctx.split_dir / "runs" / method
+    ucfg = cfg.unlearn_config(method, files["forget"], files["retain"], files["validation"], str(out),
+                              model=f"{ctx.model_name} planted with split {split}" if cfg.plant else ctx.model_name)
+    ucfg.progress = progress
+    ucfg.overwrite = False
+    resume = (checkpoint_dir(out) / STATE).is_file()
+    say(f"loku bench: split {split}, {method}: {'resuming' if resume else 'unlearning'}")
+    started = time.time()
+    result, run_before = unlearn_from(ucfg, ctx.planted, ctx.tokenizer, before=ctx.store.reload().get("before"),
+                                      resume=resume)
+    unlearn_seconds = time.time() - started
+    ctx.store.get("before", lambda: run_before)
+    report = result.report
+    evaluated = merged_copy(result.model).eval()
+    t_eval = time.time()
+    scores = downstream(evaluated, ctx.tokenizer, t, cfg)
+    entry: dict[str, Any] = {
+        "model": ctx.model_name, "split": split, "method": method, "seed": ucfg.seed,
+        "outcome": report["outcome"], "epochs_run": report["epochs_run"],
+        "epochs_to_success": report["epochs_to_success"], "max_epochs": ucfg.max_epochs,
+        "thresholds": report["thresholds"], "before": report["before"], "after": report["after"],
+        "epochs": report["epochs"], "trainable_share": report["trainable_share"],
+        "trainable_parameters": report["trainable_parameters"], "total_parameters": report["total_parameters"],
+        "flops": report["flops"], "init": report.get("init"), "peak_memory_bytes": report["peak_memory_bytes"],
+        "downstream": scores, "unlearn_config": ucfg.to_dict(), "data": report["data"],
+    }
+    if cfg.plant:
+        from ..metrics.reference import reference_distances
+        from ..metrics.relearn import relearning_check
 
-        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-        results[method] = entry
-        del result, evaluated
-        _free()
-        say(f"loku bench: split {split}, {method}: {entry['outcome']} after {entry['epochs_run']} epoch(s); "
-            f"EL {entry['after'].get('forget_el', float('nan')):.3f}, MA {entry['after']['forget_ma']:.3f}, Pile PPL "
-            f"{scores['ppl_pile']:.2f} (original {original_scores['ppl_pile']:.2f}); "
-            f"{unlearn_seconds:.0f} s + {entry['seconds']['evaluation']:.0f} s evaluation")
-    return results
+        t_ref = time.time()
+        entry["reference"] = reference_distances(
+            evaluated, ctx.tokenizer, t["forget"], t["heldout"], original=ctx.original,
+            original_stats=ctx.reference_stats, kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg))
+        entry["reference"]["seconds"] = time.time() - t_ref
+        entry["relearn"] = relearning_check(evaluated, ctx.tokenizer, t["forget"], control=ctx.control,
+                                            settings=cfg.relearn)
+    entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
+                        "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}
+    atomic_write_json(result_path, jsonable(entry))
+    import shutil
+
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    del result, evaluated
+    _free()
+    say(f"loku bench: split {split}, {method}: {entry['outcome']} after {entry['epochs_run']} epoch(s); "
+        f"EL {entry['after'].get('forget_el', float('nan')):.3f}, MA {entry['after']['forget_ma']:.3f}, Pile PPL "
+        f"{scores['ppl_pile']:.2f} (original {ctx.original_scores['ppl_pile']:.2f}); "
+        f"{unlearn_seconds:.0f} s + {entry['seconds']['evaluation']:.0f} s evaluation")
+    return entry
 
 
 def _val_ppl(model, tokenizer, texts: list[str], cfg: BenchConfig) -> float:
@@ -635,9 +693,26 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def measure_original(cfg: BenchConfig, folder: Path, model_name: str, original, tokenizer,
+                     say: Callable[[str], None]) -> dict[str, Any]:
+    """The original model's downstream scores (once per model, in ``original.json``)."""
+    from . import data as bench_data
+
+    store = Store(folder / "original.json")
+    store.get("model", lambda: {"name": model_name, "parameters": sum(p.numel() for p in original.parameters())})
+    if "downstream" not in store.data:
+        say(f"loku bench: measuring {model_name} itself (perplexity, LAMBADA, PubMedQA, dialogue)")
+    texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool,
+                                    heldout=cfg.heldout)
+    return store.get("downstream", lambda: downstream(original, tokenizer, texts0.texts, cfg))
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: list[str] | None = None,
-              report_only: bool = False) -> dict[str, Any]:
-    """Run (or continue) the bench in ``out``; returns the summary written to ``out/results.json``."""
+              report_only: bool = False, jobs: int = 1) -> dict[str, Any]:
+    """Run (or continue) the bench in ``out``; returns the summary written to ``out/results.json``.
+
+    ``jobs`` > 1 runs the (split, method) runs in that many worker processes (:mod:`loku.bench.jobs`),
+    the CPU cores shared out between them."""
     from ..models import load_model
     from ..save import atomic_write_json
     from .summary import write_outputs
@@ -654,23 +729,18 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
         runs_file = out / "invocations.json"
         history = _read_json(runs_file) if runs_file.is_file() else []
         history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-                        "models": cfg.models, "splits": cfg.splits, "methods": cfg.methods})
+                        "models": cfg.models, "splits": cfg.splits, "methods": cfg.methods, "jobs": jobs})
         atomic_write_json(runs_file, history)
-        for model_name in cfg.models:
+        if jobs > 1:
+            from .jobs import run_in_processes
+
+            run_in_processes(cfg, out, jobs, say=say, progress=progress)
+        for model_name in ([] if jobs > 1 else cfg.models):
             folder = out / slug(model_name)
             say(f"loku bench: loading {model_name}")
             original, tokenizer = load_model(model_name, progress=progress)
             original.eval()
-            store = Store(folder / "original.json")
-            store.get("model", lambda: {"name": model_name,
-                                        "parameters": sum(p.numel() for p in original.parameters())})
-            from . import data as bench_data
-
-            texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool,
-                                            heldout=cfg.heldout)
-            if "downstream" not in store.data:
-                say(f"loku bench: measuring {model_name} itself (perplexity, LAMBADA, PubMedQA, dialogue)")
-            original_scores = store.get("downstream", lambda: downstream(original, tokenizer, texts0.texts, cfg))
+            original_scores = measure_original(cfg, folder, model_name, original, tokenizer, say)
             for split in cfg.splits:
                 run_split(cfg, model_name, original, tokenizer, split, folder, original_scores, say, progress)
             del original
@@ -700,6 +770,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
     parser.add_argument("--cache-dir", default=None, help="where planted models are cached [default: $LOKU_CACHE]")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes running (split, method) runs side by side, the CPU cores shared "
+                             "out between them (2 on a 2-core machine: one thread each) [default: 1]")
     parser.add_argument("--report-only", action="store_true",
                         help="only write results.json / results.md / plots from the finished results in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages and bars")
@@ -719,7 +792,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = args.out or f"runs/bench-tdec-{cfg.name}"
     command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
-    summary = run_bench(cfg, out, progress=args.progress, command=command, report_only=args.report_only)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    summary = run_bench(cfg, out, progress=args.progress, command=command, report_only=args.report_only,
+                        jobs=args.jobs)
     missing = summary.get("missing", [])
     if missing:
         print(f"loku bench: {len(missing)} (model, split, method) result(s) missing in {out}; run again without "
