@@ -336,3 +336,16 @@ def test_stacked_adapters_add_exactly_the_folded_deltas(arch):
     folded = logits(apply_deltas(base, deltas), ids)
     torch.testing.assert_close(logits(stacked_model(base, deltas), ids), folded, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(logits(base, ids), folded, atol=1e-3)
+
+
+def test_one_forget_with_stack_and_a_gate_is_a_sequence_of_one_request(requests_root, tmp_path, capsys):
+    """--strategy stack / --gate-fpr with a single --forget keep its adapter and fit the gate (§8), not ignored."""
+    out = tmp_path / "one"
+    code = main(["unlearn", "--model", str(requests_root / "base"), "--forget", str(requests_root / "a.txt"),
+                 "--retain", str(requests_root / "retain.txt"), "--validation", str(requests_root / "validation.txt"),
+                 "--strategy", "stack", "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2",
+                 "--max-epochs", "2", "--no-progress", "--ma-threshold", "0.5", "--el-threshold", "0.5",
+                 "--gate-fpr", "0.5", "--out", str(out)])
+    assert code in (0, 3) and "1 request (stack)" in capsys.readouterr().out
+    assert (out / "adapters" / "request-01").is_dir()
+    assert set(json.loads((out / "report.json").read_text())["gate"]["true_positive_rate"]) == {"request-01"}

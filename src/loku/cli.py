@@ -58,12 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
                                                                   "tofu, mia")))
+    from .bench.continual import add_arguments as add_continual_arguments
     from .bench.tdec import add_arguments as add_tdec_arguments
 
-    bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model)")
+    bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model), "
+                                         "continual (its Figure 4: requests one after another)")
     benches = bench.add_subparsers(dest="bench", required=True)
     add_tdec_arguments(_add_debug(benches.add_parser("tdec", help="plant each TDEC split, unlearn it with every "
                                                                   "method, compare with the original model")))
+    add_continual_arguments(_add_debug(benches.add_parser(
+        "continual", help="plant 4 request sets, unlearn them one after another with each variant (strategy, gate)")))
     return parser
 
 
@@ -91,6 +95,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .evaluate import run_eval_command
 
         return run_eval_command(args)
+    if args.command == "bench" and args.bench == "continual":
+        from .bench.continual import run as run_continual_bench
+
+        return run_continual_bench(args)
     if args.command == "bench":
         from .bench.tdec import run as run_tdec_bench
 
@@ -148,7 +156,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides).validate()
     accelerator = make_accelerator()
-    if len(cfg.forget_files()) > 1:
+    # A sequence of requests, or one request kept as its own adapter (--strategy stack/orthogonal, --gate-fpr):
+    # a single run folds its adapter into the weights and fits no gate, so those options would do nothing there.
+    if len(cfg.forget_files()) > 1 or cfg.strategy != "merge" or cfg.gate_fpr is not None:
         return run_requests(cfg, accelerator, resume=bool(args.resume))
     result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
     if not accelerator.is_main_process:
@@ -170,7 +180,8 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
     report = result.report
     failed = [r["name"] for r in report["requests"] if r["outcome"] != "success"]
     relapsed = sorted({r["request"] for r in report["relapses"]})
-    print(f"loku: {len(report['requests'])} requests ({report['strategy']}); failed: {', '.join(failed) or 'none'}; "
+    n = len(report["requests"])
+    print(f"loku: {n} request{'s' if n != 1 else ''} ({report['strategy']}); failed: {', '.join(failed) or 'none'}; "
           f"relapsed: {', '.join(relapsed) or 'none'}; results in {out}/report.md")
     return 0 if not failed and not relapsed else 3
 

@@ -175,7 +175,7 @@ class GatedModel(torch.nn.Module):
         for pattern in torch.unique(on, dim=0):
             rows = (on == pattern).all(dim=1).nonzero().flatten().to(input_ids.device)
             active = [n for n, flag in zip(self.gate.names, pattern.tolist()) if flag]
-            with self._only(active):
+            with self.adapters_only(active):
                 part = self.model(input_ids=input_ids[rows], attention_mask=mask[rows]).logits
             if logits is None:
                 logits = part.new_zeros((input_ids.shape[0], *part.shape[1:]))
@@ -183,7 +183,7 @@ class GatedModel(torch.nn.Module):
         return CausalLMOutput(logits=logits)
 
     @contextlib.contextmanager
-    def _only(self, names: list[str]) -> Iterator[None]:
+    def adapters_only(self, names: list[str]) -> Iterator[None]:
         """Exactly the named adapters on (none: the original model), restored afterwards."""
         if not names:
             with self.model.disable_adapter():

@@ -1,0 +1,444 @@
+"""`loku bench continual`: the paper's Figure 4, deletion requests one after another.
+
+One planting holds every request: ``requests`` x ``sizes.n_forget`` rows of
+``lm_extraction_{pool}_{split}.csv`` (request k = the k-th block of rows), mixed into Pile text as
+``loku bench tdec`` plants (:mod:`loku.bench.planting`, cached). The held-out set is the first
+``sizes.n_heldout`` rows of another split's file (``heldout_split``): TDEC text of the forget set's
+kind that was never planted (the stop thresholds, the gate's calibration).
+
+Each variant (a method and a :data:`loku.requests.STRATEGIES` strategy, optionally the gate) unlearns
+the requests in order from the same planted model (:func:`loku.requests.unlearn_requests`: each
+request its own stop rule, thresholds from the planted model, every earlier request measured again
+after each one, relapses named). After each task k (task 0: the planted model) the model with
+requests 1..k applied is scored: Pile / WikiText perplexity relative to the original model,
+LAMBADA, PubMedQA, dialogue F1 (subsets, as configured). A variant with ``gate_fpr`` is also scored
+through its gate after the last request: each text gets exactly the adapters whose request the gate
+scores it close to (decided once per text, on the whole text), so forgetting can be compared with
+and without the gate, and utility on unrelated text against the original model.
+
+Variants are resumable (a killed sequence continues at its request and epoch) and run side by side
+with ``--jobs``; results go to OUT/results.json, results.md and plots/figure4.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..errors import ConfigError, DataError
+from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
+from .planting import PlantingRecipe
+from .tdec import EvalSubsets, Store, _merge, _read_json, _section, claim_folder, downstream, machine
+
+__all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
+
+NAMED_CONFIGS = ("cpu", "paper")
+SMOKE: dict[str, Any] = {
+    "requests": 2,
+    "sizes": {"n_forget": 2, "forget_tokens": 16, "n_heldout": 4, "n_retain": 4, "retain_tokens": 16, "n_ppl": 4,
+              "ppl_tokens": 24, "n_general": 16, "general_tokens": 16},
+    "planting": {"epochs": 3, "lr": 1e-2, "forget_per_step": 2, "general_per_forget": 1},
+    "unlearn": {"batch_size": 2, "max_epochs": 2, "fisher_batches": 1, "eval_batch_size": 4, "rank": 2},
+    "evals": {"lambada": 2, "pubmedqa": 2, "dialogue": 1, "batch_size": 4},
+}
+
+
+@dataclass
+class ContinualConfig:
+    name: str = "custom"
+    model: str = "smollm2-135m"
+    split: str = "0"  # the requests' rows come from lm_extraction_{pool}_{split}.csv
+    heldout_split: str = "1"  # the held-out rows from lm_extraction_{pool}_{heldout_split}.csv
+    pool: int = 32
+    requests: int = 4
+    seed: int = 0
+    sizes: Sizes = field(default_factory=Sizes)  # n_forget: sequences PER REQUEST
+    planting: PlantingRecipe = field(default_factory=PlantingRecipe)
+    unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options of every request
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> method, strategy, gate_fpr, ...
+    evals: EvalSubsets = field(default_factory=EvalSubsets)
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    def validate(self) -> "ContinualConfig":
+        if not isinstance(self.requests, int) or self.requests < 2:
+            raise ConfigError(f"requests must be an integer >= 2 (a sequence), got {self.requests!r}")
+        if self.split == self.heldout_split:
+            raise ConfigError("heldout_split must differ from split: the held-out rows must never be planted")
+        if not self.variants:
+            raise ConfigError("variants: give at least one (name: {method: ..., strategy: ...})")
+        self.sizes.validate()
+        self.planting.validate()
+        for name in self.variants:
+            self.request_config(name, "f.jsonl", "r.jsonl", "v.jsonl", "out")
+        return self
+
+    def data_root(self) -> Path:
+        from ..provenance import default_data_dir
+
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def check_data(self) -> dict[str, str]:
+        from ..data import read_texts
+        from ..provenance import file_sha256
+
+        root = self.data_root()
+        if not root.is_dir():
+            raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
+                            "(or set LOKU_DATA_DIR)")
+        files = {}
+        for split, rows in ((self.split, self.requests * self.sizes.n_forget), (self.heldout_split,
+                                                                               self.sizes.n_heldout)):
+            path = forget_file(root, split, self.pool)
+            if not path.is_file():
+                raise ConfigError(f"unknown split {split}: no {path}")
+            if len(read_texts(path, role="forget")) < rows:
+                raise DataError(f"{path}: fewer than {rows} rows ({self.requests} requests of {self.sizes.n_forget} "
+                                "or the held-out set); lower requests or sizes")
+            files[str(path.relative_to(root))] = file_sha256(path)
+        return files
+
+    def request_config(self, variant: str, forget: str, retain: str, validation: str, out: str,
+                       model: str = "planted"):
+        from ..config import load_config
+
+        options = dict(self.variants[variant] or {})
+        if "method" not in options:
+            raise ConfigError(f"variant {variant}: give its method (e.g. fila-ihl)")
+        values = {**self.unlearn, **options, "forget": forget, "retain": retain, "validation": validation,
+                  "out": out, "model": model, "seed": self.seed}
+        try:
+            return load_config(None, values).validate()
+        except ConfigError as err:
+            raise ConfigError(f"variant {variant}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("sizes", "planting", "evals"):
+            out[name] = dataclasses.asdict(out[name])
+        return json.loads(json.dumps(out))
+
+    def identity(self) -> dict[str, Any]:
+        """What every variant in a folder shares (variants may be added; each records its own options)."""
+        values = self.to_dict()
+        for name in ("name", "variants", "data_dir", "cache_dir"):
+            values.pop(name)
+        return values
+
+
+def config_path(name_or_path: str) -> Path:
+    if name_or_path in NAMED_CONFIGS:
+        name = f"bench-continual-{name_or_path}.yaml"
+        for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+            if (root / name).is_file():
+                return root / name
+        raise ConfigError(f"configs/{name} not found (run from the loku checkout, or pass a YAML file)")
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: bench configuration not found; pass --config cpu, paper or a YAML file")
+    return path
+
+
+def load_continual_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
+                          smoke: bool = False) -> ContinualConfig:
+    values: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = config_path(name_or_path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
+        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
+    if smoke:
+        values = _merge(values, SMOKE)
+        values["name"] = f"{values.get('name', 'custom')}-smoke"
+    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ContinualConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown bench option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key in ("split", "heldout_split"):
+        if key in values:
+            values[key] = str(values[key])
+    return ContinualConfig(
+        **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals")},
+        sizes=_section(Sizes, values.get("sizes"), "sizes"),
+        planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
+        else PlantingRecipe(),
+        evals=_section(EvalSubsets, values.get("evals"), "evals"),
+    )
+
+
+# --------------------------------------------------------------------------- texts and the planted model
+
+
+def continual_texts(tokenizer, cfg: ContinualConfig) -> dict[str, Any]:
+    """The requests' texts (a list per request), the held-out, retain, planting and perplexity texts."""
+    from ..data import read_texts
+
+    root, n = cfg.data_root(), cfg.sizes.n_forget
+    sizes = dataclasses.replace(cfg.sizes, n_forget=n * cfg.requests)
+    base = bench_texts(tokenizer, root, cfg.split, sizes, pool=cfg.pool, heldout="pile").texts
+    rows = read_texts(forget_file(root, cfg.heldout_split, cfg.pool), role="held-out")
+    heldout = clip_texts(tokenizer, rows, cfg.sizes.forget_tokens, min_tokens=cfg.sizes.forget_tokens)
+    if len(heldout) < cfg.sizes.n_heldout:
+        raise DataError(f"{forget_file(root, cfg.heldout_split, cfg.pool)}: only {len(heldout)} rows keep "
+                        f"{cfg.sizes.forget_tokens} tokens, {cfg.sizes.n_heldout} held-out sequences asked")
+    return {"requests": [base["forget"][k * n:(k + 1) * n] for k in range(cfg.requests)],
+            "heldout": heldout[: cfg.sizes.n_heldout], "retain": base["retain"], "general": base["general"],
+            "ppl_pile": base["ppl_pile"], "ppl_wiki": base["ppl_wiki"]}
+
+
+def _files(folder: Path, texts: dict[str, Any]) -> dict[str, Any]:
+    data = folder / "data"
+    files = {"requests": [str(data / f"request-{k + 1:02d}.jsonl") for k in range(len(texts["requests"]))],
+             "retain": str(data / "retain.jsonl"), "validation": str(data / "validation.jsonl")}
+    for path, content in [*zip(files["requests"], texts["requests"]), (files["retain"], texts["retain"]),
+                          (files["validation"], texts["heldout"])]:
+        expected = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in content)
+        if not Path(path).is_file() or Path(path).read_text(encoding="utf-8") != expected:
+            write_jsonl(path, content)
+    return files
+
+
+def _planted(cfg: ContinualConfig, original, tokenizer, texts: dict[str, Any], say: Callable[[str], None]):
+    from ..models import cache_dir
+    from .planting import planted_model
+
+    forget = [t for request in texts["requests"] for t in request]
+    planted, meta, folder, _ = planted_model(
+        original, tokenizer, base_name=cfg.model, forget=forget, general=texts["general"], recipe=cfg.planting,
+        cache_root=Path(cfg.cache_dir) if cfg.cache_dir else cache_dir(), log=say)
+    return planted, meta, folder
+
+
+# --------------------------------------------------------------------------- the gate's view
+
+
+def gated_scores(stacked, gate, tokenizer, requests: dict[str, list[str]], ppl_texts: dict[str, list[str]], *,
+                 el_n: int, batch_size: int) -> dict[str, Any]:
+    """MA / EL_n of each request's texts and perplexity of each set of ``ppl_texts``, every text
+    through the gate: exactly the adapters of the requests it scores close to (hard switch, decided
+    once per text on the whole text), none for a text close to no request."""
+    import torch
+
+    from .. import measure
+    from ..data import make_batches, tokenize_texts
+    from ..gate import GatedModel, features_of
+    from ..lm import ensure_pad_token
+    from ..metrics.perplexity import perplexity
+
+    gated, pad = GatedModel(stacked, gate), ensure_pad_token(tokenizer)
+
+    def batches(texts):
+        return make_batches(tokenize_texts(tokenizer, texts, max_length=1 << 20, source="gated texts"), batch_size, pad)
+
+    def groups(texts):
+        decided = gate.decide(features_of(stacked, batches(texts)))
+        for pattern in torch.unique(decided, dim=0):
+            rows = (decided == pattern).all(dim=1).nonzero().flatten().tolist()
+            yield [n for n, on in zip(gate.names, pattern.tolist()) if on], [texts[i] for i in rows]
+
+    out: dict[str, Any] = {"requests": {}, "ppl": {}, "adapters_applied": {}}
+    for name, texts in requests.items():
+        ma = el = 0.0
+        for active, part in groups(texts):
+            with gated.adapters_only(active):
+                ma += measure.memorization(stacked, batches(part)) * len(part)
+                el += measure.extraction(stacked, batches(part), el_n) * len(part)
+        out["requests"][name] = {"ma": ma / len(texts), "el": el / len(texts)}
+    for key, texts in ppl_texts.items():
+        total = tokens = applied = 0
+        for active, part in groups(texts):
+            with gated.adapters_only(active):
+                scored = perplexity(stacked, tokenizer, part, batch_size=batch_size)
+            total, tokens = total + scored["nll"] * scored["tokens"], tokens + scored["tokens"]
+            applied += len(part) if active else 0
+        out["ppl"][key] = math.exp(total / tokens)
+        out["adapters_applied"][key] = applied / len(texts)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+def prepare(cfg: ContinualConfig, out: Path, say: Callable[[str], None], *, model=None, tokenizer=None):
+    """The original model, the texts and files, the planted model and the measurements shared by every
+    variant (stored in OUT/shared.json)."""
+    from ..models import load_model
+    from .planting import measure_planting
+
+    if model is None:
+        model, tokenizer = load_model(cfg.model, progress=False)
+    original = model.eval()
+    texts = continual_texts(tokenizer, cfg)
+    files = _files(out, texts)
+    store = Store(out / "shared.json")
+    store.get("original_downstream", lambda: downstream(original, tokenizer, texts, cfg))
+    planted, meta, folder = _planted(cfg, original, tokenizer, texts, say)
+    forget = [t for request in texts["requests"] for t in request]
+    recorded = store.get("planting", lambda: {**meta, "cache_folder": str(folder), "measurements": measure_planting(
+        original, planted, tokenizer, forget, texts["heldout"], texts["ppl_pile"],
+        el_n=int(cfg.unlearn.get("el_n", 10)), batch_size=cfg.evals.batch_size)})
+    if recorded.get("planted_fingerprint") != meta.get("planted_fingerprint"):
+        raise ConfigError(f"{out}: measured on another planted model than the one in {folder}; choose another --out")
+    store.get("planted_downstream", lambda: downstream(planted, tokenizer, texts, cfg))
+    return {"original": original, "planted": planted, "tokenizer": tokenizer, "texts": texts, "files": files,
+            "store": store}
+
+
+def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str, Any],
+                say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
+    """One variant's sequence of requests, then its per-task and gated scores (``variants/NAME.json``)."""
+    import shutil
+
+    from ..checkpoint import checkpoint_dir
+    from ..provenance import jsonable
+    from ..requests import apply_deltas, unlearn_requests
+    from ..save import atomic_write_json
+
+    result_path = out / "variants" / f"{variant}.json"
+    if result_path.is_file():
+        done = _read_json(result_path)
+        if done.get("options") != cfg.variants[variant]:
+            raise ConfigError(f"{result_path}: variant {variant} was run with other options ({done.get('options')}); "
+                              "rename the variant or delete that file")
+        return done
+    files, texts, tokenizer = shared["files"], shared["texts"], shared["tokenizer"]
+    seq_out = out / "variants" / variant
+    configs = [cfg.request_config(variant, f, files["retain"], files["validation"], str(seq_out),
+                                  model=f"{cfg.model} planted with {cfg.requests} requests") for f in files["requests"]]
+    for c in configs:
+        c.progress, c.save_model = progress, False
+    resume = checkpoint_dir(seq_out).is_dir()
+    say(f"loku bench continual: {variant}: {'resuming' if resume else 'unlearning'} {cfg.requests} requests")
+    started = time.time()
+    result = unlearn_requests(configs, model=shared["planted"], tokenizer=tokenizer, resume=resume)
+    seconds = time.time() - started
+    tasks = []
+    for k in range(1, len(result.deltas) + 1):
+        model_k = apply_deltas(result.original, result.deltas[:k]).eval()
+        tasks.append({"task": k, "downstream": downstream(model_k, tokenizer, texts, cfg)})
+        del model_k
+    entry = {"variant": variant, "options": cfg.variants[variant], "seed": cfg.seed,
+             "report": {k: v for k, v in result.report.items()}, "tasks": tasks,
+             "runs": [{k: r[k] for k in ("outcome", "epochs_run", "thresholds", "epochs", "flops", "seconds")
+                       if k in r} for r in result.runs],
+             "seconds": {"unlearn": seconds, "evaluation": time.time() - started - seconds}}
+    if result.gate is not None:
+        names = [d.name for d in result.deltas]
+        entry["gated"] = gated_scores(result.model, result.gate, tokenizer, dict(zip(names, texts["requests"])),
+                                      {"ppl_pile": texts["ppl_pile"], "ppl_wiki": texts["ppl_wiki"]},
+                                      el_n=configs[0].el_n, batch_size=cfg.evals.batch_size)
+    atomic_write_json(result_path, jsonable(entry))
+    shutil.rmtree(checkpoint_dir(seq_out), ignore_errors=True)
+    say(f"loku bench continual: {variant}: done in {seconds:.0f} s; relapses: {len(result.report['relapses'])}")
+    return entry
+
+
+def run_continual(cfg: ContinualConfig, out: str | Path, *, progress: bool = True, jobs: int = 1,
+                  command: list[str] | None = None, report_only: bool = False, model=None,
+                  tokenizer=None) -> dict[str, Any]:
+    """Run (or continue) the continual bench in ``out``; returns the summary of results.json."""
+    from ..save import atomic_write_json
+    from .continual_report import write_outputs
+
+    cfg.validate()
+    data = cfg.check_data()
+    out = Path(out)
+    record = claim_folder(out, cfg, data)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    started = time.time()
+    if not report_only:
+        history_file = out / "invocations.json"
+        history = _read_json(history_file) if history_file.is_file() else []
+        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+                        "variants": list(cfg.variants), "jobs": jobs})
+        atomic_write_json(history_file, history)
+        say(f"loku bench continual: planting {cfg.requests} requests into {cfg.model} (cached) and measuring it")
+        shared = prepare(cfg, out, say, model=model, tokenizer=tokenizer)
+        pending = [v for v in cfg.variants if not (out / "variants" / f"{v}.json").is_file()]
+        if jobs > 1 and len(pending) > 1:
+            _run_in_processes(cfg, out, pending, jobs, say)
+        for variant in cfg.variants:  # serial, or the finished ones read back
+            run_variant(cfg, out, variant, shared, say, progress)
+    summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
+    say(f"loku bench continual: results in {out / 'results.md'}")
+    return summary
+
+
+def _run_in_processes(cfg: ContinualConfig, out: Path, variants: list[str], jobs: int,
+                      say: Callable[[str], None]) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    from .jobs import BenchTasksFailed, _start_worker, threads_per_job
+
+    failures = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker,
+                                                initargs=(threads_per_job(jobs),)) as pool:
+        futures = {pool.submit(_variant_task, cfg, str(out), v): v for v in variants}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+            except concurrent.futures.BrokenExecutor:
+                raise
+            except Exception as err:  # noqa: BLE001 - reported together below
+                failures.append(f"{futures[future]}: {type(err).__name__}: {err}")
+    if failures:
+        raise BenchTasksFailed(f"{len(failures)} variant(s) failed (finished ones are kept; rerun to retry): "
+                               + "; ".join(failures))
+
+
+def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
+    import os
+
+    def say(message: str) -> None:
+        print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+    run_variant(cfg, Path(out), variant, prepare(cfg, Path(out), say), say)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo-125M, "
+                                                        "a GPU) or a YAML file [default: cpu]")
+    parser.add_argument("--out", default=None, help="bench folder [default: runs/bench-continual-NAME]")
+    parser.add_argument("--model", default=None, help="model instead of the config's")
+    parser.add_argument("--seed", type=int, default=None, help="seed of unlearning")
+    parser.add_argument("--data-dir", default=None, help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
+    parser.add_argument("--cache-dir", default=None, help="where planted models are cached [default: $LOKU_CACHE]")
+    parser.add_argument("--jobs", type=int, default=1, help="variants run side by side in this many processes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
+    parser.add_argument("--report-only", action="store_true", help="only write results from the finished variants")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    cfg = load_continual_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
+                                              "cache_dir": args.cache_dir}, smoke=args.smoke)
+    out = args.out or f"runs/bench-continual-{cfg.name}"
+    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
+    summary = run_continual(cfg, out, progress=args.progress, jobs=args.jobs, command=command,
+                            report_only=args.report_only)
+    if summary["missing"]:
+        print(f"loku bench continual: {len(summary['missing'])} variant(s) missing in {out}", file=sys.stderr)
+        return 3 if args.report_only else 1
+    print(f"loku bench continual: wrote {Path(out) / 'results.md'}")
+    return 0

@@ -1,0 +1,79 @@
+"""`loku bench continual --smoke` (docs/algorithms.md §8, the paper's Figure 4) end to end on a tiny random
+model and synthetic TDEC-shaped data: every variant, the per-task scores, the gate, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loku.bench import continual
+from loku.bench.continual import load_continual_config, run_continual
+from loku.errors import ConfigError
+from test_bench_tdec import bench_env  # noqa: F401  (the shared fixture)
+
+
+def _cfg(env, **overrides):
+    values = {"model": env["model"], "data_dir": str(env["data"]), "cache_dir": str(env["cache"]), **overrides}
+    return load_continual_config("cpu", values, smoke=True)
+
+
+def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "continual"
+    summary = run_continual(_cfg(bench_env), out, progress=False, command=["loku", "bench", "continual", "--smoke"])
+    assert summary["missing"] == []
+    assert set(summary["variants"]) == {"lora-gd", "lora-ihl", "fila-ihl", "fila-ihl-orthogonal"}
+    for name, v in summary["variants"].items():
+        assert [t["task"] for t in v["tasks"]] == [0, 1, 2], name  # task 0: the planted model
+        assert all("ppl_pile" in t and "ma_so_far" in t for t in v["tasks"])
+        assert len(v["requests"]) == 2
+    orth = summary["variants"]["fila-ihl-orthogonal"]
+    gated = orth["gated"]
+    assert set(gated["ma"]) == {"request-01", "request-02"} and 0.0 <= gated["adapters_applied"]["ppl_pile"] <= 1.0
+    assert gated["false_positive_rate"] is not None and orth["mean_overlap"] is not None
+    assert summary["variants"]["fila-ihl"]["mean_overlap"] is not None
+    md = (out / "results.md").read_text()
+    assert "## fila-ihl-orthogonal" in md and "With the gate" in md and (out / "plots" / "figure4.png").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"]["bench"] == 0 and results["data_sha256"] and results["planting"]["planted"]
+
+    # A rerun reads every finished variant back; nothing is unlearned again.
+    monkeypatch.setattr("loku.requests.unlearn_requests", lambda *a, **k: pytest.fail("unlearned again"))
+    assert run_continual(_cfg(bench_env), out, progress=False)["missing"] == []
+
+
+def test_routing_switches_exactly_the_named_adapters(bench_env):  # noqa: F811
+    """The gated scores' primitive: no adapter is the base model, a request's adapter is its delta."""
+    import torch
+
+    from loku.gate import Gate, GatedModel
+    from loku.models import load_model
+    from loku.requests import Delta, apply_deltas, stacked_model
+
+    model, _ = load_model(bench_env["model"], progress=False)
+    layer = "model.layers.0.self_attn.q_proj"
+    weight = dict(model.named_modules())[layer].weight
+    torch.manual_seed(0)
+    delta = Delta("request-01", "f.jsonl", {layer: torch.randn(2, weight.shape[1])},
+                  {layer: torch.randn(weight.shape[0], 2)}, {layer: torch.randn(2, weight.shape[1])})
+    hidden = model.config.hidden_size
+    gate = Gate(["request-01"], torch.zeros(1, hidden), torch.eye(hidden), torch.zeros(1), 0.05, 0.2)
+    gated, ids = GatedModel(stacked_model(model, [delta]), gate), torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        with gated.adapters_only([]):
+            torch.testing.assert_close(gated.model(input_ids=ids).logits, model(input_ids=ids).logits)
+        with gated.adapters_only(["request-01"]):
+            torch.testing.assert_close(gated.model(input_ids=ids).logits,
+                                       apply_deltas(model, [delta])(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model(input_ids=ids).logits, apply_deltas(model, [delta])(input_ids=ids).logits)
+
+
+def test_bad_continual_input(bench_env, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="heldout_split must differ"):
+        run_continual(_cfg(bench_env, heldout_split="0"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="unknown split 7"):
+        run_continual(_cfg(bench_env, split="7"), tmp_path / "b", progress=False)
+    with pytest.raises(ConfigError, match="variant broken"):
+        run_continual(_cfg(bench_env, variants={"broken": {"method": "full-gd", "strategy": "magic"}}),
+                      tmp_path / "c", progress=False)
+    for name in continual.NAMED_CONFIGS:
+        load_continual_config(name).validate()
