@@ -9,7 +9,7 @@ import torch
 
 from loku.cli import build_parser, main
 from loku.config import UnlearnConfig, load_config
-from loku.errors import ConfigError, DataError
+from loku.errors import ConfigError, DataError, ModelError
 from loku.models import load_model
 from loku.requests import (apply_deltas, orthogonal_penalty, relapses, request_delta_factors, subspace_overlap,
                            unlearn_requests, write_requests)
@@ -349,3 +349,35 @@ def test_one_forget_with_stack_and_a_gate_is_a_sequence_of_one_request(requests_
     assert code in (0, 3) and "1 request (stack)" in capsys.readouterr().out
     assert (out / "adapters" / "request-01").is_dir()
     assert set(json.loads((out / "report.json").read_text())["gate"]["true_positive_rate"]) == {"request-01"}
+
+
+def test_a_later_request_continues_a_finished_sequence_as_if_it_had_been_in_it(stacked, requests_root, tmp_path):
+    """`--model OUT --forget next` (§8): request 2 after a saved sequence of request 1 is request 2 of the
+    two-request sequence: same delta, request 1 measured again, thresholds of the original model."""
+    result, _ = stacked
+    a, b = str(requests_root / "a.txt"), str(requests_root / "b.txt")
+    first = unlearn_requests(config(requests_root, tmp_path / "one", forget=[a], strategy="stack"))
+    prev = write_requests(first, config(requests_root, tmp_path / "one", forget=[a], strategy="stack"))
+    later = unlearn_requests(config(requests_root, tmp_path / "two", model=str(prev), forget=[b], strategy="stack"))
+    assert [d.name for d in later.deltas] == ["request-01", "request-02"]
+    for mine, theirs in zip(later.deltas, result.deltas):
+        for layer in theirs.a:
+            torch.testing.assert_close(mine.b[layer] @ mine.a[layer], theirs.b[layer] @ theirs.a[layer],
+                                       atol=1e-5, rtol=1e-4)
+    assert [row["after"] for row in later.report["matrix"]] == ["before", "request-01", "request-02"]
+    assert set(later.report["matrix"][-1]["measured"]) == {"request-01", "request-02"}
+    assert later.report["requests"][1]["thresholds"] == result.report["requests"][1]["thresholds"]
+    assert later.state["continues"] == str(prev)
+
+    # Bad input: the same file again, another strategy, another base, the earlier folder as --out.
+    with pytest.raises(ConfigError, match="given twice"):
+        unlearn_requests(config(requests_root, tmp_path / "x", model=str(prev), forget=[a], strategy="stack"))
+    with pytest.raises(ConfigError, match="--strategy stack"):
+        unlearn_requests(config(requests_root, tmp_path / "y", model=str(prev), forget=[b], strategy="orthogonal"))
+    with pytest.raises(ConfigError, match="--out .* is the model folder"):
+        unlearn_requests(config(requests_root, prev, model=str(prev), forget=[b], strategy="stack"))
+    record = json.loads((prev / "sequence.json").read_text())
+    record["base_fingerprint"] = "0" * 64
+    (prev / "sequence.json").write_text(json.dumps(record))
+    with pytest.raises(ModelError, match="another base model"):
+        unlearn_requests(config(requests_root, tmp_path / "z", model=str(prev), forget=[b], strategy="stack"))

@@ -158,7 +158,10 @@ def run_unlearn(args: argparse.Namespace) -> int:
     accelerator = make_accelerator()
     # A sequence of requests, or one request kept as its own adapter (--strategy stack/orthogonal, --gate-fpr):
     # a single run folds its adapter into the weights and fits no gate, so those options would do nothing there.
-    if len(cfg.forget_files()) > 1 or cfg.strategy != "merge" or cfg.gate_fpr is not None:
+    from .requests import previous_sequence
+
+    if (len(cfg.forget_files()) > 1 or cfg.strategy != "merge" or cfg.gate_fpr is not None
+            or previous_sequence(cfg.model) is not None):  # --model OUT_OF_A_SEQUENCE: one request more
         return run_requests(cfg, accelerator, resume=bool(args.resume))
     result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
     if not accelerator.is_main_process:

@@ -227,6 +227,7 @@ class RequestsResult:
     original: torch.nn.Module  # the model before the first request (the gate's base)
     runs: list[dict[str, Any]] = field(default_factory=list)  # each request's trainer report
     gate: Any = None  # loku.gate.Gate with --gate-fpr: GatedModel(result.model, result.gate)
+    state: dict[str, Any] | None = None  # the sequence's record (sequence.json: what a later request continues)
 
 
 def request_configs(requests: UnlearnConfig | Sequence[UnlearnConfig],
@@ -241,15 +242,16 @@ def request_configs(requests: UnlearnConfig | Sequence[UnlearnConfig],
     return [dataclasses.replace(c) for c in requests]
 
 
-def check_requests(configs: Sequence[UnlearnConfig]) -> list[data_mod.TextSet]:
+def check_requests(configs: Sequence[UnlearnConfig], earlier: Sequence[str] = ()) -> list[data_mod.TextSet]:
     """Everything that can fail before a model is loaded: options, the same file twice, requests sharing
-    texts, one base model, a LoRA method. Returns each request's forget set."""
+    texts, one base model, a LoRA method. ``earlier``: the forget files of a previous run this sequence
+    continues (those still on disk are read for the overlap check). Returns each request's forget set."""
     if not configs:
         raise ConfigError("no deletion request: pass --forget FILE (repeat it for a sequence)")
     for c in configs:
         if len(c.forget_files()) != 1:
             raise ConfigError(f"a request has one --forget file, got {c.forget!r}")
-    check_forget_files_distinct([c.forget for c in configs])
+    check_forget_files_distinct([*earlier, *(c.forget for c in configs)])
     for c in configs:
         c.validate()
         if c.method_spec().adapter != "lora":
@@ -260,8 +262,63 @@ def check_requests(configs: Sequence[UnlearnConfig]) -> list[data_mod.TextSet]:
         raise ConfigError(f"the requests name different models ({', '.join(models)}); a sequence unlearns one "
                           "model: pass the same --model to every request")
     sets = [data_mod.load_text_set(c.forget, "forget") for c in configs]
-    data_mod.check_requests_disjoint(sets)
+    kept = [data_mod.load_text_set(f, "forget") for f in earlier if Path(f).is_file()]
+    data_mod.check_requests_disjoint([*kept, *sets])
     return sets
+
+
+# --------------------------------------------------------------------------- continuing a finished sequence
+
+SEQUENCE = "sequence.json"  # in a sequence's output folder: what a later request continues from
+
+
+@dataclass
+class Previous:
+    """A finished sequence's output folder, read back to unlearn one more request after it."""
+
+    folder: Path
+    state: dict[str, Any]
+    deltas: list[Delta]
+
+    @property
+    def base_model(self) -> str:
+        return self.state["config"]["model"]
+
+    @property
+    def forget_files(self) -> list[str]:
+        return [f["forget"] for f in self.state["finished"]]
+
+
+def previous_sequence(model: str | None) -> Previous | None:
+    """``--model`` naming the output folder of an earlier sequence (its sequence.json): that sequence, else None."""
+    if not model or not (Path(model) / SEQUENCE).is_file():
+        return None
+    folder = Path(model)
+    import json
+
+    state = json.loads((folder / SEQUENCE).read_text(encoding="utf-8"))
+    if state.get("kind") != KIND:
+        raise ConfigError(f"{folder / SEQUENCE}: not the record of a sequence of requests")
+    return Previous(folder, state, [_read_delta(folder / "requests" / f["name"], f) for f in state["finished"]])
+
+
+def _read_delta(folder: Path, finished: dict[str, Any]) -> Delta:
+    path = folder / "delta.safetensors"
+    if not path.is_file():
+        raise ModelError(f"{path}: missing; the folder of the earlier requests is incomplete (copy it whole)")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    return Delta.from_tensors(finished["name"], finished["forget"], load_file(str(path)),
+                              meta["fan_in_fan_out"] == "True")
+
+
+def _continued(previous: Previous, configs: list[UnlearnConfig], strategy: str) -> list[UnlearnConfig]:
+    """The earlier requests' configs followed by the new ones, every one on the earlier sequence's base."""
+    if strategy != previous.state["strategy"]:
+        raise ConfigError(f"{previous.folder} was made with --strategy {previous.state['strategy']}; pass the same "
+                          f"--strategy to continue it (got {strategy})")
+    earlier = [UnlearnConfig(**values) for values in previous.state["requests"]]
+    return [*earlier, *(dataclasses.replace(c, model=previous.base_model) for c in configs)]
 
 
 def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: Sequence[str] | None = None, *,
@@ -289,7 +346,13 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     if first.gate_fpr is not None and not STRATEGIES.trait(strategy, "keeps_adapters"):
         raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {strategy} folds into "
                           "the weights: use --strategy stack or orthogonal")
-    forget_sets = check_requests(configs)
+    previous = previous_sequence(first.model) if model is None else None
+    forget_sets: list[data_mod.TextSet | None] = list(
+        check_requests(configs, earlier=previous.forget_files if previous else ()))
+    if previous is not None:
+        configs = _continued(previous, configs, strategy)
+        forget_sets = [_earlier_set(f) for f in previous.forget_files] + forget_sets
+        first = configs[0]
     seq_cfg = dataclasses.replace(first, out=out)
     accelerator = accelerator or dist.make_accelerator()
     ckpt = checkpoint_dir(out)
@@ -303,13 +366,20 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
 
     pad = ensure_pad_token(tokenizer)
     fingerprint = model_fingerprint(original)
+    if previous is not None and fingerprint != previous.state["base_fingerprint"]:
+        raise ModelError(f"{previous.folder}: its requests were unlearned from another base model than "
+                         f"{previous.base_model} is now (the weights' fingerprint differs); continue it on the very "
+                         "base it was made from")
     names = [f"request-{k:02d}" for k in range(1, len(configs) + 1)]
     forget_batches = {name: request_batches(c, tokenizer, original, s, pad)
-                      for name, c, s in zip(names, configs, forget_sets)}
-    state = _fresh_state(seq_cfg, configs, strategy, fingerprint, forget_sets)
+                      for name, c, s in zip(names, configs, forget_sets) if s is not None}
+    state = _fresh_state(seq_cfg, configs, strategy, fingerprint, forget_sets, previous)
     deltas: list[Delta] = []
     if resume:
         state, deltas = _resume(out, state)
+    elif previous is not None:  # the earlier requests, as they finished; their forget sets measured from now on
+        state.update({key: copy.deepcopy(previous.state[key]) for key in ("matrix", "finished", "validation_before")})
+        deltas = list(previous.deltas)
     else:  # task 0 of the paper: every request measured on the model before unlearning
         state["matrix"] = [{"after": "before",
                             "measured": {n: measure_request(original, forget_batches[n], c.el_n)
@@ -339,7 +409,8 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
         deltas.append(extract_delta(name, cfg.forget, result.model, start))
         current = apply_deltas(original, deltas)
         state["matrix"].append({"after": name, "measured": {
-            n: measure_request(current, forget_batches[n], c.el_n) for n, c in zip(names[: k + 1], configs)}})
+            n: measure_request(current, forget_batches[n], c.el_n) for n, c in zip(names[: k + 1], configs)
+            if n in forget_batches}})
         state["finished"].append({"name": name, "forget": cfg.forget, "outcome": result.report["outcome"],
                                   "epochs_run": result.report["epochs_run"],
                                   "thresholds": result.report["thresholds"], "run": result.report})
@@ -355,7 +426,7 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
         gate, report["gate"] = fit_request_gate(final, forget_batches, heldout_batches(first, tokenizer, original, pad),
                                                 first.gate_fpr, first.gate_shrinkage)
     return RequestsResult(model=final, tokenizer=tokenizer, report=report, deltas=deltas, original=original,
-                          runs=[f["run"] for f in state["finished"]], gate=gate)
+                          runs=[f["run"] for f in state["finished"]], gate=gate, state=state)
 
 
 def heldout_batches(cfg: UnlearnConfig, tokenizer, model, pad: int) -> list[dict]:
@@ -492,10 +563,25 @@ def sequence_report(state: dict, deltas: Sequence[Delta]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checkpoint of the sequence
 
 
-def _fresh_state(seq_cfg: UnlearnConfig, configs, strategy: str, fingerprint: str, forget_sets) -> dict:
+def _fresh_state(seq_cfg: UnlearnConfig, configs, strategy: str, fingerprint: str, forget_sets,
+                 previous: Previous | None = None) -> dict:
+    earlier = previous.state["sha256"] if previous is not None else []
+    sha = [s.sha256 if s is not None else earlier[i] for i, s in enumerate(forget_sets)]
     return {"kind": KIND, "config": seq_cfg.to_dict(), "requests": [c.to_dict() for c in configs],
-            "strategy": strategy, "base_fingerprint": fingerprint, "sha256": [s.sha256 for s in forget_sets],
-            "matrix": [], "finished": [], "validation_before": {}}
+            "strategy": strategy, "base_fingerprint": fingerprint, "sha256": sha, "matrix": [], "finished": [],
+            "validation_before": {}, "continues": str(previous.folder) if previous is not None else None}
+
+
+def _earlier_set(path: str) -> data_mod.TextSet | None:
+    """An earlier request's forget set, or None (with a warning) when its file is gone: deleted data is not
+    measured again, so a relapse of that request cannot be seen."""
+    if Path(path).is_file():
+        return data_mod.load_text_set(path, "forget")
+    import warnings
+
+    warnings.warn(f"{path}: the forget file of an earlier request is gone; that request is no longer measured "
+                  "(its relapse cannot be detected): restore the file to keep checking it")
+    return None
 
 
 def _save_request(ckpt: Path, state: dict, delta: Delta) -> None:
@@ -524,12 +610,11 @@ def _resume(out: str, fresh: dict) -> tuple[dict, list[Delta]]:
         raise ConfigError(f"{ckpt}: the checkpoint was made with other requests or settings ({', '.join(changed)}); "
                           "resume with the original files and options")
     deltas = []
-    for finished in state["finished"]:
-        path = ckpt / finished["name"] / "delta.safetensors"
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata()
-        deltas.append(Delta.from_tensors(finished["name"], finished["forget"], load_file(str(path)),
-                                         meta["fan_in_fan_out"] == "True"))
+    for finished in state["finished"]:  # this sequence's own requests, else those of the sequence it continues
+        folder = ckpt / finished["name"]
+        if not folder.is_dir() and state.get("continues"):
+            folder = Path(state["continues"]) / "requests" / finished["name"]
+        deltas.append(_read_delta(folder, finished))
     state["resumed"] = True
     return state, deltas
 
@@ -559,6 +644,12 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
             if cfg.save_model:
                 merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
                 result.tokenizer.save_pretrained(tmp / "model")
+        for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from
+            (tmp / "requests" / delta.name).mkdir(parents=True)
+            save_file(delta.tensors(), str(tmp / "requests" / delta.name / "delta.safetensors"),
+                      metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
+        if result.state is not None:
+            atomic_write_json(tmp / SEQUENCE, result.state)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_requests_markdown(report))
     shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
