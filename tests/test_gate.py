@@ -163,3 +163,16 @@ def dataclass_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_gated_generation_uses_each_prompts_adapters_and_is_untouched_with_the_gate_off(gated_setup):
+    base, deltas, stacked, gate, texts, heldout = gated_setup
+    prompts = torch.cat([texts["request-01"][:2, :6], texts["request-02"][:2, :6]])
+    options = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    gated = GatedModel(stacked, gate)
+    out = gated.generate(prompts, **options)
+    assert gated.last_decisions.tolist() == [[True, False], [True, False], [False, True], [False, True]]
+    assert torch.equal(out[:2], apply_deltas(base, deltas[:1]).generate(prompts[:2], **options))
+    assert torch.equal(out[2:], apply_deltas(base, deltas[1:]).generate(prompts[2:], **options))
+    off = GatedModel(stacked, gate, enabled=False).generate(prompts, **options)
+    assert torch.equal(off, stacked.generate(input_ids=prompts, **options))

@@ -11,8 +11,9 @@ chosen false-positive rate. Only the forget sets and held-out text are needed, n
 request scored it in-distribution (none: the original model), decided once per forward call from
 the whole input. O3 also scales an adapter by its score (a soft gate); that is not done here.
 With the gate off the wrapped model runs untouched, so outputs are bit-identical to the ungated
-(all adapters on) model. Gated calls take ``input_ids`` and ``attention_mask`` only (no KV cache,
-so no incremental generation yet).
+(all adapters on) model. Gated forward calls take ``input_ids`` and ``attention_mask`` only;
+:meth:`GatedModel.generate` decides from each prompt and then generates with the wrapped model's own
+``generate`` (KV cache included) under that prompt's adapters.
 """
 from __future__ import annotations
 
@@ -181,6 +182,29 @@ class GatedModel(torch.nn.Module):
                 logits = part.new_zeros((input_ids.shape[0], *part.shape[1:]))
             logits[rows] = part
         return CausalLMOutput(logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """``generate`` (KV cache and all) of the wrapped model, each prompt with the adapters its gate picks
+        from the PROMPT (the decision is not revised as tokens are added). Rows are padded on the right with
+        the pad token (``pad_token_id``, else the model's) to the longest group's output."""
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if not self.enabled:
+            return self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        on = self.gate.decide(mean_hidden_state(self.model, input_ids, mask).cpu())
+        self.last_decisions = on
+        parts = []
+        for pattern in torch.unique(on, dim=0):
+            rows = (on == pattern).all(dim=1).nonzero().flatten().to(input_ids.device)
+            with self.adapters_only([n for n, flag in zip(self.gate.names, pattern.tolist()) if flag]):
+                parts.append((rows, self.model.generate(input_ids=input_ids[rows], attention_mask=mask[rows],
+                                                        **kwargs)))
+        pad = kwargs.get("pad_token_id", getattr(self.model.config, "pad_token_id", None))
+        width = max(out.shape[1] for _, out in parts)
+        result = input_ids.new_full((input_ids.shape[0], width), 0 if pad is None else int(pad))
+        for rows, out in parts:
+            result[rows, : out.shape[1]] = out
+        return result
 
     @contextlib.contextmanager
     def adapters_only(self, names: list[str]) -> Iterator[None]:
