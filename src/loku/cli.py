@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
                                                                   "tofu, mia")))
+    from .finetune import add_arguments as add_finetune_arguments
+
+    add_finetune_arguments(_add_debug(sub.add_parser(
+        "finetune", help="fine-tune a model on question/answer or text data (TOFU's target and reference models)")))
     from .bench.continual import add_arguments as add_continual_arguments
     from .bench.tdec import add_arguments as add_tdec_arguments
 
@@ -95,6 +99,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .evaluate import run_eval_command
 
         return run_eval_command(args)
+    if args.command == "finetune":
+        from .finetune import run as run_finetune
+
+        return run_finetune(args)
     if args.command == "bench" and args.bench == "continual":
         from .bench.continual import run as run_continual_bench
 
