@@ -1,13 +1,13 @@
 """`loku bench tdec --jobs N`: the bench's runs in N worker processes, the CPU cores shared out.
 
 On a CPU one process with every thread uses the cores badly for a 135M model (small matrices);
-N single-minded processes keep them busy. The work goes in three waves, each waiting for the one
-before, so no two processes ever compute the same thing:
+N single-minded processes keep them busy. Tasks wait only for what they need, so no two processes
+ever compute the same thing:
 
-1. each model's own downstream scores (one task per model);
-2. each split's planting and once-per-split measurements (one task per (model, split));
-3. every (model, split, method) run not finished yet, in the order of ``cfg.methods`` (slow
-   methods first there keep the last wave short), split by split within a method.
+1. each model's own downstream scores (one task per model), then
+2. each split's planting and once-per-split measurements (one task per (model, split)), then
+3. as soon as a split's measurements are there, its (model, split, method) runs not finished yet,
+   in the order of ``cfg.methods`` (slow methods first there keep the end short).
 
 Every result is the file the serial bench would write (``split.json`` entries are stored under a
 lock, first writer wins), so a bench may be continued with any number of jobs. A failed task does
@@ -37,29 +37,34 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
 
 
 def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], progress: bool) -> None:
-    """Run the bench's three waves of tasks in ``jobs`` worker processes (see the module docstring)."""
+    """Run the bench's tasks in ``jobs`` worker processes (see the module docstring)."""
     threads = threads_per_job(jobs)
     say(f"loku bench: {jobs} worker processes, {threads} thread(s) each")
-    waves = [[(m, None, None) for m in cfg.models],
-             [(m, s, None) for m in cfg.models for s in cfg.splits],
-             [(m, s, meth) for meth in cfg.methods for m in cfg.models for s in cfg.splits]]
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
                                                 initargs=(threads,)) as pool:
-        for wave in waves:
-            futures = {pool.submit(_task, cfg, str(out), *task, progress): task for task in wave}
-            for future in concurrent.futures.as_completed(futures):
+        def submit(task):
+            return pool.submit(_task, cfg, str(out), *task, progress)
+
+        pending = {submit((m, None, None)): (m, None, None) for m in cfg.models}
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                model, split, method = pending.pop(future)
                 try:
                     future.result()
                 except concurrent.futures.BrokenExecutor:  # a worker died (killed, out of memory): stop
                     raise
-                except Exception as err:  # noqa: BLE001 - reported below, with the task it came from
-                    name = "/".join(str(part) for part in futures[future] if part is not None)
+                except Exception as err:  # noqa: BLE001 - reported below; what needed this task is not run
+                    name = "/".join(str(part) for part in (model, split, method) if part is not None)
                     failures.append(f"{name}: {type(err).__name__}: {err}")
                     say(f"loku bench: {name} failed: {err}")
-            if failures:  # a later wave needs what this one made
-                break
+                    continue
+                if split is None:  # the model's scores are there: plant and measure its splits
+                    pending.update({submit((model, s, None)): (model, s, None) for s in cfg.splits})
+                elif method is None:  # the split is measured: its runs
+                    pending.update({submit((model, split, m)): (model, split, m) for m in cfg.methods})
     if failures:
         raise BenchTasksFailed(f"{len(failures)} bench task(s) failed (finished results are kept; rerun to retry): "
                                + "; ".join(failures))
