@@ -31,16 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from ..errors import ConfigError, DataError
 from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
 from .planting import PlantingRecipe
-from .tdec import EvalSubsets, Store, _merge, _read_json, _section, claim_folder, downstream, machine
+from .tdec import EvalSubsets, Store, _read_json, _section, claim_folder, config_values, downstream, machine
 
 __all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
 
-NAMED_CONFIGS = ("cpu", "paper")
 SMOKE: dict[str, Any] = {
     "requests": 2,
     "sizes": {"n_forget": 2, "forget_tokens": 16, "n_heldout": 4, "n_retain": 4, "retain_tokens": 16, "n_ppl": 4,
@@ -134,35 +132,9 @@ class ContinualConfig:
         return values
 
 
-def config_path(name_or_path: str) -> Path:
-    if name_or_path in NAMED_CONFIGS:
-        name = f"bench-continual-{name_or_path}.yaml"
-        for root in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-            if (root / name).is_file():
-                return root / name
-        raise ConfigError(f"configs/{name} not found (run from the loku checkout, or pass a YAML file)")
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: bench configuration not found; pass --config cpu, paper or a YAML file")
-    return path
-
-
 def load_continual_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
                           smoke: bool = False) -> ContinualConfig:
-    values: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = config_path(name_or_path)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
-        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
-    if smoke:
-        values = _merge(values, SMOKE)
-        values["name"] = f"{values.get('name', 'custom')}-smoke"
-    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    values = config_values(name_or_path, "continual", overrides, SMOKE if smoke else None)
     known = {f.name for f in dataclasses.fields(ContinualConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -269,11 +269,11 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def config_path(name_or_path: str) -> Path:
-    """``cpu`` / ``paper`` -> configs/bench-tdec-NAME.yaml (in the working directory or loku's source
+def config_path(name_or_path: str, bench: str = "tdec") -> Path:
+    """``cpu`` / ``paper`` -> configs/bench-BENCH-NAME.yaml (in the working directory or loku's source
     checkout); anything else is a YAML path."""
     if name_or_path in NAMED_CONFIGS:
-        file = f"bench-tdec-{name_or_path}.yaml"
+        file = f"bench-{bench}-{name_or_path}.yaml"
         candidates = [Path.cwd() / "configs" / file, Path(__file__).resolve().parents[3] / "configs" / file]
         for candidate in candidates:
             if candidate.is_file():
@@ -286,26 +286,31 @@ def config_path(name_or_path: str) -> Path:
     return path
 
 
+def config_values(name_or_path: str | None, bench: str, overrides: dict[str, Any] | None,
+                  smoke: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of a named or YAML bench configuration, the ``--smoke`` sizes and the flags laid over them."""
+    values: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = config_path(name_or_path, bench)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
+        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
+    if smoke is not None:
+        values = _merge(values, smoke)
+        values["name"] = f"{values.get('name', 'custom')}-smoke"
+    return _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+
+
 def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
                       smoke: bool = False) -> BenchConfig:
     """A :class:`BenchConfig` from a named or YAML configuration, with ``--smoke`` and flag overrides on top."""
     from ..metrics.relearn import RelearnSettings
 
-    values: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = config_path(name_or_path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
-        values = loaded
-        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
-    if smoke:
-        values = _merge(values, SMOKE)
-        values["name"] = f"{values.get('name', 'custom')}-smoke"
-    values = _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
+    values = config_values(name_or_path, "tdec", overrides, SMOKE if smoke else None)
     if "model" in values:  # --model (comma-separated) or a YAML `model:` replaces the list of models
         model = values.pop("model")
         values["models"] = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else model
