@@ -35,7 +35,8 @@ from typing import Any, Callable
 from ..errors import ConfigError, DataError
 from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
 from .planting import PlantingRecipe
-from .tdec import EvalSubsets, Store, _read_json, _section, claim_folder, config_values, downstream, machine
+from .tdec import (EvalSubsets, Store, _read_json, _section, claim_folder, config_values, downstream, existing_folder,
+                   machine)
 
 __all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
 
@@ -88,10 +89,7 @@ class ContinualConfig:
         from ..data import read_texts
         from ..provenance import file_sha256
 
-        root = self.data_root()
-        if not root.is_dir():
-            raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
-                            "(or set LOKU_DATA_DIR)")
+        root = existing_folder(self.data_root())
         files = {}
         for split, rows in ((self.split, self.requests * self.sizes.n_forget), (self.heldout_split,
                                                                                self.sizes.n_heldout)):

@@ -176,10 +176,7 @@ class BenchConfig:
         """Every file the bench reads exists (before any model is loaded); returns {path: sha256}."""
         from ..provenance import file_sha256
 
-        root = self.data_root()
-        if not root.is_dir():
-            raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
-                            "(or set LOKU_DATA_DIR)")
+        root = existing_folder(self.data_root())
         missing = [s for s in self.splits if not forget_file(root, s, self.pool).is_file()]
         if missing:
             folder = root / "tdec" / "forget"
@@ -267,6 +264,14 @@ def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def existing_folder(root: Path) -> Path:
+    """The shared data folder, or one line saying how to point at it."""
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
+                        "(or set LOKU_DATA_DIR)")
+    return root
 
 
 def config_path(name_or_path: str, bench: str = "tdec") -> Path:
