@@ -66,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.tdec import add_arguments as add_tdec_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model), "
-                                         "continual (its Figure 4: requests one after another)")
+                                         "tofu (its Figure 5), continual (its Figure 4: requests one after another)")
     benches = bench.add_subparsers(dest="bench", required=True)
     add_tdec_arguments(_add_debug(benches.add_parser("tdec", help="plant each TDEC split, unlearn it with every "
                                                                   "method, compare with the original model")))
+    from .bench.tofu import add_arguments as add_tofu_arguments
+
+    add_tofu_arguments(_add_debug(benches.add_parser(
+        "tofu", help="fine-tune target and reference on TOFU, unlearn with every method and rank (Figure 5)")))
     add_continual_arguments(_add_debug(benches.add_parser(
         "continual", help="plant 4 request sets, unlearn them one after another with each variant (strategy, gate)")))
     return parser
@@ -103,6 +107,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .finetune import run as run_finetune
 
         return run_finetune(args)
+    if args.command == "bench" and args.bench == "tofu":
+        from .bench.tofu import run as run_tofu_bench
+
+        return run_tofu_bench(args)
     if args.command == "bench" and args.bench == "continual":
         from .bench.continual import run as run_continual_bench
 

@@ -27,12 +27,14 @@ class Method:
 METHODS: dict[str, Method] = {
     "full-ga": Method("full", None, "ga", 5e-5),
     "full-gd": Method("full", None, "gd", 5e-5),
+    "lora-ga": Method("lora", "gaussian", "ga", 2e-4),  # TOFU's Figure 5 runs every loss at each LoRA rank
     "lora-gd": Method("lora", "gaussian", "gd", 2e-4),
     "lora-ihl": Method("lora", "gaussian", "ihl", 2e-4),
     "fila-gd": Method("lora", "fila", "gd", 2e-4),
     "fila-ihl": Method("lora", "fila", "ihl", 2e-4),  # LoKU
     "vila-ihl": Method("lora", "vila", "ihl", 2e-4),
     "npo": Method("full", None, "npo", 5e-5),
+    "lora-npo": Method("lora", "gaussian", "npo", 2e-4),
 }
 
 

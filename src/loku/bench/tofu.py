@@ -1,0 +1,446 @@
+"""`loku bench tofu`: the paper's TOFU experiment (Figure 5), target and reference models made here.
+
+No TOFU-trained model exists offline, so the bench makes both with :mod:`loku.finetune` (cached,
+keyed by the base model's fingerprint, the data and the recipe):
+
+* the **target**, fine-tuned on the authors of the subset: ``retain_authors`` authors from the start of
+  ``full.jsonl`` (TOFU's retain authors; ``retain_perturbed.jsonl`` covers the first 20) plus the
+  authors of every forget split (the end of ``full.jsonl``: forget01 = the last 2 authors, forget05
+  the last 10, forget10 the last 20);
+* per forget split, the **reference**: the same data minus that split's authors, TOFU's retain-only
+  model. Its truth ratios on the forget split are what forget quality compares against (KS test).
+
+Then every method (LoRA methods at every rank of ``ranks``, full fine-tuning methods once) unlearns
+each forget split from the target for ``unlearn.max_epochs`` epochs (TOFU's 5; no stop rule: TOFU
+reports every epoch), the retain set being the retain authors' QA. After every epoch the model is
+scored on the forget split (TOFU's truth ratio -> forget quality against the reference) and on the
+utility splits (retain authors, real authors, world facts: Prob, ROUGE-L recall, truth ratio ->
+model utility), subsets as configured. Results: OUT/results.json, results.md, plots/figure5.png
+(model utility against forget quality, one trajectory per method, one panel per rank). Every
+(split, method, rank) is resumable and stored as it finishes; ``--jobs`` runs them side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigError, DataError
+from .tdec import Store, _read_json, claim_folder, config_values, existing_folder, machine
+
+__all__ = ["TofuBenchConfig", "author_rows", "load_tofu_bench_config", "run", "run_tofu_bench"]
+
+AUTHOR_ITEMS = 20  # TOFU: 20 questions per author, authors in order in full.jsonl
+FORGET_AUTHORS = {"forget01": 2, "forget05": 10, "forget10": 20}
+SMOKE: dict[str, Any] = {
+    "retain_authors": 2, "forget_splits": ["forget01"], "ranks": [2], "methods": ["lora-gd", "fila-ihl", "full-ga"],
+    "finetune": {"epochs": 2, "lr": 1e-2, "batch_size": 4, "max_length": 32},
+    "unlearn": {"max_epochs": 2, "batch_size": 2, "fisher_batches": 1, "eval_batch_size": 4, "max_length": 32},
+    "evals": {"forget": 4, "retain": 4, "real_authors": 2, "world_facts": 2, "max_new_tokens": 4, "batch_size": 4},
+}
+
+
+@dataclass
+class TofuEvals:
+    """Items scored per split after every epoch (None: the whole split) and the generation length."""
+
+    forget: int | None = None
+    retain: int | None = 40
+    real_authors: int | None = 40
+    world_facts: int | None = 40
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+
+@dataclass
+class TofuBenchConfig:
+    name: str = "custom"
+    model: str = "smollm2-135m"
+    retain_authors: int = 8
+    forget_splits: list[str] = field(default_factory=lambda: ["forget01"])
+    methods: list[str] = field(default_factory=lambda: ["lora-ga", "lora-gd", "lora-npo", "lora-ihl", "fila-ihl",
+                                                        "full-ga", "full-gd", "npo"])
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    template: str | None = None
+    seed: int = 0
+    finetune: dict[str, Any] = field(default_factory=dict)  # loku finetune options of target and reference
+    unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options of every run
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    evals: TofuEvals = field(default_factory=TofuEvals)
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    def validate(self) -> "TofuBenchConfig":
+        from ..config import METHODS
+
+        bad = [s for s in self.forget_splits if s not in FORGET_AUTHORS]
+        if bad or not self.forget_splits:
+            raise ConfigError(f"forget_splits: choose from {', '.join(FORGET_AUTHORS)}, got {self.forget_splits!r}")
+        if not 1 <= self.retain_authors <= 200 - max(FORGET_AUTHORS[s] for s in self.forget_splits):
+            raise ConfigError(f"retain_authors must be between 1 and the authors before the forget split's, got "
+                              f"{self.retain_authors}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: "
+                              f"{', '.join(METHODS)}")
+        if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
+            raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        for method in self.methods:
+            self.unlearn_config(method, self.ranks[0], "f.jsonl", "r.jsonl", "out").validate()
+        self.finetune_config("t.jsonl", "out").validate()
+        return self
+
+    def data_root(self) -> Path:
+        from ..provenance import default_data_dir
+
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def check_data(self) -> dict[str, str]:
+        from ..provenance import file_sha256
+
+        folder = existing_folder(self.data_root()) / "tofu"
+        names = ["full", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed",
+                 *(f"{s}_perturbed" for s in self.forget_splits)]
+        missing = [n for n in names if not (folder / f"{n}.jsonl").is_file()]
+        if missing:
+            raise DataError(f"{folder}/{missing[0]}.jsonl: TOFU file not found ({len(missing)} missing); pass "
+                            "--data-dir pointing at the shared data folder")
+        return {f"tofu/{n}.jsonl": file_sha256(folder / f"{n}.jsonl") for n in names}
+
+    def runs(self) -> list[tuple[str, str, int | None]]:
+        """Every (forget split, method, rank) of the grid; full fine-tuning has no rank."""
+        from ..config import METHODS
+
+        return [(s, m, r) for s in self.forget_splits for m in self.methods
+                for r in (self.ranks if METHODS[m].adapter == "lora" else [None])]
+
+    def unlearn_config(self, method: str, rank: int | None, forget: str, retain: str, out: str,
+                       model: str = "target"):
+        from ..config import load_config
+
+        values = {**self.unlearn, **self.method_options.get(method, {}), "method": method, "forget": forget,
+                  "retain": retain, "out": out, "model": model, "seed": self.seed,
+                  # TOFU runs a fixed number of epochs: run_one's loop ignores the stop rule; given thresholds
+                  # only spare the held-out set it would need
+                  "ma_threshold": 0.0, "el_threshold": 0.0}
+        if rank is not None:
+            values.update(rank=rank, lora_alpha=2 * rank)
+        try:
+            return load_config(None, values)
+        except ConfigError as err:
+            raise ConfigError(f"unlearn options of method {method}: {err}") from None
+
+    def finetune_config(self, data: str, out: str):
+        from ..finetune import FinetuneConfig
+
+        return FinetuneConfig(**{"epochs": 5, "lr": 1e-5, **self.finetune, "model": self.model, "data": [data],
+                                 "out": out, "template": self.template, "seed": self.seed, "progress": False})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["evals"] = dataclasses.asdict(self.evals)
+        return json.loads(json.dumps(out))
+
+    def identity(self) -> dict[str, Any]:
+        values = self.to_dict()
+        for name in ("name", "methods", "ranks", "forget_splits", "data_dir", "cache_dir"):
+            values.pop(name)
+        return values
+
+
+def load_tofu_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
+                           smoke: bool = False) -> TofuBenchConfig:
+    values = config_values(name_or_path, "tofu", overrides, SMOKE if smoke else None)
+    for key in ("methods", "forget_splits"):
+        if isinstance(values.get(key), str):
+            values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
+    if isinstance(values.get("ranks"), str):
+        values["ranks"] = [int(v) for v in values["ranks"].split(",") if v.strip()]
+    known = {f.name for f in dataclasses.fields(TofuBenchConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown bench option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    evals = values.pop("evals", None) or {}
+    bad = sorted(set(evals) - {f.name for f in dataclasses.fields(TofuEvals)})
+    if bad:
+        raise ConfigError(f"evals: unknown option(s) {', '.join(bad)}")
+    return TofuBenchConfig(**values, evals=TofuEvals(**evals))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _rows(root: Path, name: str) -> list[dict]:
+    from ..metrics.tofu import load_tofu
+
+    return load_tofu(name, data_dir=root)
+
+
+def author_rows(cfg: TofuBenchConfig) -> dict[str, Any]:
+    """The subset's QA: ``train`` (retain authors + every forget split's), ``retain`` (the retain authors'),
+    per forget split its QA and the training set of its reference, and the evaluation rows."""
+    root = cfg.data_root()
+    full = _rows(root, "full")
+    if len(full) != 200 * AUTHOR_ITEMS:
+        raise DataError(f"{root}/tofu/full.jsonl: {len(full)} rows, TOFU has {200 * AUTHOR_ITEMS} (200 authors x 20)")
+    widest = max(FORGET_AUTHORS[s] for s in cfg.forget_splits)
+    retain = full[: cfg.retain_authors * AUTHOR_ITEMS]
+    forget = {s: full[len(full) - FORGET_AUTHORS[s] * AUTHOR_ITEMS:] for s in cfg.forget_splits}
+    train = retain + full[len(full) - widest * AUTHOR_ITEMS:]
+    evals = cfg.evals
+    retain_eval = _rows(root, "retain_perturbed")[: min(cfg.retain_authors, 20) * AUTHOR_ITEMS]
+    out = {"train": train, "retain": retain, "forget": forget,
+           "reference_train": {s: [r for r in train if r not in forget[s]] for s in cfg.forget_splits},
+           "eval": {s: {"forget": _rows(root, f"{s}_perturbed")[: evals.forget],
+                        "retain": retain_eval[: evals.retain],
+                        "real_authors": _rows(root, "real_authors_perturbed")[: evals.real_authors],
+                        "world_facts": _rows(root, "world_facts_perturbed")[: evals.world_facts]}
+                    for s in cfg.forget_splits}}
+    return out
+
+
+def _write_qa(path: Path, rows: list[dict]) -> str:
+    from ..save import atomic_write_text
+
+    text = "".join(json.dumps({"question": r["question"], "answer": r["answer"]}, ensure_ascii=False) + "\n"
+                   for r in rows)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return str(path)
+
+
+# --------------------------------------------------------------------------- models made here
+
+
+def finetuned(cfg: TofuBenchConfig, base, tokenizer, data_file: str, role: str, say: Callable[[str], None]):
+    """The base fine-tuned on ``data_file`` (from the cache when there, keyed by base, data and recipe)."""
+    from ..finetune import finetune, write_finetuned
+    from ..models import cache_dir, load_model
+    from ..provenance import file_sha256, model_fingerprint
+
+    ft = cfg.finetune_config(data_file, "unused")
+    recipe = {k: v for k, v in ft.to_dict().items() if k not in ("out", "data", "progress", "overwrite", "model")}
+    key = hashlib.sha256(json.dumps({"base": model_fingerprint(base), "data": file_sha256(data_file),
+                                     "recipe": recipe}, sort_keys=True).encode()).hexdigest()[:16]
+    folder = (Path(cfg.cache_dir) if cfg.cache_dir else cache_dir()) / "tofu" / f"{role}-{key}"
+    if (folder / "finetune.json").is_file():
+        say(f"loku bench tofu: using the cached {role} model {folder}")
+        return load_model(str(folder), progress=False)[0], json.loads((folder / "finetune.json").read_text())
+    say(f"loku bench tofu: fine-tuning the {role} model ({ft.epochs} epochs, lr {ft.lr:g})")
+    result = finetune(dataclasses.replace(ft, out=str(folder)), model=base, tokenizer=tokenizer,
+                      resume=(folder.parent / f"{folder.name}.ckpt").is_dir())
+    write_finetuned(result, dataclasses.replace(ft, out=str(folder)))
+    return result.model, result.report
+
+
+def tofu_scores(model, tokenizer, rows: dict[str, list[dict]], cfg: TofuBenchConfig,
+                reference_ratios: list[float] | None) -> dict[str, Any]:
+    """TOFU's numbers on the subset rows: per split Prob / ROUGE-L / truth ratio, model utility, forget quality."""
+    from ..metrics.tofu import (UTILITY_METRICS, UTILITY_SPLITS, choose_template, evaluate_tofu_split,
+                                forget_quality, model_utility)
+
+    template = choose_template(model, tokenizer, cfg.template)
+    splits = {role: evaluate_tofu_split(model, tokenizer, r, role=role, template=template,
+                                        batch_size=cfg.evals.batch_size, max_new_tokens=cfg.evals.max_new_tokens)
+              for role, r in rows.items()}
+    values = {f"{s}/{m}": splits[s][m] for s in UTILITY_SPLITS for m in UTILITY_METRICS}
+    ratios = splits["forget"]["per_item"]["truth_ratio"]
+    return {"model_utility": model_utility(values), "utility_values": values, "forget_truth_ratios": ratios,
+            "forget_quality": forget_quality(ratios, reference_ratios) if reference_ratios is not None else None,
+            "template": template.name,
+            "splits": {role: {k: v for k, v in s.items() if k not in ("per_item", "generations")}
+                       for role, s in splits.items()}}
+
+
+# --------------------------------------------------------------------------- running
+
+
+def prepare(cfg: TofuBenchConfig, out: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    """Target and reference models (cached) and their scores, stored once in OUT/shared.json."""
+    from ..metrics.tofu import forget_quality
+    from ..models import load_model
+
+    base, tokenizer = load_model(cfg.model, progress=False)
+    rows = author_rows(cfg)
+    data = out / "data"
+    files = {"train": _write_qa(data / "train.jsonl", rows["train"]),
+             "retain": _write_qa(data / "retain.jsonl", rows["retain"]),
+             "forget": {s: _write_qa(data / f"{s}.jsonl", rows["forget"][s]) for s in cfg.forget_splits}}
+    store = Store(out / "shared.json")
+    target, target_log = finetuned(cfg, base, tokenizer, files["train"], "target", say)
+    store.get("target_finetune", lambda: {k: target_log[k] for k in ("epochs", "items", "template", "seconds")})
+    references = {}
+    for split in cfg.forget_splits:
+        ref_file = _write_qa(data / f"reference-{split}.jsonl", rows["reference_train"][split])
+        ref, ref_log = finetuned(cfg, base, tokenizer, ref_file, f"reference-{split}", say)
+        scores = store.get(f"reference/{split}", lambda: tofu_scores(ref, tokenizer, rows["eval"][split], cfg, None))
+        store.get(f"reference_finetune/{split}", lambda: {k: ref_log[k] for k in ("epochs", "items", "seconds")})
+        references[split] = scores["forget_truth_ratios"]
+        store.get(f"reference_self_quality/{split}",  # the check that the KS test is wired right: 1.0
+                  lambda: forget_quality(references[split], references[split]))
+        store.get(f"target/{split}", lambda: tofu_scores(target, tokenizer, rows["eval"][split], cfg,
+                                                         references[split]))
+        del ref
+    return {"target": target, "tokenizer": tokenizer, "rows": rows, "files": files, "references": references,
+            "store": store}
+
+
+def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int | None, shared: dict[str, Any],
+            say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
+    """One (split, method, rank): unlearn for the configured epochs, TOFU's scores after each epoch."""
+    import shutil
+
+    from .. import trainer
+    from ..checkpoint import STATE, checkpoint_dir
+    from ..provenance import jsonable
+    from ..save import atomic_write_json, merged_copy
+
+    tag = f"{method}" + (f"-r{rank}" if rank is not None else "")
+    result_path = out / split / f"{tag}.json"
+    if result_path.is_file():
+        return _read_json(result_path)
+    run_out = out / split / tag
+    ucfg = cfg.unlearn_config(method, rank, shared["files"]["forget"][split], shared["files"]["retain"], str(run_out))
+    ucfg.progress, ucfg.overwrite = progress, False
+    resume = (checkpoint_dir(run_out) / STATE).is_file()
+    say(f"loku bench tofu: {split}, {tag}: {'resuming' if resume else 'unlearning'}")
+    scores = Store(out / split / f"{tag}.epochs.json")
+    started = time.time()
+    run = trainer.prepare(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume)
+    trainer.measure_before(run)
+    trainer.adapt(run)
+    for epoch in range(len(run.epochs) + 1, ucfg.max_epochs + 1):
+        record = trainer.train_epoch(run, epoch)
+        trainer.decide(run, record)
+        trainer.save_epoch(run)
+        model = merged_copy(run.accelerator.unwrap_model(run.model)).eval()
+        scores.get(str(epoch), lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split], cfg,
+                                                   shared["references"][split]))
+        del model
+    model = run.accelerator.unwrap_model(run.model)
+    n_total = sum(p.numel() for p in model.parameters())
+    entry = {"split": split, "method": method, "rank": rank, "seed": ucfg.seed, "unlearn_config": ucfg.to_dict(),
+             "trainable_share": sum(p.numel() for p in model.parameters() if p.requires_grad) / n_total,
+             "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in run.epochs],
+             "seconds": time.time() - started}
+    atomic_write_json(result_path, jsonable(entry))
+    shutil.rmtree(checkpoint_dir(run_out), ignore_errors=True)
+    (out / split / f"{tag}.epochs.json").unlink(missing_ok=True)
+    last = entry["epochs"][-1]["tofu"]
+    say(f"loku bench tofu: {split}, {tag}: forget quality {last['forget_quality']:.3g}, model utility "
+        f"{last['model_utility']:.3f} after {len(entry['epochs'])} epochs")
+    return entry
+
+
+def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = True, jobs: int = 1,
+                   command: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
+    from ..save import atomic_write_json
+    from .tofu_report import write_outputs
+
+    cfg.validate()
+    data = cfg.check_data()
+    out = Path(out)
+    record = claim_folder(out, cfg, data)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    started = time.time()
+    if not report_only:
+        history_file = out / "invocations.json"
+        history = _read_json(history_file) if history_file.is_file() else []
+        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+                        "runs": len(cfg.runs()), "jobs": jobs})
+        atomic_write_json(history_file, history)
+        shared = prepare(cfg, out, say)
+        pending = [r for r in cfg.runs() if not _result_path(out, *r).is_file()]
+        if jobs > 1 and len(pending) > 1:
+            _run_in_processes(cfg, out, pending, jobs, say)
+        for split, method, rank in cfg.runs():  # serial, or the finished ones read back
+            run_one(cfg, out, split, method, rank, shared, say, progress)
+    summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
+    say(f"loku bench tofu: results in {out / 'results.md'}")
+    return summary
+
+
+def _result_path(out: Path, split: str, method: str, rank: int | None) -> Path:
+    return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
+
+
+def _run_in_processes(cfg: TofuBenchConfig, out: Path, runs: list, jobs: int, say: Callable[[str], None]) -> None:
+    import concurrent.futures
+    import multiprocessing
+
+    from .jobs import BenchTasksFailed, _start_worker, threads_per_job
+
+    failures = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker,
+                                                initargs=(threads_per_job(jobs),)) as pool:
+        futures = {pool.submit(_task, cfg, str(out), *r): r for r in runs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+            except concurrent.futures.BrokenExecutor:
+                raise
+            except Exception as err:  # noqa: BLE001 - reported together below
+                failures.append(f"{'/'.join(map(str, futures[future]))}: {type(err).__name__}: {err}")
+    if failures:
+        raise BenchTasksFailed(f"{len(failures)} run(s) failed (finished ones are kept; rerun to retry): "
+                               + "; ".join(failures))
+
+
+_worker_shared: dict[str, Any] = {}
+
+
+def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | None) -> None:
+    import os
+
+    def say(message: str) -> None:
+        print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+    if not _worker_shared:
+        _worker_shared.update(prepare(cfg, Path(out), say))
+    run_one(cfg, Path(out), split, method, rank, _worker_shared, say)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M, a TOFU subset, 2 CPU cores), paper "
+                                                        "(Phi-1.5 / Llama-2-7B, full TOFU, a GPU) or a YAML file")
+    parser.add_argument("--out", default=None, help="bench folder [default: runs/bench-tofu-NAME]")
+    parser.add_argument("--model", default=None, help="model instead of the config's")
+    parser.add_argument("--methods", default=None, help="methods, comma-separated")
+    parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (e.g. 4,8,16,32)")
+    parser.add_argument("--forget-splits", dest="forget_splits", default=None, help="forget01,forget05,forget10")
+    parser.add_argument("--seed", type=int, default=None, help="seed of fine-tuning and unlearning")
+    parser.add_argument("--data-dir", default=None, help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
+    parser.add_argument("--cache-dir", default=None, help="where target and reference models are cached")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side in this many processes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds on a tiny model; CI)")
+    parser.add_argument("--report-only", action="store_true", help="only write results from the finished runs")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    cfg = load_tofu_bench_config(args.config, {"model": args.model, "methods": args.methods, "ranks": args.ranks,
+                                               "forget_splits": args.forget_splits, "seed": args.seed,
+                                               "data_dir": args.data_dir, "cache_dir": args.cache_dir},
+                                 smoke=args.smoke)
+    out = args.out or f"runs/bench-tofu-{cfg.name}"
+    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
+    summary = run_tofu_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command,
+                             report_only=args.report_only)
+    if summary["missing"]:
+        print(f"loku bench tofu: {len(summary['missing'])} run(s) missing in {out}", file=sys.stderr)
+        return 3 if args.report_only else 1
+    print(f"loku bench tofu: wrote {Path(out) / 'results.md'}")
+    return 0

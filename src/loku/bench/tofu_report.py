@@ -1,0 +1,132 @@
+"""results.json, results.md and plots/figure5.png of a `loku bench tofu` folder."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_outputs"]
+
+QUALITY_TARGET = 0.05  # TOFU: forget quality (a KS p-value) above 0.05 = indistinguishable from the reference
+
+
+def _trajectory(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"epoch": e["epoch"], "forget_quality": e["tofu"]["forget_quality"],
+             "model_utility": e["tofu"]["model_utility"]} for e in entry["epochs"]]
+
+
+def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
+                  seconds: float | None = None) -> dict[str, Any]:
+    from ..provenance import jsonable, library_versions
+    from ..save import atomic_write_json, atomic_write_text
+    from .tdec import _read_json, machine
+    from .tofu import _result_path
+
+    shared = _read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
+    runs, missing = {}, []
+    for split, method, rank in cfg.runs():
+        path = _result_path(out, split, method, rank)
+        if not path.is_file():
+            missing.append([split, method, rank])
+            continue
+        entry = _read_json(path)
+        trajectory = _trajectory(entry)
+        qualities = [t["forget_quality"] for t in trajectory]
+        runs.setdefault(split, []).append({
+            "method": method, "rank": rank, "trainable_share": entry["trainable_share"], "trajectory": trajectory,
+            "best_forget_quality": max(qualities), "reached_target": max(qualities) >= QUALITY_TARGET,
+            "final": trajectory[-1], "seconds": entry["seconds"]})
+    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
+               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
+               "seeds": {"bench": cfg.seed}, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
+               "target": {s: _point(shared.get(f"target/{s}")) for s in cfg.forget_splits},
+               "reference": {s: _point(shared.get(f"reference/{s}")) for s in cfg.forget_splits},
+               "reference_self_quality": {s: shared.get(f"reference_self_quality/{s}") for s in cfg.forget_splits},
+               "finetune": {"target": shared.get("target_finetune"),
+                            "reference": {s: shared.get(f"reference_finetune/{s}") for s in cfg.forget_splits}},
+               "runs": runs, "missing": missing,
+               "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+    summary["plots"] = []
+    if runs:
+        try:
+            summary["plots"] = [str(p.relative_to(out)) for p in plot_figure5(summary, out / "plots")]
+        except ImportError:  # matplotlib missing: the numbers are all in results.json
+            pass
+    atomic_write_json(out / "results.json", jsonable(summary))
+    atomic_write_text(out / "results.md", render_markdown(summary))
+    return summary
+
+
+def _point(scores: dict | None) -> dict[str, Any] | None:
+    if not scores:
+        return None
+    return {"forget_quality": scores.get("forget_quality"), "model_utility": scores.get("model_utility")}
+
+
+def plot_figure5(summary: dict[str, Any], folder: Path) -> list[Path]:
+    """The paper's Figure 5: model utility (x) against forget quality (y, log), one trajectory per method
+    (epochs 1..E), one panel per LoRA rank plus one for full fine-tuning; the target model as a cross."""
+    from ..plots import _pyplot, _save_png
+
+    plt = _pyplot()
+    paths = []
+    for split, entries in summary["runs"].items():
+        panels = sorted({e["rank"] for e in entries if e["rank"] is not None}) + (
+            [None] if any(e["rank"] is None for e in entries) else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+        methods = sorted({e["method"] for e in entries})
+        colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+        target = summary["target"].get(split)
+        for ax, rank in zip(axes[0], panels):
+            for e in (e for e in entries if e["rank"] == rank):
+                xs = [t["model_utility"] for t in e["trajectory"]]
+                ys = [max(t["forget_quality"], 1e-30) for t in e["trajectory"]]
+                ax.plot(xs, ys, "-o", ms=3, color=colors[e["method"]], label=e["method"])
+            if target and target["forget_quality"] is not None:
+                ax.plot([target["model_utility"]], [max(target["forget_quality"], 1e-30)], "kx", ms=8, label="target")
+            ax.axhline(QUALITY_TARGET, color="grey", lw=0.8, ls="--")
+            ax.set_yscale("log")
+            ax.set_xlabel("model utility")
+            ax.set_title("full fine-tuning" if rank is None else f"LoRA rank {rank}", fontsize=9)
+        axes[0][0].set_ylabel("forget quality")
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"TOFU {split}")
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(_save_png(fig, folder / ("figure5.png" if len(summary["runs"]) == 1 else f"figure5-{split}.png")))
+        plt.close(fig)
+    return paths
+
+
+def _f(value: Any, fmt: str = ".3f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    cfg = summary["config"]
+    lines = [f"# loku bench tofu: {cfg['name']}", "", f"Command: `{' '.join(summary['command'] or [])}`  ",
+             f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
+             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft")),
+             f"Seed {cfg['seed']}; wall time of this invocation {_f((summary['seconds'] or 0) / 60, '.1f')} min  ",
+             f"Subset: {cfg['retain_authors']} retain authors + the forget split's authors (20 questions each); "
+             f"scored each epoch on {_f(cfg['evals']['forget'], 'd') if cfg['evals']['forget'] else 'all'} forget, "
+             f"{cfg['evals']['retain']} retain, {cfg['evals']['real_authors']} real-author and "
+             f"{cfg['evals']['world_facts']} world-fact items."]
+    for split, entries in summary["runs"].items():
+        target, reference = summary["target"].get(split) or {}, summary["reference"].get(split) or {}
+        lines += ["", f"## {split}", "",
+                  f"Target (fine-tuned on every author): forget quality {_f(target.get('forget_quality'), '.3g')}, "
+                  f"model utility {_f(target.get('model_utility'))}. Reference (without the forget authors): model "
+                  f"utility {_f(reference.get('model_utility'))}; its forget quality against itself "
+                  f"{_f(summary['reference_self_quality'].get(split), '.3g')}.", "",
+                  "| method | rank | trainable % | best forget quality | reached 0.05 | final forget quality | "
+                  "final model utility | s |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+        for e in sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"])):
+            lines.append(f"| {e['method']} | {e['rank'] or 'full'} | {100 * e['trainable_share']:.2f} | "
+                         f"{_f(e['best_forget_quality'], '.3g')} | {'yes' if e['reached_target'] else '**no**'} | "
+                         f"{_f(e['final']['forget_quality'], '.3g')} | {_f(e['final']['model_utility'])} | "
+                         f"{e['seconds']:.0f} |")
+    if summary["missing"]:
+        lines += ["", f"Missing runs ({len(summary['missing'])}): "
+                  + ", ".join("/".join(str(p) for p in m if p is not None) for m in summary["missing"])]
+    lines += ["", *[f"![{Path(p).stem}]({p})" for p in summary["plots"]]]
+    return "\n".join(lines) + "\n"

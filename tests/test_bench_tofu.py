@@ -1,0 +1,94 @@
+"""`loku bench tofu --smoke` (docs/algorithms.md §7, the paper's Figure 5) end to end on a tiny model and
+synthetic TOFU-shaped data: target and reference fine-tuned here, every (method, rank), every epoch scored."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from loku.bench.tofu import author_rows, load_tofu_bench_config, run_tofu_bench
+from loku.errors import ConfigError
+from tiny_models import WORDS, make_tiny_model, word_tokenizer
+
+
+def _words(rng, n):
+    return " ".join(rng.choice(WORDS[3:]) for _ in range(n))
+
+
+def _qa(rng, perturbed=False):
+    row = {"question": _words(rng, 4), "answer": _words(rng, 5)}
+    if perturbed:
+        row.update(paraphrased_answer=_words(rng, 5), perturbed_answer=[_words(rng, 5) for _ in range(2)])
+    return row
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def tofu_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tofu")
+    rng = random.Random(0)
+    tofu = root / "data" / "tofu"
+    tofu.mkdir(parents=True)
+    full = [_qa(rng) for _ in range(4000)]
+    _write(tofu / "full.jsonl", full)
+    perturbed = lambda rows: [{**r, "paraphrased_answer": _words(rng, 5),  # noqa: E731
+                               "perturbed_answer": [_words(rng, 5) for _ in range(2)]} for r in rows]
+    _write(tofu / "forget01_perturbed.jsonl", perturbed(full[3960:]))
+    _write(tofu / "retain_perturbed.jsonl", perturbed(full[:400]))
+    for name in ("real_authors_perturbed", "world_facts_perturbed"):
+        _write(tofu / f"{name}.jsonl", [{k: v for k, v in _qa(rng, True).items() if k != "paraphrased_answer"}
+                                        for _ in range(6)])
+    model_dir = root / "tiny"
+    make_tiny_model("llama", seed=0, n_ctx=64).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    return {"data": root / "data", "model": str(model_dir), "cache": root / "cache"}
+
+
+def _cfg(env, **overrides):
+    values = {"model": env["model"], "data_dir": str(env["data"]), "cache_dir": str(env["cache"]),
+              "template": "generic", **overrides}
+    return load_tofu_bench_config("cpu", values, smoke=True)
+
+
+def test_the_subset_keeps_tofus_structure(tofu_env):
+    rows = author_rows(_cfg(tofu_env))
+    assert len(rows["retain"]) == 40 and len(rows["forget"]["forget01"]) == 40 and len(rows["train"]) == 80
+    assert rows["forget"]["forget01"] == rows["train"][40:]  # forget01: the last 2 authors of full.jsonl
+    assert len(rows["reference_train"]["forget01"]) == 40
+    assert not [r for r in rows["reference_train"]["forget01"] if r in rows["forget"]["forget01"]]
+
+
+def test_smoke_tofu_bench_end_to_end(tofu_env, tmp_path, monkeypatch):
+    out = tmp_path / "tofu"
+    summary = run_tofu_bench(_cfg(tofu_env), out, progress=False, command=["loku", "bench", "tofu", "--smoke"])
+    assert summary["missing"] == []
+    entries = summary["runs"]["forget01"]
+    assert {(e["method"], e["rank"]) for e in entries} == {("lora-gd", 2), ("fila-ihl", 2), ("full-ga", None)}
+    for e in entries:
+        assert [t["epoch"] for t in e["trajectory"]] == [1, 2]
+        assert all(0.0 <= t["forget_quality"] <= 1.0 and t["model_utility"] >= 0 for t in e["trajectory"])
+    assert summary["reference_self_quality"]["forget01"] == pytest.approx(1.0)
+    assert summary["target"]["forget01"]["forget_quality"] is not None
+    md = (out / "results.md").read_text()
+    assert "| fila-ihl | 2 |" in md and (out / "plots" / "figure5.png").is_file()
+    assert list((tofu_env["cache"] / "tofu").glob("target-*/finetune.json"))
+
+    # A rerun reads every finished run back; the cached target and reference are not fine-tuned again.
+    monkeypatch.setattr("loku.finetune.finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr("loku.trainer.train_epoch", lambda *a, **k: pytest.fail("unlearned again"))
+    assert run_tofu_bench(_cfg(tofu_env), out, progress=False)["missing"] == []
+
+
+def test_bad_tofu_bench_input(tofu_env, tmp_path):
+    with pytest.raises(ConfigError, match="forget_splits"):
+        _cfg(tofu_env, forget_splits="forget99").validate()
+    with pytest.raises(ConfigError, match="unknown method"):
+        _cfg(tofu_env, methods="magic").validate()
+    with pytest.raises(ConfigError, match="ranks"):
+        _cfg(tofu_env, ranks=[0]).validate()
+    for name in ("cpu", "paper"):
+        load_tofu_bench_config(name).validate()
