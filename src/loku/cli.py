@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
                                                                   "tofu, mia")))
     from .finetune import add_arguments as add_finetune_arguments
+    from .reveal import add_arguments as add_reveal_arguments
+
+    add_reveal_arguments(_add_debug(sub.add_parser(
+        "reveal", help="make a forget set from what the model reveals about a request (description / fragments)")))
 
     add_finetune_arguments(_add_debug(sub.add_parser(
         "finetune", help="fine-tune a model on question/answer or text data (TOFU's target and reference models)")))
@@ -103,6 +107,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .evaluate import run_eval_command
 
         return run_eval_command(args)
+    if args.command == "reveal":
+        from .reveal import run as run_reveal
+
+        return run_reveal(args)
     if args.command == "finetune":
         from .finetune import run as run_finetune
 

@@ -1,0 +1,438 @@
+"""`loku reveal`: a forget set the model generates itself (docs/algorithms.md §9, Reveal-and-Release).
+
+A deletion request rarely comes with the exact memorized text: the requester has a description and
+maybe fragments. Here the model is asked, with instructions filled from the request, to reveal what it
+knows; what it reveals becomes the forget set.
+
+* **Arms**: every (template, fragment) pair: built-in templates (continue a fragment, recite the text
+  that starts with it, complete it, tell what is known about the description, ...) filled from the
+  request, plus the user's own templates (``{fragment}`` and ``{description}`` are filled).
+* **A query** samples one continuation of the arm's prompt (temperature sampling, seeded), so pulling
+  an arm again can reveal something else.
+* **Reward** (registry :data:`REWARDS`, the weights are options): ``overlap`` (share of the
+  generation's n-grams found in the request's fragments or description), ``confidence`` (exp of minus
+  the model's mean NLL of its own generation: memorized text comes out confidently), ``similarity``
+  (cosine of the mean last hidden states of generation and request), all measurable without the hidden
+  text; the weighted sum is multiplied by ``novelty`` (share of the generation's n-grams not collected
+  yet), so repeating what is already there earns nothing.
+* **Selection** (registry :data:`SELECTORS`): ``neural-ucb`` (Zhou et al. 2020: a one-hidden-layer
+  network on the arm's features predicts the reward; UCB bonus nu sqrt(g^T Z^-1 g / m) with g the
+  network's gradient and Z = lambda I + sum g g^T kept diagonal, as the paper's experiments do),
+  ``ucb1`` and ``random`` to compare. Arm features: the template (one-hot) and the normalised mean
+  hidden state of the filled prompt.
+
+The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
+forget set, written as JSONL with their scores and the query history; seeds and settings recorded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, DataError
+from .registry import Registry
+
+__all__ = ["BUILTIN_TEMPLATES", "NeuralUCB", "REWARDS", "RevealSettings", "Request", "SELECTORS", "UCB1",
+           "add_arguments", "load_request", "ngram_recall", "reveal", "run", "write_revealed"]
+
+BUILTIN_TEMPLATES = {
+    "continue": "{fragment}",
+    "recite": "Recite the text that begins with: {fragment}\n{fragment}",
+    "complete": "Complete the following text exactly.\n{fragment}",
+    "about": "Here is what is known about {description}:\n",
+    "document": "{description}\n\n{fragment}",
+}
+
+
+@dataclass
+class Request:
+    """What the requester knows: a description and/or fragments of the text to forget."""
+
+    description: str = ""
+    fragments: list[str] = field(default_factory=list)
+    source: str = "request"
+
+    def texts(self) -> list[str]:
+        return [t for t in [self.description, *self.fragments] if t.strip()]
+
+
+def load_request(path: str | Path) -> Request:
+    """A request file: JSON/YAML ``{description, fragments}``, or text (first line the description,
+    each further non-empty line a fragment)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: request file not found")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix in (".json", ".yaml", ".yml"):
+        import yaml
+
+        try:
+            values = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: invalid {path.suffix[1:].upper()} ({' '.join(str(err).split())})") from None
+        if not isinstance(values, dict) or set(values) - {"description", "fragments"}:
+            raise DataError(f"{path}: a request is a mapping with `description` and/or `fragments` (a list)")
+        fragments = values.get("fragments") or []
+        if isinstance(fragments, str) or not all(isinstance(f, str) for f in fragments):
+            raise DataError(f"{path}: `fragments` must be a list of texts")
+        request = Request(str(values.get("description") or ""), list(fragments), str(path))
+    else:
+        lines = [line.strip() for line in raw.splitlines()]
+        request = Request(lines[0] if lines else "", [line for line in lines[1:] if line], str(path))
+    if not request.texts():
+        raise DataError(f"{path}: the request is empty; give a description or at least one fragment")
+    return request
+
+
+@dataclass
+class RevealSettings:
+    budget: int = 64  # queries (one sampled generation each)
+    selector: str = "neural-ucb"
+    templates: dict[str, str] = field(default_factory=lambda: dict(BUILTIN_TEMPLATES))
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_k: int = 40
+    n: int = 4  # n of the n-gram rewards
+    weights: dict[str, float] = field(default_factory=lambda: {"overlap": 0.3, "confidence": 0.3, "similarity": 0.4})
+    min_reward: float = 0.05  # generations below it are not collected
+    exploration: float = 1.0  # UCB's nu (neural-ucb) or c (ucb1)
+    seed: int = 0
+
+    def validate(self) -> "RevealSettings":
+        if self.budget < 1:
+            raise ConfigError(f"--budget must be at least 1 query, got {self.budget}")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"--selector must be one of {', '.join(SELECTORS.names())}, got {self.selector!r}")
+        unknown = sorted(set(self.weights) - set(REWARDS.names()))
+        if unknown or not self.weights:
+            raise ConfigError(f"unknown reward(s) {', '.join(unknown) or '(none)'}; choose from "
+                              f"{', '.join(REWARDS.names())}")
+        if self.max_new_tokens < self.n or self.temperature <= 0 or self.top_k < 1:
+            raise ConfigError("max_new_tokens must be >= n, temperature > 0, top_k >= 1")
+        return self
+
+
+# --------------------------------------------------------------------------- rewards (pure, registry)
+
+
+def ngrams(ids: Sequence[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)}
+
+
+def ngram_recall(truth: Sequence[int], found: Sequence[Sequence[int]], n: int) -> float:
+    """Share of ``truth``'s n-grams that occur in any of ``found`` (how much of a hidden text was revealed)."""
+    want = ngrams(truth, n)
+    have = set().union(*(ngrams(f, n) for f in found)) if found else set()
+    return len(want & have) / len(want) if want else 0.0
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # the generated tokens
+    mean_nll: float  # the model's mean NLL of its own generation
+    hidden: Tensor  # mean last hidden state of the generation [H]
+
+
+@dataclass
+class RewardInputs:
+    generation: Generation
+    request_ngrams: set  # n-grams of the request's fragments and description
+    request_hidden: Tensor  # mean last hidden state of the request's texts [H]
+    n: int
+
+
+REWARDS: Registry[Callable[[RewardInputs], float]] = Registry("reward")
+
+
+@REWARDS.register("overlap")
+def _overlap(x: RewardInputs) -> float:
+    grams = [tuple(x.generation.ids[i:i + x.n]) for i in range(len(x.generation.ids) - x.n + 1)]
+    return sum(g in x.request_ngrams for g in grams) / len(grams) if grams else 0.0
+
+
+@REWARDS.register("confidence")
+def _confidence(x: RewardInputs) -> float:
+    return math.exp(-x.generation.mean_nll)
+
+
+@REWARDS.register("similarity")
+def _similarity(x: RewardInputs) -> float:
+    return max(0.0, float(torch.nn.functional.cosine_similarity(x.generation.hidden, x.request_hidden, dim=0)))
+
+
+def novelty(ids: Sequence[int], collected: set, n: int) -> float:
+    grams = ngrams(ids, n)
+    return len(grams - collected) / len(grams) if grams else 0.0
+
+
+# --------------------------------------------------------------------------- instruction selection (registry)
+
+
+class UCB1:
+    """Auer et al.: pull every arm once, then the one with the largest mean + c sqrt(2 ln t / n_a)."""
+
+    def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0) -> None:
+        self.counts = [0] * len(features)
+        self.sums = [0.0] * len(features)
+        self.c = exploration
+
+    def select(self, t: int) -> int:
+        for arm, count in enumerate(self.counts):
+            if count == 0:
+                return arm
+        return max(range(len(self.counts)), key=lambda a: self.sums[a] / self.counts[a]
+                   + self.c * math.sqrt(2 * math.log(t + 1) / self.counts[a]))
+
+    def update(self, arm: int, reward: float) -> None:
+        self.counts[arm] += 1
+        self.sums[arm] += reward
+
+
+class RandomSelector(UCB1):
+    """Uniformly random arms (the baseline)."""
+
+    def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0) -> None:
+        super().__init__(features, exploration, seed)
+        self.rng = random.Random(seed)
+
+    def select(self, t: int) -> int:
+        return self.rng.randrange(len(self.counts))
+
+
+class NeuralUCB:
+    """Zhou, Li & Gu (2020), with the diagonal Z of their experiments: f(x) = sqrt(m) w^T relu(W x) (m hidden
+    units), the UCB bonus nu sqrt(sum_j g_j^2 / Z_j / m) with g = grad f, Z = lambda + the sum of the squared
+    gradients of the arms pulled, and the network refitted after every observation by a few Adam steps on
+    every (features, reward) seen, with m * l2 * ||theta - theta_0||^2 keeping it near its start."""
+
+    def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0, hidden: int = 32,
+                 reg: float = 1.0, l2: float = 1e-3, steps: int = 20, lr: float = 1e-2) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = features.float()
+        d = self.x.shape[1]
+        self.m, self.nu, self.reg, self.l2, self.steps, self.lr = hidden, exploration, reg, l2, steps, lr
+        self.w1 = (torch.randn(hidden, d, generator=g) * math.sqrt(2.0 / d)).requires_grad_()
+        self.w2 = (torch.randn(hidden, generator=g) / hidden).requires_grad_()
+        self.start = [self.w1.detach().clone(), self.w2.detach().clone()]
+        self.z = [torch.full_like(self.w1, reg), torch.full_like(self.w2, reg)]
+        self.seen: list[tuple[int, float]] = []
+
+    def _f(self, x: Tensor) -> Tensor:
+        return (torch.relu(x @ self.w1.T) @ self.w2) * math.sqrt(self.m)
+
+    def _grads(self, arm: int) -> list[Tensor]:
+        value = self._f(self.x[arm])
+        return list(torch.autograd.grad(value, [self.w1, self.w2]))
+
+    def select(self, t: int) -> int:
+        best, best_score = 0, -math.inf
+        with torch.no_grad():
+            predicted = self._f(self.x)
+        for arm in range(len(self.x)):
+            grads = self._grads(arm)
+            bonus = math.sqrt(sum(float((gr.pow(2) / z).sum()) for gr, z in zip(grads, self.z)) / self.m)
+            score = float(predicted[arm]) + self.nu * bonus
+            if score > best_score:
+                best, best_score = arm, score
+        return best
+
+    def update(self, arm: int, reward: float) -> None:
+        for z, gr in zip(self.z, self._grads(arm)):
+            z += gr.pow(2)
+        self.seen.append((arm, reward))
+        arms = torch.tensor([a for a, _ in self.seen])
+        rewards = torch.tensor([r for _, r in self.seen])
+        opt = torch.optim.Adam([self.w1, self.w2], lr=self.lr)
+        for _ in range(self.steps):
+            loss = (self._f(self.x[arms]) - rewards).pow(2).sum() + self.l2 * self.m * sum(
+                (p - p0).pow(2).sum() for p, p0 in zip((self.w1, self.w2), self.start))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+SELECTORS: Registry[type] = Registry("selector")
+SELECTORS.register("neural-ucb")(NeuralUCB)
+SELECTORS.register("ucb1")(UCB1)
+SELECTORS.register("random")(RandomSelector)
+
+
+# --------------------------------------------------------------------------- the model's side
+
+
+@torch.no_grad()
+def _mean_hidden(model, ids: list[int]) -> Tensor:
+    out = model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), output_hidden_states=True)
+    return out.hidden_states[-1][0].float().mean(0).cpu()
+
+
+@torch.no_grad()
+def _sample(model, prompt: list[int], settings: RevealSettings, generator: torch.Generator,
+            eos: set[int]) -> Generation:
+    """One temperature / top-k sample of ``max_new_tokens`` tokens (stops at EOS), with its mean NLL under
+    the model (at temperature 1) and its mean hidden state. Sampling uses a private seeded generator."""
+    device = next(model.parameters()).device
+    ids, nll = list(prompt), []
+    for _ in range(settings.max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+        logp = torch.log_softmax(logits, -1)
+        top = torch.topk(logits / settings.temperature, settings.top_k)
+        choice = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)])
+        if choice in eos:
+            break
+        nll.append(-float(logp[choice]))
+        ids.append(choice)
+    new = ids[len(prompt):]
+    hidden = _mean_hidden(model, new) if new else torch.zeros(1)
+    return Generation(new, sum(nll) / len(nll) if nll else math.inf, hidden)
+
+
+def _arms(request: Request, templates: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(template name, fragment, filled prompt) of every template and fragment it can be filled with."""
+    arms = []
+    for name, template in templates.items():
+        needs_fragment, needs_description = "{fragment}" in template, "{description}" in template
+        if needs_description and not request.description:
+            continue
+        for fragment in (request.fragments if needs_fragment else [""]):
+            arms.append((name, fragment, template.replace("{fragment}", fragment).replace(
+                "{description}", request.description)))
+    if not arms:
+        raise ConfigError("no instruction can be filled from this request (templates need a {fragment} or a "
+                          "{description} the request has)")
+    return arms
+
+
+def reveal(model, tokenizer, request: Request, settings: RevealSettings | None = None, *,
+           retain_texts: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Query the model ``settings.budget`` times, arms chosen by the selector; returns the collected
+    forget set (``items``), every query (``history``) and what was refused (retain texts, repeats)."""
+    from .lm import context_length, encode, eos_token_ids, progress_bar
+
+    settings = (settings or RevealSettings()).validate()
+    model.eval()
+    ctx = context_length(model)
+    for text in request.texts():
+        if len(encode(tokenizer, text, special=True)) + settings.max_new_tokens > ctx:
+            raise DataError(f"{request.source}: a description or fragment of "
+                            f"{len(encode(tokenizer, text, special=True))} tokens plus {settings.max_new_tokens} "
+                            f"new tokens is longer than the model's context ({ctx}); shorten it")
+    arms = _arms(request, settings.templates)
+    prompts = [encode(tokenizer, prompt, special=True) for _, _, prompt in arms]
+    names = list(settings.templates)
+    onehot = torch.eye(len(names))[[names.index(name) for name, _, _ in arms]]
+    hidden = torch.stack([_mean_hidden(model, p) for p in prompts])
+    features = torch.cat([onehot, torch.nn.functional.normalize(hidden, dim=1)], dim=1)
+    selector = SELECTORS.get(settings.selector)(features, exploration=settings.exploration, seed=settings.seed)
+    request_ids = [encode(tokenizer, t, special=False) for t in request.texts()]
+    request_ngrams = set().union(*(ngrams(ids, settings.n) for ids in request_ids))
+    request_hidden = torch.stack([_mean_hidden(model, ids) for ids in request_ids if ids]).mean(0)
+    retain = {" ".join(t.split()) for t in retain_texts}
+    eos = set(eos_token_ids(model, tokenizer))
+    generator = torch.Generator().manual_seed(settings.seed)
+    collected: set = set()
+    items, history, refused = [], [], {"retain_verbatim": 0, "below_min_reward": 0, "empty": 0}
+    started = time.time()
+    for t in progress_bar(range(settings.budget), total=settings.budget, desc="revealing", enabled=progress):
+        arm = selector.select(t)
+        gen = _sample(model, prompts[arm], settings, generator, eos)
+        x = RewardInputs(gen, request_ngrams, request_hidden, settings.n)
+        parts = {name: REWARDS.get(name)(x) for name in settings.weights} if gen.ids else {}
+        new = novelty(gen.ids, collected, settings.n)
+        reward = new * sum(settings.weights[k] * v for k, v in parts.items()) if gen.ids else 0.0
+        selector.update(arm, reward)
+        text = tokenizer.decode(gen.ids, skip_special_tokens=True).strip()
+        record = {"query": t, "arm": arm, "template": arms[arm][0], "fragment": arms[arm][1], "reward": reward,
+                  "novelty": new, **parts, "text": text}
+        history.append(record)
+        if not gen.ids or not text:
+            refused["empty"] += 1
+        elif " ".join(text.split()) in retain:
+            refused["retain_verbatim"] += 1
+        elif reward < settings.min_reward:
+            refused["below_min_reward"] += 1
+        else:
+            items.append({**record, "ids": gen.ids})
+            collected |= ngrams(gen.ids, settings.n)
+    return {"items": items, "history": history, "refused": refused, "arms": len(arms),
+            "settings": asdict(settings), "request": asdict(request), "seconds": time.time() - started}
+
+
+def write_revealed(result: dict[str, Any], out: str | Path) -> Path:
+    """OUT/forget.jsonl (one ``{"text", ...scores}`` per collected item: ready for ``loku unlearn --forget``)
+    and OUT/reveal.json (settings, request, every query, refusals, versions), atomically."""
+    from .provenance import library_versions
+    from .save import atomic_dir, atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        atomic_write_text(tmp / "forget.jsonl", "".join(
+            json.dumps({k: v for k, v in item.items() if k != "ids"}, ensure_ascii=False) + "\n"
+            for item in result["items"]))
+        atomic_write_json(tmp / "reveal.json", {**{k: v for k, v in result.items() if k != "items"},
+                                                "collected": len(result["items"]), "versions": library_versions()})
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser) -> Any:
+    parser.add_argument("--request", required=True, help="the request: JSON/YAML {description, fragments} or text "
+                                                          "(first line the description, then one fragment a line)")
+    parser.add_argument("--model", default="smollm2-135m", help="the model to ask [default: smollm2-135m]")
+    parser.add_argument("--out", required=True, help="output folder: forget.jsonl (for loku unlearn) and reveal.json")
+    parser.add_argument("--budget", type=int, default=64, help="queries (one sampled generation each) [default: 64]")
+    parser.add_argument("--selector", default="neural-ucb", help=f"instruction selection: {', '.join(SELECTORS.names())}"
+                                                                  " [default: neural-ucb]")
+    parser.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
+                        help="an instruction of your own ({fragment} and {description} are filled); repeatable")
+    parser.add_argument("--only-templates", default=None, help="keep only these templates (comma-separated names)")
+    parser.add_argument("--retain", default=None, help="texts never to collect verbatim (any loku data file)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per generation [default: 48]")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature [default: 0.7]")
+    parser.add_argument("--min-reward", type=float, default=0.05, help="generations below are not collected")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and selection [default: 0]")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off: safe)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return parser
+
+
+def run(args) -> int:
+    from .data import load_text_set
+    from .models import load_model
+    from .save import check_output_dir
+
+    request = load_request(args.request)
+    templates = dict(BUILTIN_TEMPLATES)
+    for given in args.template:
+        name, sep, text = given.partition("=")
+        if not sep or not name or not text:
+            raise ConfigError(f"--template {given!r}: write it NAME=TEXT, e.g. --template 'cite=As written in "
+                              "{description}:'")
+        templates[name] = text
+    if args.only_templates:
+        keep = [n.strip() for n in args.only_templates.split(",") if n.strip()]
+        unknown = [n for n in keep if n not in templates]
+        if unknown:
+            raise ConfigError(f"--only-templates: unknown template(s) {', '.join(unknown)}; have {', '.join(templates)}")
+        templates = {n: templates[n] for n in keep}
+    settings = RevealSettings(budget=args.budget, selector=args.selector, templates=templates,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              min_reward=args.min_reward, seed=args.seed).validate()
+    retain = load_text_set(args.retain, "retain").texts if args.retain else []
+    check_output_dir(args.out, False)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress)
+    result = reveal(model, tokenizer, request, settings, retain_texts=retain, progress=args.progress)
+    out = write_revealed(result, args.out)
+    print(f"loku: {len(result['items'])} generations collected from {settings.budget} queries over "
+          f"{result['arms']} instructions; forget set in {out / 'forget.jsonl'}")
+    return 0 if result["items"] else 3

@@ -1,0 +1,119 @@
+"""`loku reveal` (docs/algorithms.md §9, Reveal-and-Release): arms, rewards, bandits, and on a tiny model that
+memorized known sequences, the revealed set recovers them from prefixes alone."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from loku.errors import ConfigError, DataError
+from loku.reveal import (NeuralUCB, RandomSelector, Request, RevealSettings, UCB1, load_request, ngram_recall,
+                         novelty, reveal, write_revealed)
+from tiny_models import make_tiny_model, memorize, random_sequences, texts_of, word_tokenizer
+
+
+def test_ngram_recall_and_novelty():
+    assert ngram_recall([1, 2, 3, 4, 5], [[9, 2, 3, 4], [4, 5]], 2) == pytest.approx(3 / 4)
+    assert ngram_recall([1, 2], [], 2) == 0.0
+    assert novelty([1, 2, 3], {(1, 2)}, 2) == pytest.approx(0.5)
+
+
+def _bandit(selector_cls, means, steps, seed):
+    """A Bernoulli bandit with arm features = one-hot; the share of pulls of the best arm."""
+    g = torch.Generator().manual_seed(seed)
+    selector = selector_cls(torch.eye(len(means)), exploration=0.5, seed=seed)
+    best = max(range(len(means)), key=means.__getitem__)
+    pulls = 0
+    for t in range(steps):
+        arm = selector.select(t)
+        pulls += arm == best
+        selector.update(arm, float(torch.rand(1, generator=g) < means[arm]))
+    return pulls / steps
+
+
+def test_ucb_selectors_find_the_best_arm_more_often_than_random():
+    """The mechanics on a clear gap, averaged over seeds (not one lucky run)."""
+    means = [0.1, 0.2, 0.9, 0.3]
+    shares = {cls.__name__: sum(_bandit(cls, means, 60, s) for s in range(3)) / 3
+              for cls in (UCB1, NeuralUCB, RandomSelector)}
+    assert shares["RandomSelector"] < 0.45
+    assert shares["UCB1"] > shares["RandomSelector"] + 0.2
+    assert shares["NeuralUCB"] > shares["RandomSelector"] + 0.2
+
+
+@pytest.fixture(scope="module")
+def memorized_model():
+    torch.manual_seed(0)
+    model = make_tiny_model("llama", seed=0)
+    seqs = random_sequences(4, 16, seed=3)
+    memorize(model, seqs, steps=300)
+    return model, word_tokenizer(), seqs
+
+
+def test_reveal_recovers_memorized_text_from_prefixes(memorized_model, tmp_path):
+    model, tokenizer, seqs = memorized_model
+    texts = texts_of(seqs)
+    request = Request("", [" ".join(t.split()[:4]) for t in texts])  # a 4-token prefix of each
+    settings = RevealSettings(budget=24, selector="ucb1", templates={"continue": "{fragment}"}, max_new_tokens=12,
+                              temperature=0.3, min_reward=0.0, seed=0)
+    result = reveal(model, tokenizer, request, settings, retain_texts=[])
+    found = [item["ids"] for item in result["items"]]
+    recalls = [ngram_recall(s[4:].tolist(), found, 4) for s in seqs]
+    assert sum(recalls) / len(recalls) > 0.5, recalls
+    assert len(result["history"]) == 24 and result["arms"] == 4
+    out = write_revealed(result, tmp_path / "revealed")
+    rows = [json.loads(line) for line in (out / "forget.jsonl").read_text().splitlines()]
+    assert rows and all("text" in r and "reward" in r for r in rows)
+    assert json.loads((out / "reveal.json").read_text())["settings"]["seed"] == 0
+
+
+def test_a_retain_text_is_never_collected(memorized_model):
+    model, tokenizer, seqs = memorized_model
+    texts = texts_of(seqs)
+    request = Request("", [" ".join(texts[0].split()[:4])])
+    settings = RevealSettings(budget=6, selector="random", templates={"continue": "{fragment}"}, max_new_tokens=12,
+                              temperature=0.05, min_reward=0.0)
+    retained = [" ".join(texts[0].split()[4:])]
+    result = reveal(model, tokenizer, request, settings, retain_texts=retained)
+    assert all(" ".join(i["text"].split()) not in retained for i in result["items"])
+    assert result["refused"]["retain_verbatim"] >= 1
+
+
+def test_bad_requests_and_settings(memorized_model, tmp_path):
+    model, tokenizer, _ = memorized_model
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty"):
+        load_request(tmp_path / "empty.txt")
+    (tmp_path / "r.json").write_text(json.dumps({"description": "x", "fragments": "not a list"}))
+    with pytest.raises(DataError, match="list of texts"):
+        load_request(tmp_path / "r.json")
+    (tmp_path / "r.txt").write_text("the licence of project y\nw5 w6 w7\n")
+    request = load_request(tmp_path / "r.txt")
+    assert request.description == "the licence of project y" and request.fragments == ["w5 w6 w7"]
+    with pytest.raises(ConfigError, match="budget"):
+        reveal(model, tokenizer, request, RevealSettings(budget=0))
+    long = Request(" ".join(["w5"] * 80), [])
+    with pytest.raises(DataError, match="longer than the model's context"):
+        reveal(model, tokenizer, long, RevealSettings(budget=1))
+    with pytest.raises(ConfigError, match="no instruction"):
+        reveal(model, tokenizer, Request("", ["w5 w6"]), RevealSettings(budget=1, templates={"about": "{description}"}))
+    assert math.isfinite(RevealSettings().exploration)
+
+
+def test_cli_reveal_writes_a_forget_set_loku_unlearn_reads(memorized_model, tmp_path, capsys):
+    from loku.cli import main
+    from loku.data import load_text_set
+
+    model, tokenizer, seqs = memorized_model
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.json").write_text(json.dumps({"fragments": [" ".join(texts_of(seqs)[0].split()[:4])]}))
+    code = main(["reveal", "--request", str(tmp_path / "r.json"), "--model", str(tmp_path / "m"), "--out",
+                 str(tmp_path / "out"), "--budget", "4", "--selector", "ucb1", "--only-templates", "continue",
+                 "--max-new-tokens", "8", "--min-reward", "0", "--no-progress"])
+    assert code == 0 and "generations collected" in capsys.readouterr().out
+    assert load_text_set(tmp_path / "out" / "forget.jsonl", "forget").texts
+    assert main(["reveal", "--request", str(tmp_path / "r.json"), "--model", str(tmp_path / "m"), "--out",
+                 str(tmp_path / "o2"), "--template", "broken"]) == 2
