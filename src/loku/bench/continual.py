@@ -35,8 +35,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, DataError
 from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
 from .planting import PlantingRecipe
-from .tdec import (EvalSubsets, Store, _read_json, _section, claim_folder, config_values, downstream, existing_folder,
-                   machine)
+from .tdec import EvalSubsets, Store, _read_json, _section, config_values, downstream, existing_folder
 
 __all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
 
@@ -320,55 +319,25 @@ def run_continual(cfg: ContinualConfig, out: str | Path, *, progress: bool = Tru
                   command: list[str] | None = None, report_only: bool = False, model=None,
                   tokenizer=None) -> dict[str, Any]:
     """Run (or continue) the continual bench in ``out``; returns the summary of results.json."""
-    from ..save import atomic_write_json
     from .continual_report import write_outputs
+    from .jobs import open_bench
 
-    cfg.validate()
-    data = cfg.check_data()
-    out = Path(out)
-    record = claim_folder(out, cfg, data)
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
+                                  variants=list(cfg.variants))
     started = time.time()
     if not report_only:
-        history_file = out / "invocations.json"
-        history = _read_json(history_file) if history_file.is_file() else []
-        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-                        "variants": list(cfg.variants), "jobs": jobs})
-        atomic_write_json(history_file, history)
         say(f"loku bench continual: planting {cfg.requests} requests into {cfg.model} (cached) and measuring it")
         shared = prepare(cfg, out, say, model=model, tokenizer=tokenizer)
         pending = [v for v in cfg.variants if not (out / "variants" / f"{v}.json").is_file()]
         if jobs > 1 and len(pending) > 1:
-            _run_in_processes(cfg, out, pending, jobs, say)
+            from .jobs import run_tasks
+
+            run_tasks(_variant_task, [(cfg, str(out), v) for v in pending], jobs, what="variant")
         for variant in cfg.variants:  # serial, or the finished ones read back
             run_variant(cfg, out, variant, shared, say, progress)
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
     say(f"loku bench continual: results in {out / 'results.md'}")
     return summary
-
-
-def _run_in_processes(cfg: ContinualConfig, out: Path, variants: list[str], jobs: int,
-                      say: Callable[[str], None]) -> None:
-    import concurrent.futures
-    import multiprocessing
-
-    from .jobs import BenchTasksFailed, _start_worker, threads_per_job
-
-    failures = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker,
-                                                initargs=(threads_per_job(jobs),)) as pool:
-        futures = {pool.submit(_variant_task, cfg, str(out), v): v for v in variants}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                future.result()
-            except concurrent.futures.BrokenExecutor:
-                raise
-            except Exception as err:  # noqa: BLE001 - reported together below
-                failures.append(f"{futures[future]}: {type(err).__name__}: {err}")
-    if failures:
-        raise BenchTasksFailed(f"{len(failures)} variant(s) failed (finished ones are kept; rerun to retry): "
-                               + "; ".join(failures))
 
 
 def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
@@ -384,31 +353,22 @@ def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .jobs import add_common_arguments
+
     parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo-125M, "
                                                         "a GPU) or a YAML file [default: cpu]")
-    parser.add_argument("--out", default=None, help="bench folder [default: runs/bench-continual-NAME]")
-    parser.add_argument("--model", default=None, help="model instead of the config's")
-    parser.add_argument("--seed", type=int, default=None, help="seed of unlearning")
-    parser.add_argument("--data-dir", default=None, help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
-    parser.add_argument("--cache-dir", default=None, help="where planted models are cached [default: $LOKU_CACHE]")
-    parser.add_argument("--jobs", type=int, default=1, help="variants run side by side in this many processes")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
-    parser.add_argument("--report-only", action="store_true", help="only write results from the finished variants")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    add_common_arguments(parser, "continual", "planted models")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from .jobs import command_line, finish_command
+
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     cfg = load_continual_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
                                               "cache_dir": args.cache_dir}, smoke=args.smoke)
     out = args.out or f"runs/bench-continual-{cfg.name}"
-    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
-    summary = run_continual(cfg, out, progress=args.progress, jobs=args.jobs, command=command,
+    summary = run_continual(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
                             report_only=args.report_only)
-    if summary["missing"]:
-        print(f"loku bench continual: {len(summary['missing'])} variant(s) missing in {out}", file=sys.stderr)
-        return 3 if args.report_only else 1
-    print(f"loku bench continual: wrote {Path(out) / 'results.md'}")
-    return 0
+    return finish_command("continual", summary, out, args.report_only)

@@ -20,12 +20,14 @@ import concurrent.futures
 import multiprocessing
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import LokuError
 
-__all__ = ["BenchTasksFailed", "run_in_processes", "threads_per_job"]
+__all__ = ["BenchTasksFailed", "add_common_arguments", "finish_command", "run_in_processes", "run_tasks",
+           "threads_per_job"]
 
 
 class BenchTasksFailed(LokuError):
@@ -68,6 +70,72 @@ def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], p
     if failures:
         raise BenchTasksFailed(f"{len(failures)} bench task(s) failed (finished results are kept; rerun to retry): "
                                + "; ".join(failures))
+
+
+def run_tasks(function: Callable, tasks: list[tuple], jobs: int, what: str = "task") -> None:
+    """``function(*task)`` for every task, in ``jobs`` spawned worker processes (one share of the cores each).
+    A failed task does not stop the others; the failures are raised together at the end."""
+    failures = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker,
+                                                initargs=(threads_per_job(jobs),)) as pool:
+        futures = {pool.submit(function, *task): task for task in tasks}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+            except concurrent.futures.BrokenExecutor:  # a worker died (killed, out of memory): stop
+                raise
+            except Exception as err:  # noqa: BLE001 - reported together below
+                failures.append(f"{futures[future]}: {type(err).__name__}: {err}")
+    if failures:
+        raise BenchTasksFailed(f"{len(failures)} {what}(s) failed (finished ones are kept; rerun to retry): "
+                               + "; ".join(failures))
+
+
+def add_common_arguments(parser, bench: str, cached: str) -> None:
+    """The flags every `loku bench` shares (--data-dir, --cache-dir, --jobs, --smoke, --report-only, ...)."""
+    parser.add_argument("--out", default=None, help=f"bench folder (resumable) [default: runs/bench-{bench}-NAME]")
+    parser.add_argument("--model", default=None, help="model instead of the config's")
+    parser.add_argument("--seed", type=int, default=None, help="seed of unlearning (and fine-tuning)")
+    parser.add_argument("--data-dir", default=None, help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
+    parser.add_argument("--cache-dir", default=None, help=f"where {cached} are cached [default: $LOKU_CACHE]")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes side by side, the cores shared out")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
+    parser.add_argument("--report-only", action="store_true", help="only write the results of the finished runs")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+
+
+def finish_command(bench: str, summary: dict, out: str, report_only: bool) -> int:
+    """The exit code of a bench command: 0 when nothing is missing (1, or 3 with --report-only, else)."""
+    if summary["missing"]:
+        print(f"loku bench {bench}: {len(summary['missing'])} result(s) missing in {out}", file=sys.stderr)
+        return 3 if report_only else 1
+    print(f"loku bench {bench}: wrote {Path(out) / 'results.md'}")
+    return 0
+
+
+def open_bench(cfg, out, *, progress: bool, command: list[str] | None, jobs: int, report_only: bool,
+               **recorded) -> tuple[Path, dict, Callable[[str], None]]:
+    """Validate ``cfg``, check its data, claim the folder ``out`` and (unless ``report_only``) add this
+    invocation to OUT/invocations.json. Returns (the folder, its bench record, the progress printer)."""
+    from ..save import atomic_write_json
+    from .tdec import _read_json, claim_folder, machine
+
+    cfg.validate()
+    data = cfg.check_data()
+    out = Path(out)
+    record = claim_folder(out, cfg, data)
+    if not report_only:
+        history_file = out / "invocations.json"
+        history = _read_json(history_file) if history_file.is_file() else []
+        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+                        "jobs": jobs, **recorded})
+        atomic_write_json(history_file, history)
+    return out, record, (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+
+
+def command_line() -> list[str]:
+    return ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
 
 
 # --------------------------------------------------------------------------- in the worker

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
-from .tdec import Store, _read_json, claim_folder, config_values, existing_folder, machine
+from .tdec import Store, _read_json, config_values, existing_folder
 
 __all__ = ["TofuBenchConfig", "author_rows", "load_tofu_bench_config", "run", "run_tofu_bench"]
 
@@ -340,25 +340,20 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
 
 def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = True, jobs: int = 1,
                    command: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
-    from ..save import atomic_write_json
+    """Run (or continue) the TOFU bench in ``out``; returns the summary of results.json."""
+    from .jobs import open_bench
     from .tofu_report import write_outputs
 
-    cfg.validate()
-    data = cfg.check_data()
-    out = Path(out)
-    record = claim_folder(out, cfg, data)
-    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
+                                  runs=len(cfg.runs()))
     started = time.time()
     if not report_only:
-        history_file = out / "invocations.json"
-        history = _read_json(history_file) if history_file.is_file() else []
-        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-                        "runs": len(cfg.runs()), "jobs": jobs})
-        atomic_write_json(history_file, history)
         shared = prepare(cfg, out, say)
         pending = [r for r in cfg.runs() if not _result_path(out, *r).is_file()]
         if jobs > 1 and len(pending) > 1:
-            _run_in_processes(cfg, out, pending, jobs, say)
+            from .jobs import run_tasks
+
+            run_tasks(_task, [(cfg, str(out), *r) for r in pending], jobs, what="run")
         for split, method, rank in cfg.runs():  # serial, or the finished ones read back
             run_one(cfg, out, split, method, rank, shared, say, progress)
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
@@ -368,29 +363,6 @@ def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = Tr
 
 def _result_path(out: Path, split: str, method: str, rank: int | None) -> Path:
     return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
-
-
-def _run_in_processes(cfg: TofuBenchConfig, out: Path, runs: list, jobs: int, say: Callable[[str], None]) -> None:
-    import concurrent.futures
-    import multiprocessing
-
-    from .jobs import BenchTasksFailed, _start_worker, threads_per_job
-
-    failures = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker,
-                                                initargs=(threads_per_job(jobs),)) as pool:
-        futures = {pool.submit(_task, cfg, str(out), *r): r for r in runs}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                future.result()
-            except concurrent.futures.BrokenExecutor:
-                raise
-            except Exception as err:  # noqa: BLE001 - reported together below
-                failures.append(f"{'/'.join(map(str, futures[future]))}: {type(err).__name__}: {err}")
-    if failures:
-        raise BenchTasksFailed(f"{len(failures)} run(s) failed (finished ones are kept; rerun to retry): "
-                               + "; ".join(failures))
 
 
 _worker_shared: dict[str, Any] = {}
@@ -411,24 +383,20 @@ def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .jobs import add_common_arguments
+
     parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M, a TOFU subset, 2 CPU cores), paper "
                                                         "(Phi-1.5 / Llama-2-7B, full TOFU, a GPU) or a YAML file")
-    parser.add_argument("--out", default=None, help="bench folder [default: runs/bench-tofu-NAME]")
-    parser.add_argument("--model", default=None, help="model instead of the config's")
     parser.add_argument("--methods", default=None, help="methods, comma-separated")
     parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (e.g. 4,8,16,32)")
     parser.add_argument("--forget-splits", dest="forget_splits", default=None, help="forget01,forget05,forget10")
-    parser.add_argument("--seed", type=int, default=None, help="seed of fine-tuning and unlearning")
-    parser.add_argument("--data-dir", default=None, help="shared data folder [default: $LOKU_DATA_DIR or ../shared/data]")
-    parser.add_argument("--cache-dir", default=None, help="where target and reference models are cached")
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side in this many processes")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds on a tiny model; CI)")
-    parser.add_argument("--report-only", action="store_true", help="only write results from the finished runs")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    add_common_arguments(parser, "tofu", "target and reference models")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from .jobs import command_line, finish_command
+
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     cfg = load_tofu_bench_config(args.config, {"model": args.model, "methods": args.methods, "ranks": args.ranks,
@@ -436,11 +404,6 @@ def run(args: argparse.Namespace) -> int:
                                                "data_dir": args.data_dir, "cache_dir": args.cache_dir},
                                  smoke=args.smoke)
     out = args.out or f"runs/bench-tofu-{cfg.name}"
-    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
-    summary = run_tofu_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command,
+    summary = run_tofu_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
                              report_only=args.report_only)
-    if summary["missing"]:
-        print(f"loku bench tofu: {len(summary['missing'])} run(s) missing in {out}", file=sys.stderr)
-        return 3 if args.report_only else 1
-    print(f"loku bench tofu: wrote {Path(out) / 'results.md'}")
-    return 0
+    return finish_command("tofu", summary, out, args.report_only)
