@@ -74,5 +74,7 @@ def test_bad_continual_input(bench_env, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="variant broken"):
         run_continual(_cfg(bench_env, variants={"broken": {"method": "full-gd", "strategy": "magic"}}),
                       tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="no bench here"):
+        run_continual(_cfg(bench_env), tmp_path / "never-run", progress=False, report_only=True)
     for name in ("cpu", "paper"):
         load_continual_config(name).validate()

@@ -302,6 +302,11 @@ def previous_sequence(model: str | None) -> Previous | None:
     return Previous(folder, state, [_read_delta(folder / "requests" / f["name"], f) for f in state["finished"]])
 
 
+def _write_delta(folder: Path, delta: Delta) -> None:
+    save_file(delta.tensors(), str(folder / "delta.safetensors"),
+              metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
+
+
 def _read_delta(folder: Path, finished: dict[str, Any]) -> Delta:
     path = folder / "delta.safetensors"
     if not path.is_file():
@@ -588,8 +593,7 @@ def _save_request(ckpt: Path, state: dict, delta: Delta) -> None:
     """The finished request's delta, then the state naming it (so a crash in between redoes only that request)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     with atomic_dir(ckpt / delta.name) as tmp:
-        save_file(delta.tensors(), str(tmp / "delta.safetensors"),
-                  metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
+        _write_delta(tmp, delta)
     atomic_write_json(ckpt / STATE, state)
 
 
@@ -646,8 +650,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
                 result.tokenizer.save_pretrained(tmp / "model")
         for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from
             (tmp / "requests" / delta.name).mkdir(parents=True)
-            save_file(delta.tensors(), str(tmp / "requests" / delta.name / "delta.safetensors"),
-                      metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
+            _write_delta(tmp / "requests" / delta.name, delta)
         if result.state is not None:
             atomic_write_json(tmp / SEQUENCE, result.state)
         atomic_write_json(tmp / "report.json", report)

@@ -332,7 +332,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, *, progress: bool = Tru
         if jobs > 1 and len(pending) > 1:
             from .jobs import run_tasks
 
-            run_tasks(_variant_task, [(cfg, str(out), v) for v in pending], jobs, what="variant")
+            run_tasks(_variant_task, {v: (cfg, str(out), v) for v in pending}, jobs, what="variant")
         for variant in cfg.variants:  # serial, or the finished ones read back
             run_variant(cfg, out, variant, shared, say, progress)
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
@@ -341,12 +341,10 @@ def run_continual(cfg: ContinualConfig, out: str | Path, *, progress: bool = Tru
 
 
 def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
-    import os
+    from .jobs import per_worker, worker_say
 
-    def say(message: str) -> None:
-        print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
-
-    run_variant(cfg, Path(out), variant, prepare(cfg, Path(out), say), say)
+    say = worker_say()
+    run_variant(cfg, Path(out), variant, per_worker(out, lambda: prepare(cfg, Path(out), say)), say)
 
 
 # --------------------------------------------------------------------------- command line

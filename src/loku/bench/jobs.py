@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LokuError
+from ..errors import ConfigError, LokuError
 
-__all__ = ["BenchTasksFailed", "add_common_arguments", "finish_command", "run_in_processes", "run_tasks",
-           "threads_per_job"]
+__all__ = ["BenchTasksFailed", "add_common_arguments", "command_line", "finish_command", "open_bench", "per_worker",
+           "run_in_processes", "run_tasks", "threads_per_job", "worker_say"]
 
 
 class BenchTasksFailed(LokuError):
@@ -43,9 +43,7 @@ def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], p
     threads = threads_per_job(jobs)
     say(f"loku bench: {jobs} worker processes, {threads} thread(s) each")
     failures: list[str] = []
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker,
-                                                initargs=(threads,)) as pool:
+    with _pool(jobs) as pool:
         def submit(task):
             return pool.submit(_task, cfg, str(out), *task, progress)
 
@@ -54,14 +52,9 @@ def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], p
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 model, split, method = pending.pop(future)
-                try:
-                    future.result()
-                except concurrent.futures.BrokenExecutor:  # a worker died (killed, out of memory): stop
-                    raise
-                except Exception as err:  # noqa: BLE001 - reported below; what needed this task is not run
-                    name = "/".join(str(part) for part in (model, split, method) if part is not None)
-                    failures.append(f"{name}: {type(err).__name__}: {err}")
-                    say(f"loku bench: {name} failed: {err}")
+                name = "/".join(str(part) for part in (model, split, method) if part is not None)
+                if not _succeeded(future, name, failures):  # what needed this task is not run
+                    say(f"loku bench: {failures[-1]}")
                     continue
                 if split is None:  # the model's scores are there: plant and measure its splits
                     pending.update({submit((model, s, None)): (model, s, None) for s in cfg.splits})
@@ -72,21 +65,32 @@ def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], p
                                + "; ".join(failures))
 
 
-def run_tasks(function: Callable, tasks: list[tuple], jobs: int, what: str = "task") -> None:
-    """``function(*task)`` for every task, in ``jobs`` spawned worker processes (one share of the cores each).
-    A failed task does not stop the others; the failures are raised together at the end."""
-    failures = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker,
-                                                initargs=(threads_per_job(jobs),)) as pool:
-        futures = {pool.submit(function, *task): task for task in tasks}
+def _pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``jobs`` spawned workers (no fork of a process holding models and threads), one share of the cores each."""
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_start_worker, initargs=(threads_per_job(jobs),))
+
+
+def _succeeded(future: concurrent.futures.Future, name: str, failures: list[str]) -> bool:
+    """Whether the task finished; a task's exception is added to ``failures``, a dead worker stops everything."""
+    try:
+        future.result()
+    except concurrent.futures.BrokenExecutor:  # a worker died (killed, out of memory): stop
+        raise
+    except Exception as err:  # noqa: BLE001 - reported with the others at the end
+        failures.append(f"{name}: {type(err).__name__}: {err}")
+        return False
+    return True
+
+
+def run_tasks(function: Callable, tasks: dict[str, tuple], jobs: int, what: str = "task") -> None:
+    """``function(*arguments)`` for every ``{name: arguments}`` of ``tasks``, in ``jobs`` spawned worker
+    processes. A failed task does not stop the others; the failures are raised together at the end."""
+    failures: list[str] = []
+    with _pool(jobs) as pool:
+        futures = {pool.submit(function, *arguments): name for name, arguments in tasks.items()}
         for future in concurrent.futures.as_completed(futures):
-            try:
-                future.result()
-            except concurrent.futures.BrokenExecutor:  # a worker died (killed, out of memory): stop
-                raise
-            except Exception as err:  # noqa: BLE001 - reported together below
-                failures.append(f"{futures[future]}: {type(err).__name__}: {err}")
+            _succeeded(future, futures[future], failures)
     if failures:
         raise BenchTasksFailed(f"{len(failures)} {what}(s) failed (finished ones are kept; rerun to retry): "
                                + "; ".join(failures))
@@ -108,7 +112,8 @@ def add_common_arguments(parser, bench: str, cached: str) -> None:
 def finish_command(bench: str, summary: dict, out: str, report_only: bool) -> int:
     """The exit code of a bench command: 0 when nothing is missing (1, or 3 with --report-only, else)."""
     if summary["missing"]:
-        print(f"loku bench {bench}: {len(summary['missing'])} result(s) missing in {out}", file=sys.stderr)
+        print(f"loku bench {bench}: {len(summary['missing'])} result(s) missing in {out}; run again without "
+              "--report-only to compute them", file=sys.stderr)
         return 3 if report_only else 1
     print(f"loku bench {bench}: wrote {Path(out) / 'results.md'}")
     return 0
@@ -119,11 +124,13 @@ def open_bench(cfg, out, *, progress: bool, command: list[str] | None, jobs: int
     """Validate ``cfg``, check its data, claim the folder ``out`` and (unless ``report_only``) add this
     invocation to OUT/invocations.json. Returns (the folder, its bench record, the progress printer)."""
     from ..save import atomic_write_json
-    from .tdec import _read_json, claim_folder, machine
+    from .tdec import BENCH_RECORD, _read_json, _say, claim_folder, machine
 
     cfg.validate()
     data = cfg.check_data()
     out = Path(out)
+    if report_only and not (out / BENCH_RECORD).is_file():
+        raise ConfigError(f"{out}: no bench here ({BENCH_RECORD} missing); run the bench first, without --report-only")
     record = claim_folder(out, cfg, data)
     if not report_only:
         history_file = out / "invocations.json"
@@ -131,7 +138,7 @@ def open_bench(cfg, out, *, progress: bool, command: list[str] | None, jobs: int
         history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
                         "jobs": jobs, **recorded})
         atomic_write_json(history_file, history)
-    return out, record, (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    return out, record, _say(progress)
 
 
 def command_line() -> list[str]:
@@ -141,6 +148,26 @@ def command_line() -> list[str]:
 # --------------------------------------------------------------------------- in the worker
 
 _loaded: dict[str, Any] = {}  # this worker's models and its last split's context
+
+
+def worker_say(progress: bool = True) -> Callable[[str], None]:
+    """Progress messages of a worker process, prefixed with its process id."""
+    def say(message: str) -> None:
+        if progress:
+            print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+_shared: dict[str, Any] = {}  # per_worker's value and its key
+
+
+def per_worker(key: Any, make: Callable[[], Any]) -> Any:
+    """``make()`` once per worker process and ``key`` (the models and measurements its tasks share)."""
+    if _shared.get("key") != key:
+        _shared.clear()
+        _shared.update(key=key, value=make())
+    return _shared["value"]
 
 
 def _start_worker(threads: int) -> None:
@@ -153,10 +180,7 @@ def _task(cfg, out: str, model_name: str, split: str | None, method: str | None,
     from ..models import load_model
     from . import tdec
 
-    def say(message: str) -> None:
-        if progress:
-            print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
-
+    say = worker_say(progress)
     if _loaded.get("model_name") != model_name:
         _loaded.clear()
         original, tokenizer = load_model(model_name, progress=False)

@@ -710,11 +710,14 @@ def measure_original(cfg: BenchConfig, folder: Path, model_name: str, original, 
 
     store = Store(folder / "original.json")
     store.get("model", lambda: {"name": model_name, "parameters": sum(p.numel() for p in original.parameters())})
-    if "downstream" not in store.data:
+
+    def measure() -> dict[str, Any]:  # the texts are read only when the scores are not stored yet
         say(f"loku bench: measuring {model_name} itself (perplexity, LAMBADA, PubMedQA, dialogue)")
-    texts0 = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool,
-                                    heldout=cfg.heldout)
-    return store.get("downstream", lambda: downstream(original, tokenizer, texts0.texts, cfg))
+        texts = bench_data.bench_texts(tokenizer, cfg.data_root(), cfg.splits[0], cfg.sizes, pool=cfg.pool,
+                                       heldout=cfg.heldout)
+        return downstream(original, tokenizer, texts.texts, cfg)
+
+    return store.get("downstream", measure)
 
 
 def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, command: list[str] | None = None,
@@ -724,23 +727,13 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     ``jobs`` > 1 runs the (split, method) runs in that many worker processes (:mod:`loku.bench.jobs`),
     the CPU cores shared out between them."""
     from ..models import load_model
-    from ..save import atomic_write_json
+    from .jobs import open_bench
     from .summary import write_outputs
 
-    cfg.validate()
-    data = cfg.check_data()
-    out = Path(out)
-    if report_only and not (out / BENCH_RECORD).is_file():
-        raise ConfigError(f"{out}: no bench here ({BENCH_RECORD} missing); run the bench first, without --report-only")
-    record = claim_folder(out, cfg, data)
-    say = _say(progress)
+    out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
+                                  models=cfg.models, splits=cfg.splits, methods=cfg.methods)
     started = time.time()
     if not report_only:
-        runs_file = out / "invocations.json"
-        history = _read_json(runs_file) if runs_file.is_file() else []
-        history.append({"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
-                        "models": cfg.models, "splits": cfg.splits, "methods": cfg.methods, "jobs": jobs})
-        atomic_write_json(runs_file, history)
         if jobs > 1:
             from .jobs import run_in_processes
 
@@ -799,20 +792,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """``loku bench tdec``: 0 when every (model, split, method) has a result."""
+    from .jobs import command_line, finish_command
+
     cfg = config_from_args(args)
     out = args.out or f"runs/bench-tdec-{cfg.name}"
-    command = ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    summary = run_bench(cfg, out, progress=args.progress, command=command, report_only=args.report_only,
+    summary = run_bench(cfg, out, progress=args.progress, command=command_line(), report_only=args.report_only,
                         jobs=args.jobs)
-    missing = summary.get("missing", [])
-    if missing:
-        print(f"loku bench: {len(missing)} (model, split, method) result(s) missing in {out}; run again without "
-              "--report-only to compute them", file=sys.stderr)
-        return 3 if args.report_only else 1
-    print(f"loku bench: wrote {Path(out) / 'results.md'}")
-    return 0
+    return finish_command("tdec", summary, out, args.report_only)
 
 
 def main(argv: list[str] | None = None) -> int:

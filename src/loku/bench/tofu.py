@@ -353,7 +353,8 @@ def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = Tr
         if jobs > 1 and len(pending) > 1:
             from .jobs import run_tasks
 
-            run_tasks(_task, [(cfg, str(out), *r) for r in pending], jobs, what="run")
+            run_tasks(_task, {"/".join(str(part) for part in r if part is not None): (cfg, str(out), *r) for r in pending},
+                      jobs, what="run")
         for split, method, rank in cfg.runs():  # serial, or the finished ones read back
             run_one(cfg, out, split, method, rank, shared, say, progress)
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
@@ -365,18 +366,11 @@ def _result_path(out: Path, split: str, method: str, rank: int | None) -> Path:
     return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
 
 
-_worker_shared: dict[str, Any] = {}
-
-
 def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | None) -> None:
-    import os
+    from .jobs import per_worker, worker_say
 
-    def say(message: str) -> None:
-        print(f"[{os.getpid()}] {message}", file=sys.stderr, flush=True)
-
-    if not _worker_shared:
-        _worker_shared.update(prepare(cfg, Path(out), say))
-    run_one(cfg, Path(out), split, method, rank, _worker_shared, say)
+    say = worker_say()
+    run_one(cfg, Path(out), split, method, rank, per_worker(out, lambda: prepare(cfg, Path(out), say)), say)
 
 
 # --------------------------------------------------------------------------- command line
