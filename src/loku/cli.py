@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import sys
 import typing
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.tdec import add_arguments as add_tdec_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model), "
-                                         "tofu (its Figure 5), continual (its Figure 4: requests one after another)")
+                                         "tofu (its Figure 5), continual (its Figure 4: requests one after another), "
+                                         "reveal (unlearning from self-generated data)")
     benches = bench.add_subparsers(dest="bench", required=True)
     add_tdec_arguments(_add_debug(benches.add_parser("tdec", help="plant each TDEC split, unlearn it with every "
                                                                   "method, compare with the original model")))
@@ -80,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "tofu", help="fine-tune target and reference on TOFU, unlearn with every method and rank (Figure 5)")))
     add_continual_arguments(_add_debug(benches.add_parser(
         "continual", help="plant 4 request sets, unlearn them one after another with each variant (strategy, gate)")))
+    from .bench.reveal import add_arguments as add_reveal_arguments
+
+    add_reveal_arguments(_add_debug(benches.add_parser(
+        "reveal", help="plant TDEC text, unlearn it from what the model reveals given only prefixes, against the "
+                       "real text (upper bound) and random text (lower bound)")))
     return parser
 
 
@@ -119,6 +126,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .bench.tofu import run as run_tofu_bench
 
         return run_tofu_bench(args)
+    if args.command == "bench" and args.bench == "reveal":
+        from .bench.reveal import run as run_reveal_bench
+
+        return run_reveal_bench(args)
     if args.command == "bench" and args.bench == "continual":
         from .bench.continual import run as run_continual_bench
 
@@ -180,6 +191,12 @@ def run_unlearn(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides).validate()
     accelerator = make_accelerator()
+    if cfg.reveal is not None:  # the forget sets are generated, round by round (docs/algorithms.md §9)
+        from .release import run_release
+
+        if overrides.get("strategy") is None:
+            cfg = dataclasses.replace(cfg, strategy="orthogonal")
+        return run_release(cfg, accelerator)
     # A sequence of requests, or one request kept as its own adapter (--strategy stack/orthogonal, --gate-fpr):
     # a single run folds its adapter into the weights and fits no gate, so those options would do nothing there.
     from .requests import previous_sequence

@@ -143,6 +143,22 @@ class UnlearnConfig:
                 "the other half (default: no gate)", "range": "[0, 1]"})
     gate_shrinkage: float = field(default=0.2, metadata={
         "help": "the gate's covariance shrinkage towards a scaled identity", "range": "[0, 1]"})
+    reveal: str | None = field(default=None, metadata={
+        "help": "instead of --forget: a request (JSON/YAML {description, fragments} or text) whose text the model "
+                "reveals itself, unlearned in rounds of reveal -> unlearn, one adapter a round (Reveal-and-Release, "
+                "docs/algorithms.md §9; --strategy orthogonal unless given)"})
+    reveal_rounds: int = field(default=3, metadata={"help": "--reveal: at most this many rounds", "range": ">= 1"})
+    reveal_budget: int = field(default=64, metadata={"help": "--reveal: queries (sampled generations) a round",
+                                                     "range": ">= 1"})
+    reveal_selector: str = field(default="neural-ucb", metadata={
+        "help": "--reveal: instruction selection", "choices": ("neural-ucb", "ucb1", "random")})
+    reveal_max_new_tokens: int = field(default=48, metadata={"help": "--reveal: tokens a generation",
+                                                             "range": ">= 4"})
+    reveal_stop_reward: float = field(default=0.1, metadata={
+        "help": "--reveal: stop once a round's mean reward is below this (the generations stopped revealing)",
+        "range": ">= 0"})
+    reveal_patience: int = field(default=2, metadata={
+        "help": "--reveal: stop after this many rounds in a row that collect nothing new", "range": ">= 1"})
 
     def __post_init__(self) -> None:
         # One --forget (the flag appends) is the single run it always was: the field holds a path.
@@ -168,8 +184,11 @@ class UnlearnConfig:
         forget file). One-line :class:`ConfigError` naming the flag and what to do."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.reveal is not None:
+            return self._validate_reveal()
         if not self.forget:
-            raise ConfigError("no forget set: pass --forget FILE (CSV with a text column, JSONL or text)")
+            raise ConfigError("no forget set: pass --forget FILE (CSV with a text column, JSONL or text), or "
+                              "--reveal REQUEST to unlearn what the model reveals about a request")
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
@@ -208,6 +227,20 @@ class UnlearnConfig:
                                   "LOKU_DATA_DIR")
         check_validation_apart(self)
         check_output_apart(self)
+        return self
+
+    def _validate_reveal(self) -> "UnlearnConfig":
+        """--reveal: the forget set of each round is generated; everything else as a sequence of requests."""
+        if self.forget:
+            raise ConfigError("--reveal generates the forget set: pass --reveal REQUEST or --forget FILE, not both")
+        if not Path(self.reveal).is_file():
+            raise ConfigError(f"{self.reveal}: request file not found (--reveal); write the description and/or "
+                              "fragments there")
+        if self.gate_fpr is not None:
+            raise ConfigError("--gate-fpr is not supported with --reveal (the rounds' forget sets are the model's own "
+                              "text, too close to everything to gate on)")
+        round_file = f"{self.out}.reveal/round-01/forget.jsonl"  # where the first round's forget set is written
+        dataclasses.replace(self, reveal=None, forget=round_file).validate()
         return self
 
     def eval_options(self) -> dict[str, Any]:

@@ -328,7 +328,7 @@ def _continued(previous: Previous, configs: list[UnlearnConfig], strategy: str) 
 
 def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: Sequence[str] | None = None, *,
                      strategy: str | None = None, out: str | None = None, model=None, tokenizer=None,
-                     accelerator=None, resume: bool = False) -> RequestsResult:
+                     accelerator=None, resume: bool = False, previous: Previous | None = None) -> RequestsResult:
     """Unlearn deletion requests one after another (docs/algorithms.md §8).
 
     ``requests``: one base config (its ``--forget`` list, or ``forget``) or one config per request,
@@ -337,7 +337,8 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     output folder, whose checkpoint folder OUT.ckpt holds every finished request, so ``resume``
     continues a killed sequence without redoing them. Thresholds not given as numbers are measured
     on each request's validation set on the model BEFORE the first request (as the single run does),
-    so every request is held to the bar of the original model throughout.
+    so every request is held to the bar of the original model throughout. ``previous``: a finished
+    sequence (in memory) these requests continue, as ``--model ITS_FOLDER`` continues one on disk.
     """
     from . import distributed as dist
     from .trainer import adapt, finish, guard_output, master_dtype, measure_before, prepare, train_until_stop
@@ -351,7 +352,8 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     if first.gate_fpr is not None and not STRATEGIES.trait(strategy, "keeps_adapters"):
         raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {strategy} folds into "
                           "the weights: use --strategy stack or orthogonal")
-    previous = previous_sequence(first.model) if model is None else None
+    if previous is None and model is None:
+        previous = previous_sequence(first.model)
     forget_sets: list[data_mod.TextSet | None] = list(
         check_requests(configs, earlier=previous.forget_files if previous else ()))
     if previous is not None:
@@ -626,7 +628,8 @@ def _resume(out: str, fresh: dict) -> tuple[dict, list[Delta]]:
 # --------------------------------------------------------------------------- output
 
 
-def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None = None) -> Path:
+def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None = None,
+                   extra: Callable[[Path], None] | None = None) -> Path:
     """The sequence's output folder, written under a temporary name then renamed: report.json/.md,
     ``adapters/`` (one PEFT adapter per request on the original base, whatever the strategy), and
     ``model/`` (the final model, every request folded in) unless ``save_model`` is off."""
@@ -655,6 +658,8 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
             atomic_write_json(tmp / SEQUENCE, result.state)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_requests_markdown(report))
+        if extra is not None:  # more files of the caller's (loku unlearn --reveal: the rounds' data)
+            extra(tmp)
     shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
     return out_path
 
@@ -683,4 +688,10 @@ def render_requests_markdown(report: dict[str, Any]) -> str:
                      + ", ".join(f"{n} {v:.3f}" for n, v in gate["true_positive_rate"].items()))
     if report["mean_overlap"] is not None:
         lines.append(f"Mean subspace overlap of the adapters' A: {report['mean_overlap']:.4f}")
+    if report.get("reveal"):
+        lines += ["", f"Reveal-and-Release rounds ({report['reveal']['request']}): {report['reveal']['stopped']}", "",
+                  "| round | queries | collected | repeated | mean reward | request | outcome |", "|---" * 7 + "|"]
+        for r in report["reveal"]["rounds"]:
+            lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | "
+                         f"{r['mean_reward']:.3f} | {r.get('request', '-')} | {r.get('outcome', 'not unlearned')} |")
     return "\n".join(lines) + "\n"

@@ -22,7 +22,9 @@ knows; what it reveals becomes the forget set.
   hidden state of the filled prompt.
 
 The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
-forget set, written as JSONL with their scores and the query history; seeds and settings recorded.
+forget set, written as JSONL with their scores and the query history; seeds and settings recorded. The
+text of an item whose prompt ends with its fragment is the fragment and its continuation (the memorized
+text as the model reproduces it); rewards and novelty look at the generated tokens only.
 """
 from __future__ import annotations
 
@@ -278,19 +280,24 @@ def _mean_hidden(model, ids: list[int]) -> Tensor:
 def _sample(model, prompt: list[int], settings: RevealSettings, generator: torch.Generator,
             eos: set[int]) -> Generation:
     """One temperature / top-k sample of ``max_new_tokens`` tokens (stops at EOS), with its mean NLL under
-    the model (at temperature 1) and its mean hidden state. Sampling uses a private seeded generator."""
-    device = next(model.parameters()).device
-    ids, nll = list(prompt), []
+    the model (at temperature 1) and its mean hidden state. Sampling uses a private seeded generator;
+    the prompt's keys and values are cached, so each new token costs one token's forward pass."""
+    from .metrics.memorization import cache_keyword, returned_cache
+
+    device, keyword = next(model.parameters()).device, cache_keyword(model)
+    new, nll, past = [], [], None
+    step = torch.tensor([prompt], device=device)
     for _ in range(settings.max_new_tokens):
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+        out = model(input_ids=step, use_cache=True, **({keyword: past} if past is not None else {}))
+        past, logits = returned_cache(out), out.logits[0, -1].float().cpu()
         logp = torch.log_softmax(logits, -1)
         top = torch.topk(logits / settings.temperature, settings.top_k)
         choice = int(top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)])
         if choice in eos:
             break
         nll.append(-float(logp[choice]))
-        ids.append(choice)
-    new = ids[len(prompt):]
+        new.append(choice)
+        step = torch.tensor([[choice]], device=device)
     hidden = _mean_hidden(model, new) if new else torch.zeros(1)
     return Generation(new, sum(nll) / len(nll) if nll else math.inf, hidden)
 
@@ -335,7 +342,7 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     request_ids = [encode(tokenizer, t, special=False) for t in request.texts()]
     request_ngrams = set().union(*(ngrams(ids, settings.n) for ids in request_ids))
     request_hidden = torch.stack([_mean_hidden(model, ids) for ids in request_ids if ids]).mean(0)
-    retain = {" ".join(t.split()) for t in retain_texts}
+    retain = {" ".join(t.split()) for t in retain_texts if t.strip()}
     eos = set(eos_token_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(settings.seed)
     collected: set = set()
@@ -349,13 +356,17 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
         new = novelty(gen.ids, collected, settings.n)
         reward = new * sum(settings.weights[k] * v for k, v in parts.items()) if gen.ids else 0.0
         selector.update(arm, reward)
-        text = tokenizer.decode(gen.ids, skip_special_tokens=True).strip()
-        record = {"query": t, "arm": arm, "template": arms[arm][0], "fragment": arms[arm][1], "reward": reward,
+        template, fragment, prompt = arms[arm]
+        generated = tokenizer.decode(gen.ids, skip_special_tokens=True)
+        # A prompt that ends with the fragment is answered by the text after it: the revealed text is the
+        # fragment and its continuation, as the model would reproduce the memorized text (what EL/MA test).
+        text = (fragment + generated if fragment and prompt.endswith(fragment) else generated).strip()
+        record = {"query": t, "arm": arm, "template": template, "fragment": fragment, "reward": reward,
                   "novelty": new, **parts, "text": text}
         history.append(record)
-        if not gen.ids or not text:
+        if not gen.ids or not generated.strip():
             refused["empty"] += 1
-        elif " ".join(text.split()) in retain:
+        elif any(r in " ".join(text.split()) for r in retain):  # a retain text inside it, verbatim
             refused["retain_verbatim"] += 1
         elif reward < settings.min_reward:
             refused["below_min_reward"] += 1

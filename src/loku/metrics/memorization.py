@@ -76,7 +76,7 @@ def _in_float32(metric):
     return measured
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """The name of the KV cache argument: ``cache`` in transformers 5.x (``past_key_values`` is deprecated
     there, removed in 5.40), ``past_key_values`` before. Asked of the model's own ``forward`` (of the base
     model under PEFT); where that names neither, of the installed transformers' output classes."""
@@ -89,7 +89,7 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _returned_cache(out):
+def returned_cache(out):
     """The KV cache a forward returned, under its new name ``cache`` or its old one (no deprecation warning)."""
     cache = out.get("cache")
     return cache if cache is not None else out.get("past_key_values")
@@ -167,15 +167,15 @@ def _el_from_continuations(sequence: list[int], continuation_of, n: int) -> floa
 @torch.no_grad()
 def _greedy(model, prefix: Tensor, steps: int) -> list[int]:
     """``steps`` argmax tokens after ``prefix`` [1, L], decoding with the model's KV cache."""
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     out = model(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
     generated = [int(out.logits[0, -1].argmax())]
-    cache, length = _returned_cache(out), prefix.shape[1]
+    cache, length = returned_cache(out), prefix.shape[1]
     for _ in range(steps - 1):
         token = torch.tensor([[generated[-1]]], device=prefix.device)
         out = model(input_ids=token, attention_mask=torch.ones(1, length + 1, dtype=torch.long, device=prefix.device),
                     use_cache=True, **{keyword: cache})
-        cache, length = _returned_cache(out), length + 1
+        cache, length = returned_cache(out), length + 1
         generated.append(int(out.logits[0, -1].argmax()))
     return generated
 
@@ -222,12 +222,12 @@ def _generate_from_cache(model, cache_layers, rows: list[tuple[int, int]], first
         mask[r, width - m:] = 1
     positions = torch.tensor([m for _, m in rows], device=device)
     tokens = torch.tensor(first_tokens, device=device)
-    generated, keyword = [tokens], _cache_keyword(model)
+    generated, keyword = [tokens], cache_keyword(model)
     for step in range(max(steps) - 1):
         mask = torch.cat([mask, mask.new_ones((count, 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=(positions + step)[:, None],
                     use_cache=True, **{keyword: cache})
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         tokens = out.logits[:, -1].argmax(dim=-1)
         generated.append(tokens)
     table = torch.stack(generated, dim=1).tolist()
@@ -250,9 +250,9 @@ def extraction_likelihood(model, input_ids: Tensor, n: int = 10, attention_mask:
     lengths = _lengths(input_ids, attention_mask)
     # A cache built without the model's config keeps every position, also in sliding-window layers
     # (which would otherwise keep only the last window and lose the prefixes' keys).
-    out = _forward(model, input_ids, attention_mask, use_cache=True, **{_cache_keyword(model): DynamicCache()})
+    out = _forward(model, input_ids, attention_mask, use_cache=True, **{cache_keyword(model): DynamicCache()})
     argmax = out.logits.argmax(dim=-1).tolist()  # argmax[b][j] predicts position j+1
-    cache_layers = [(layer.keys, layer.values) for layer in _returned_cache(out).layers]
+    cache_layers = [(layer.keys, layer.values) for layer in returned_cache(out).layers]
     sequences = [row[:length].tolist() for row, length in zip(input_ids, lengths)]
 
     # Prefix lengths m whose greedy step misses the text: the only continuations to generate.

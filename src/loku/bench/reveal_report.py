@@ -1,0 +1,156 @@
+"""results.json, results.md and plots/reveal.png of a `loku bench reveal` folder."""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["queries_to_reach", "write_outputs"]
+
+UNLEARNED = ("real-text", "self-generated", "random-text")
+
+
+def queries_to_reach(curve: list[float], level: float) -> int | None:
+    """The number of queries after which ``curve`` first reaches ``level`` (None: never)."""
+    return next((t + 1 for t, value in enumerate(curve) if value >= level), None)
+
+
+def summarise_coverage(curves: dict[str, list[list[float]]]) -> dict[str, Any]:
+    """Per selector: the mean curve over seeds, its final recall (mean, sd), and the queries each seed
+    needed to reach half of the best selector's mean final recall."""
+    finals = {s: [c[-1] for c in cs] for s, cs in curves.items()}
+    target = 0.5 * max(statistics.mean(f) for f in finals.values())
+    out = {}
+    for selector, cs in curves.items():
+        needed = [queries_to_reach(c, target) for c in cs] if target > 0 else [None] * len(cs)
+        out[selector] = {"mean_curve": [statistics.mean(v) for v in zip(*cs)],
+                         "final_mean": statistics.mean(finals[selector]),
+                         "final_sd": statistics.pstdev(finals[selector]),
+                         "queries_to_half_best": needed, "half_best": target}
+    return out
+
+
+def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
+                  seconds: float | None = None) -> dict[str, Any]:
+    from ..provenance import jsonable, library_versions
+    from ..save import atomic_write_json, atomic_write_text
+    from .reveal import ARMS
+    from .tdec import _read_json, machine
+
+    shared = _read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
+    arms = {a: _read_json(out / "arms" / f"{a}.json") for a in ARMS if (out / "arms" / f"{a}.json").is_file()}
+    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
+               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
+               "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed, "coverage": cfg.coverage["seeds"]},
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
+               "planting": shared.get("planting", {}).get("measurements"), "original": shared.get("original"),
+               "planted": shared.get("planted"), "arms": arms, "missing": [a for a in ARMS if a not in arms],
+               "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+    if "coverage" in arms:
+        summary["coverage"] = summarise_coverage(arms["coverage"]["curves"])
+    summary["plots"] = []
+    if arms and shared.get("original"):
+        try:
+            path = plot_reveal(summary, out / "plots" / "reveal.png")
+            summary["plots"] = [str(path.relative_to(out))]
+        except ImportError:  # matplotlib missing: the numbers are all in results.json
+            pass
+    atomic_write_json(out / "results.json", jsonable(summary))
+    atomic_write_text(out / "results.md", render_markdown(summary))
+    return summary
+
+
+def plot_reveal(summary: dict[str, Any], path: Path) -> Path:
+    """Coverage of the hidden text against queries per selector; MA / EL_10 of the real text per arm."""
+    from ..plots import _pyplot, _save_png
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for selector, entry in summary.get("coverage", {}).items():
+        curve = entry["mean_curve"]
+        left.plot(range(1, len(curve) + 1), curve, label=selector)
+    left.set_xlabel("queries")
+    left.set_ylabel(f"hidden {4}-gram recall")
+    left.set_title("what the planted model reveals", fontsize=9)
+    if summary.get("coverage"):
+        left.legend(fontsize=7)
+    rows = [("original", summary["original"]), ("planted", summary["planted"])] + [
+        (arm, summary["arms"][arm]["scores"]) for arm in UNLEARNED
+        if arm in summary["arms"] and summary["arms"][arm].get("scores")]
+    xs = range(len(rows))
+    right.bar([x - 0.2 for x in xs], [r["ma"] for _, r in rows], 0.4, label="MA")
+    right.bar([x + 0.2 for x in xs], [r["el"] for _, r in rows], 0.4, label="EL_10")
+    right.set_xticks(list(xs))
+    right.set_xticklabels([name for name, _ in rows], fontsize=7, rotation=20)
+    right.set_title("the real planted text", fontsize=9)
+    right.legend(fontsize=7)
+    fig.suptitle(f"{summary['config']['model']}: unlearning from self-generated data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = _save_png(fig, path)
+    plt.close(fig)
+    return saved
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _score_row(name: str, what: str, epochs: Any, s: dict[str, Any] | None, original: dict[str, Any]) -> str:
+    if not s:
+        return f"| {name} | {what} | {epochs} | – | – | – | – |"
+    return (f"| {name} | {what} | {epochs} | {_f(s['el'])} | {_f(s['ma'])} | {_f(s['heldout_ma'])} | "
+            f"{_f(s['ppl_pile'] / original['ppl_pile'])} |")
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    cfg, arms, original = summary["config"], summary["arms"], summary.get("original")
+    sizes = cfg["sizes"]
+    lines = [f"# loku bench reveal: {cfg['name']}", "",
+             f"Command: `{' '.join(summary['command'] or [])}`  ",
+             f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
+             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft")),
+             f"Seeds: bench {summary['seeds']['bench']}, planting {summary['seeds']['planting']}, coverage "
+             f"{summary['seeds']['coverage']}; wall time of this invocation: {_f((summary['seconds'] or 0) / 60, 1)} min  ",
+             f"Planted: the first {sizes['n_forget']} rows of lm_extraction_{cfg['pool']}_{cfg['split']}.csv "
+             f"({sizes['forget_tokens']} tokens each); the request gives the first {cfg['prefix_tokens']} tokens of "
+             f"each; method {cfg['method']}."]
+    if original:
+        lines += ["", "| arm | forget set | epochs | EL_10 (real text) | MA (real text) | held-out MA | Pile PPL / "
+                      "original |", "|---|---|---:|---:|---:|---:|---:|",
+                  _score_row("original", "–", "–", original, original),
+                  _score_row("planted", "–", "–", summary["planted"], original)]
+        labels = {"real-text": "the planted text (upper bound)", "self-generated": "what the model revealed",
+                  "random-text": "unplanted Pile text, same size and epochs (lower bound)"}
+        for arm in UNLEARNED:
+            if arm in arms:
+                a = arms[arm]
+                lines.append(_score_row(arm, f"{labels[arm]}: {a.get('forget_texts', 0)} texts", a.get("epochs_run"),
+                                        a.get("scores"), original))
+    gen = arms.get("self-generated")
+    if gen:
+        lines += ["", f"Self-generated rounds ({gen['stopped']}; mean subspace overlap of the rounds' A: "
+                      f"{_f(gen.get('mean_overlap'), 4)}):", "",
+                  "| round | queries | collected | repeated | mean reward | hidden 4-gram recall (round / so far) | "
+                  "retain texts inside | outcome (epochs) | MA / EL_10 real text after |", "|---:" * 9 + "|"]
+        for r in gen["rounds"]:
+            s = r.get("scores")
+            lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | "
+                         f"{_f(r['mean_reward'])} | {_f(r['coverage'])} / {_f(r['coverage_so_far'])} | "
+                         f"{r['retain_verbatim']} | {r['outcome'] or 'not unlearned'} ({r['epochs_run']}) | "
+                         + (f"{_f(s['ma'])} / {_f(s['el'])}" if s else "–") + " |")
+    cov = summary.get("coverage")
+    if cov:
+        half = next(iter(cov.values()))["half_best"]
+        lines += ["", f"Instruction selection on the planted model ({len(summary['seeds']['coverage'])} seeds, "
+                      f"{cfg['coverage']['budget']} queries each): hidden 4-gram recall of the collected texts, and "
+                      f"the queries each seed needed to reach {_f(half)} (half the best selector's mean final recall).",
+                  "", "| selector | final recall (mean ± sd) | queries to reach it, per seed |", "|---|---:|---|"]
+        for selector, entry in cov.items():
+            needed = ", ".join("never" if q is None else str(q) for q in entry["queries_to_half_best"])
+            lines.append(f"| {selector} | {_f(entry['final_mean'])} ± {_f(entry['final_sd'])} | {needed} |")
+    if summary["missing"]:
+        lines += ["", f"Missing arms: {', '.join(summary['missing'])}"]
+    if summary["plots"]:
+        lines += ["", *[f"![{Path(p).stem}]({p})" for p in summary["plots"]]]
+    return "\n".join(lines) + "\n"

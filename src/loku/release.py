@@ -1,0 +1,169 @@
+"""`loku unlearn --reveal REQUEST`: Reveal-and-Release (docs/algorithms.md §9), rounds of reveal -> unlearn.
+
+Each round asks the current model to reveal what it knows about the request (:func:`loku.reveal.reveal`,
+seed ``seed + round - 1``) and unlearns what it collected as one more deletion request of a sequence
+(:func:`loku.requests.unlearn_requests`): a new LoRA adapter a round, FILA computed from the round's
+generated text on the model the earlier rounds left, the O-LoRA penalty between the rounds' A matrices
+(``--strategy orthogonal`` unless another is given), each round its own stop rule on its own forget set,
+thresholds from ``--validation`` on the model before the first round. The next round asks the model
+the earlier rounds left, so it reveals what they did not remove.
+
+The loop ends at ``reveal_rounds`` rounds, when a round's mean reward falls below
+``reveal_stop_reward`` (the generations stopped revealing), or after ``reveal_patience`` rounds in a
+row that collect nothing new, each with a message. A text collected again verbatim in a later round is
+left out of that round (a sequence's requests are disjoint) and counted as ``repeated``: the model
+still reproducing it word for word is reported, not hidden.
+
+The rounds' generated sets are written to OUT.reveal/ while the loop runs and moved into the output
+(OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). A killed run is not
+resumed: run it again with ``--overwrite``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import UnlearnConfig
+from .errors import ConfigError
+
+__all__ = ["ReleaseResult", "reveal_and_release", "reveal_settings", "run_release", "work_dir"]
+
+
+@dataclass
+class ReleaseResult:
+    requests: Any  # loku.requests.RequestsResult of the rounds that unlearned something, or None
+    rounds: list[dict[str, Any]]  # what each round revealed, collected and unlearned
+    stopped: str  # why the loop ended
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where the rounds' generated forget sets are written while the loop runs."""
+    return Path(f"{out}.reveal")
+
+
+def reveal_settings(cfg: UnlearnConfig, round_number: int):
+    from .reveal import RevealSettings
+
+    return RevealSettings(budget=cfg.reveal_budget, selector=cfg.reveal_selector,
+                          max_new_tokens=cfg.reveal_max_new_tokens, seed=cfg.seed + round_number - 1).validate()
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
+                       settings: Callable[[int], Any] | None = None,
+                       say: Callable[[str], None] = print) -> ReleaseResult:
+    """Rounds of reveal -> unlearn from ``cfg`` (its ``reveal`` request, ``reveal_*`` options and the
+    options of every round's unlearning); ``model`` (not modified) or ``cfg.model`` is the base.
+    ``settings(round)``: the round's :class:`loku.reveal.RevealSettings` (default from ``cfg``)."""
+    import copy
+
+    from .data import load_text_set
+    from .models import load_model
+    from .requests import Previous, unlearn_requests
+    from .reveal import load_request, reveal, write_revealed
+    from .save import check_output_dir
+    from .trainer import master_dtype
+
+    cfg.validate()
+    request = load_request(cfg.reveal)
+    check_output_dir(cfg.out, cfg.overwrite)
+    work = work_dir(cfg.out)
+    if work.exists():
+        if not cfg.overwrite:
+            raise ConfigError(f"{work}: a killed --reveal run left its rounds here; start afresh with --overwrite")
+        shutil.rmtree(work)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
+                                      progress=cfg.progress)
+    base = copy.deepcopy(model).eval()
+    retain = load_text_set(cfg.retain, "retain").texts if cfg.retain else []
+    settings = settings or (lambda r: reveal_settings(cfg, r))
+    result, previous, rounds, seen = None, None, [], set()
+    stopped, empty = f"the round budget ({cfg.reveal_rounds}) is spent", 0
+    for number in range(1, cfg.reveal_rounds + 1):
+        current = result.model if result is not None else base
+        revealed = reveal(current, tokenizer, request, settings(number), retain_texts=retain, progress=cfg.progress)
+        fresh = [item for item in revealed["items"] if _normal(item["text"]) not in seen]
+        repeated = len(revealed["items"]) - len(fresh)
+        revealed["items"] = fresh
+        mean_reward = sum(q["reward"] for q in revealed["history"]) / len(revealed["history"])
+        folder = write_revealed(revealed, work / f"round-{number:02d}")
+        record = {"round": number, "queries": len(revealed["history"]), "collected": len(fresh),
+                  "repeated": repeated, "mean_reward": mean_reward, "refused": revealed["refused"],
+                  "seconds_reveal": revealed["seconds"], "forget": str(folder / "forget.jsonl")}
+        rounds.append(record)
+        say(f"loku: round {number}: {len(fresh)} new texts from {record['queries']} queries (mean reward "
+            f"{mean_reward:.3f}, {repeated} repeated verbatim)")
+        if mean_reward < cfg.reveal_stop_reward:
+            stopped = (f"round {number}: the generations stopped revealing (mean reward {mean_reward:.3f} < "
+                       f"--reveal-stop-reward {cfg.reveal_stop_reward:g})")
+            break
+        if not fresh:
+            empty += 1
+            if empty >= cfg.reveal_patience:
+                stopped = f"rounds {number - empty + 1}-{number} collected nothing new (--reveal-patience {empty})"
+                break
+            continue
+        empty = 0
+        round_cfg = dataclasses.replace(cfg, reveal=None, forget=record["forget"], overwrite=True)
+        result = unlearn_requests(round_cfg, model=base, tokenizer=tokenizer, accelerator=accelerator,
+                                  previous=previous)
+        previous = Previous(work, result.state, result.deltas)
+        seen |= {_normal(item["text"]) for item in fresh}
+        finished = result.state["finished"][-1]
+        record.update(request=finished["name"], outcome=finished["outcome"], epochs_run=finished["epochs_run"])
+    say(f"loku: --reveal ended: {stopped}")
+    return ReleaseResult(result, rounds, stopped)
+
+
+def _relocated(value: Any, old: Path, new: Path) -> Any:
+    """``value`` with every path under the work folder pointing into the output folder instead."""
+    return json.loads(json.dumps(value).replace(json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]))
+
+
+def write_release(release: ReleaseResult, cfg: UnlearnConfig) -> Path:
+    """The sequence's output folder (:func:`loku.requests.write_requests`) with the rounds' data in
+    OUT/reveal/ and the rounds' record in report.json under ``reveal``."""
+    from .requests import write_requests
+    from .save import atomic_write_json
+
+    work, final = work_dir(cfg.out), Path(cfg.out) / "reveal"
+    result = release.requests
+    rounds = _relocated(release.rounds, work, final)
+    result.report = {**_relocated(result.report, work, final), "reveal": {"rounds": rounds, "stopped": release.stopped,
+                                                                          "request": cfg.reveal}}
+    result.state = _relocated(result.state, work, final)
+    for delta in result.deltas:
+        delta.forget = _relocated(delta.forget, work, final)
+
+    def add_rounds(tmp: Path) -> None:
+        shutil.copytree(work, tmp / "reveal")
+        atomic_write_json(tmp / "reveal" / "rounds.json", {"rounds": rounds, "stopped": release.stopped})
+
+    out = write_requests(result, cfg, extra=add_rounds)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def run_release(cfg: UnlearnConfig, accelerator) -> int:
+    """``loku unlearn --reveal REQUEST``: exit 0 when every round met its stop rule, 3 otherwise."""
+    release = reveal_and_release(cfg, accelerator=accelerator)
+    if not accelerator.is_main_process:
+        return 0
+    if release.requests is None:
+        shutil.rmtree(work_dir(cfg.out), ignore_errors=True)
+        print(f"loku: nothing unlearned: {release.stopped}; the model revealed nothing to unlearn from "
+              f"{cfg.reveal} (try more --reveal-budget, or fragments in the request)")
+        return 3
+    out = write_release(release, cfg)
+    failed = [r["round"] for r in release.rounds if r.get("outcome") not in (None, "success")]
+    print(f"loku: {len(release.requests.deltas)} round(s) unlearned ({release.stopped}); failed rounds: "
+          f"{', '.join(map(str, failed)) or 'none'}; results in {out}/report.md")
+    return 0 if not failed else 3

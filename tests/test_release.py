@@ -1,0 +1,111 @@
+"""`loku unlearn --reveal` (docs/algorithms.md §9, Reveal-and-Release): rounds of reveal -> unlearn on a tiny
+Llama that memorized 4 sequences, given only a 6-token prefix of each."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loku.cli import main
+from loku.config import UnlearnConfig
+from loku.errors import ConfigError
+from loku.metrics import memorization_accuracy
+from loku.models import load_model
+from loku.release import reveal_and_release, work_dir, write_release
+from loku.reveal import RevealSettings
+
+
+@pytest.fixture(scope="module")
+def request_file(memorized):
+    lines = (memorized / "forget.txt").read_text().splitlines()
+    path = memorized / "request.json"
+    path.write_text(json.dumps({"description": "", "fragments": [" ".join(t.split()[:6]) for t in lines]}))
+    return path
+
+
+def config(root, request, out, **kw) -> UnlearnConfig:
+    values = dict(model=str(root / "base"), reveal=str(request), retain=str(root / "retain.txt"),
+                  validation=str(root / "validation.txt"), out=str(out), method="lora-ihl", strategy="orthogonal",
+                  rank=4, lora_alpha=8, lr=1e-2, batch_size=4, max_epochs=30, progress=False, seed=0,
+                  reveal_rounds=2, reveal_budget=12, reveal_max_new_tokens=18, reveal_stop_reward=0.0)
+    values.update(kw)
+    return UnlearnConfig(**values)
+
+
+def _settings(number: int) -> RevealSettings:
+    return RevealSettings(budget=12, selector="ucb1", templates={"continue": "{fragment}"}, max_new_tokens=18,
+                          temperature=0.3, min_reward=0.0, seed=number)
+
+
+def _forget_ids(root, tokenizer):
+    lines = (root / "forget.txt").read_text().splitlines()
+    return torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in lines])
+
+
+def test_rounds_unlearn_the_real_text_from_what_the_model_revealed(memorized, request_file, tmp_path):
+    model, tokenizer = load_model(str(memorized / "base"))
+    before_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _forget_ids(memorized, tokenizer)
+    ma_before = float(memorization_accuracy(model, ids).mean())
+    cfg = config(memorized, request_file, tmp_path / "out")
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=_settings, say=lambda m: None)
+    assert all(torch.equal(v, before_weights[k]) for k, v in model.state_dict().items())  # the input model is kept
+    assert release.rounds[0]["collected"] > 0 and release.requests is not None
+    unlearned = [r for r in release.rounds if "request" in r]
+    assert len(release.requests.deltas) == len(unlearned) >= 1
+    ma_after = float(memorization_accuracy(release.requests.model, ids).mean())
+    # The real memorized text, which the rounds never saw, is forgotten from the model's own revelations.
+    assert ma_before > 0.95 and ma_after < 0.5 * ma_before, (ma_before, ma_after)
+    out = write_release(release, cfg)
+    assert not work_dir(cfg.out).exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["strategy"] == "orthogonal" and len(report["reveal"]["rounds"]) == len(release.rounds)
+    first = report["reveal"]["rounds"][0]["forget"]
+    assert first == str(out / "reveal" / "round-01" / "forget.jsonl") and (out / "reveal" / "round-01" / "forget.jsonl").is_file()
+    assert all(r["forget"].startswith(str(out)) for r in json.loads((out / "sequence.json").read_text())["finished"])
+    retain = set((memorized / "retain.txt").read_text().splitlines())
+    revealed = [json.loads(line)["text"] for line in (out / "reveal" / "round-01" / "forget.jsonl").read_text().splitlines()]
+    assert revealed and not any(r in t for t in revealed for r in retain)
+    assert "Reveal-and-Release rounds" in (out / "report.md").read_text()
+
+
+def test_rounds_that_collect_nothing_end_the_loop_with_a_message(memorized, request_file, tmp_path):
+    messages = []
+    cfg = config(memorized, request_file, tmp_path / "out", reveal_rounds=5, reveal_patience=2)
+    release = reveal_and_release(cfg, settings=lambda n: RevealSettings(budget=2, min_reward=5.0, seed=n),
+                                 say=messages.append)
+    assert release.requests is None and len(release.rounds) == 2
+    assert "collected nothing new" in release.stopped and any("--reveal ended" in m for m in messages)
+
+
+def test_a_round_below_the_stop_reward_ends_the_loop(memorized, request_file, tmp_path):
+    cfg = config(memorized, request_file, tmp_path / "out", reveal_stop_reward=10.0)
+    release = reveal_and_release(cfg, settings=_settings, say=lambda m: None)
+    assert release.requests is None and len(release.rounds) == 1 and "stopped revealing" in release.stopped
+
+
+def test_bad_reveal_options(memorized, request_file, tmp_path):
+    with pytest.raises(ConfigError, match="not both"):
+        config(memorized, request_file, tmp_path / "o", forget=str(memorized / "forget.txt")).validate()
+    with pytest.raises(ConfigError, match="request file not found"):
+        config(memorized, tmp_path / "missing.json", tmp_path / "o").validate()
+    with pytest.raises(ConfigError, match="reveal_budget|--reveal-budget"):
+        config(memorized, request_file, tmp_path / "o", reveal_budget=0).validate()
+    (tmp_path / "empty.txt").write_text("\n")
+    code = main(["unlearn", "--reveal", str(tmp_path / "empty.txt"), "--model", str(memorized / "base"),
+                 "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),
+                 "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "o2").exists()
+
+
+def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path):
+    out = tmp_path / "cli"
+    code = main(["unlearn", "--reveal", str(request_file), "--model", str(memorized / "base"), "--method", "lora-ihl",
+                 "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),
+                 "--out", str(out), "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "4",
+                 "--max-epochs", "30", "--reveal-rounds", "1", "--reveal-budget", "8", "--reveal-max-new-tokens", "18",
+                 "--reveal-stop-reward", "0", "--no-progress"])
+    report = json.loads((out / "report.json").read_text())
+    assert code in (0, 3) and report["strategy"] == "orthogonal"  # --reveal's default strategy
+    assert report["reveal"]["rounds"][0]["queries"] == 8 and (out / "adapters" / "loku_requests.json").is_file()
