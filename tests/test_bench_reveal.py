@@ -59,3 +59,16 @@ def test_bad_reveal_bench_configs(bench_env):  # noqa: F811
         _cfg(bench_env, coverage={"selectors": ["nope"], "seeds": [0], "budget": 2}).validate()
     with pytest.raises(ConfigError, match="unknown bench option"):
         _cfg(bench_env, rounds=3)
+
+
+def test_the_cli_runs_the_arms_in_worker_processes(bench_env, tmp_path):  # noqa: F811
+    from loku.cli import main
+
+    common = ["bench", "reveal", "--smoke", "--model", bench_env["model"], "--data-dir", str(bench_env["data"]),
+              "--cache-dir", str(bench_env["cache"]), "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "none"), "--report-only"]) == 2  # nothing to report yet
+    assert main([*common, "--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
+    out = tmp_path / "jobs"
+    assert main([*common, "--out", str(out), "--jobs", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing"] == [] and results["invocations"][0]["jobs"] == 2

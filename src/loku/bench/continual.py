@@ -360,13 +360,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .jobs import command_line, finish_command
+    from .jobs import run_bench_command
 
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    cfg = load_continual_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
-                                              "cache_dir": args.cache_dir}, smoke=args.smoke)
-    out = args.out or f"runs/bench-continual-{cfg.name}"
-    summary = run_continual(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
-                            report_only=args.report_only)
-    return finish_command("continual", summary, out, args.report_only)
+    return run_bench_command(args, "continual", load_continual_config, run_continual)

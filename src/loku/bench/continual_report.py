@@ -107,12 +107,17 @@ def _f(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def header_lines(summary: dict[str, Any], bench: str) -> list[str]:
+    """The title, command and machine lines of a bench's results.md."""
+    return [f"# loku bench {bench}: {summary['config']['name']}", "",
+            f"Command: `{' '.join(summary['command'] or [])}`  ",
+            f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
+            + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft"))]
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
-    lines = [f"# loku bench continual: {cfg['name']}", "",
-             f"Command: `{' '.join(summary['command'] or [])}`  ",
-             f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
-             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft")),
+    lines = [*header_lines(summary, "continual"),
              f"Seeds: bench {summary['seeds']['bench']}, planting {summary['seeds']['planting']}; "
              f"wall time of this invocation: {_f((summary['seconds'] or 0) / 60, 1)} min  ",
              f"Requests: {cfg['requests']} x {cfg['sizes']['n_forget']} sequences of {cfg['sizes']['forget_tokens']} "

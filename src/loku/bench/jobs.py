@@ -141,6 +141,19 @@ def open_bench(cfg, out, *, progress: bool, command: list[str] | None, jobs: int
     return out, record, _say(progress)
 
 
+def run_bench_command(args, bench: str, load_config: Callable, run_bench: Callable, **overrides) -> int:
+    """A `loku bench BENCH` command: its config (named or YAML, ``--smoke``, the common flags and
+    ``overrides`` laid over), run in ``--out`` (default runs/bench-BENCH-NAME), the exit code."""
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    cfg = load_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
+                                    "cache_dir": args.cache_dir, **overrides}, smoke=args.smoke)
+    out = args.out or f"runs/bench-{bench}-{cfg.name}"
+    summary = run_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
+                        report_only=args.report_only)
+    return finish_command(bench, summary, out, args.report_only)
+
+
 def command_line() -> list[str]:
     return ["loku", *sys.argv[1:]] if sys.argv and sys.argv[0].endswith("loku") else list(sys.argv)
 

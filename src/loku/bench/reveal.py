@@ -361,13 +361,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .jobs import command_line, finish_command
+    from .jobs import run_bench_command
 
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
-    cfg = load_reveal_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
-                                           "cache_dir": args.cache_dir}, smoke=args.smoke)
-    out = args.out or f"runs/bench-reveal-{cfg.name}"
-    summary = run_reveal_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
-                               report_only=args.report_only)
-    return finish_command("reveal", summary, out, args.report_only)
+    return run_bench_command(args, "reveal", load_reveal_config, run_reveal_bench)

@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .continual_report import _f, header_lines
+
 __all__ = ["queries_to_reach", "write_outputs"]
 
 UNLEARNED = ("real-text", "self-generated", "random-text")
@@ -92,10 +94,6 @@ def plot_reveal(summary: dict[str, Any], path: Path) -> Path:
     return saved
 
 
-def _f(value: Any, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def _score_row(name: str, what: str, epochs: Any, s: dict[str, Any] | None, original: dict[str, Any]) -> str:
     if not s:
         return f"| {name} | {what} | {epochs} | – | – | – | – |"
@@ -106,10 +104,7 @@ def _score_row(name: str, what: str, epochs: Any, s: dict[str, Any] | None, orig
 def render_markdown(summary: dict[str, Any]) -> str:
     cfg, arms, original = summary["config"], summary["arms"], summary.get("original")
     sizes = cfg["sizes"]
-    lines = [f"# loku bench reveal: {cfg['name']}", "",
-             f"Command: `{' '.join(summary['command'] or [])}`  ",
-             f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
-             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft")),
+    lines = [*header_lines(summary, "reveal"),
              f"Seeds: bench {summary['seeds']['bench']}, planting {summary['seeds']['planting']}, coverage "
              f"{summary['seeds']['coverage']}; wall time of this invocation: {_f((summary['seconds'] or 0) / 60, 1)} min  ",
              f"Planted: the first {sizes['n_forget']} rows of lm_extraction_{cfg['pool']}_{cfg['split']}.csv "
