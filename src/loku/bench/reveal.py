@@ -82,7 +82,7 @@ class RevealBenchConfig:
             raise ConfigError(f"coverage: selectors from {', '.join(SELECTORS.names())}, at least one seed and a "
                               f"budget >= 1 (unknown: {', '.join(unknown) or 'none'})")
         self.unlearn_config("f.jsonl", "r.jsonl", "v.jsonl", "out")
-        self.unlearn_config(None, "r.jsonl", "v.jsonl", "out", reveal=__file__)
+        self.unlearn_config(None, "r.jsonl", "v.jsonl", "out", reveal=__file__)  # any existing file stands for the request
         return self
 
     def data_root(self) -> Path:
