@@ -18,8 +18,13 @@ knows; what it reveals becomes the forget set.
 * **Selection** (registry :data:`SELECTORS`): ``neural-ucb`` (Zhou et al. 2020: a one-hidden-layer
   network on the arm's features predicts the reward; UCB bonus nu sqrt(g^T Z^-1 g / m) with g the
   network's gradient and Z = lambda I + sum g g^T kept diagonal, as the paper's experiments do),
-  ``ucb1`` and ``random`` to compare. Arm features: the template (one-hot) and the normalised mean
-  hidden state of the filled prompt.
+  ``ucb1`` and ``random`` to compare. Arm features (the context of each query): the template
+  (one-hot), the normalised mean hidden state of the filled prompt, and the arm's *freshness*: the
+  novelty, against what is collected by now, of the latest generation from any arm with the same
+  fragment (1 before its first). The reward's novelty makes the bandit non-stationary: an arm whose
+  fragment has been revealed earns nothing more, and without a feature saying so the network keeps
+  predicting its old reward and re-pulls it. Freshness is known before the query, so it is a context
+  in NeuralUCB's sense (x_{t,a} may change with t).
 
 The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
 forget set, written as JSONL with their scores and the query history; seeds and settings recorded. The
@@ -179,14 +184,15 @@ def novelty(ids: Sequence[int], collected: set, n: int) -> float:
 
 
 class UCB1:
-    """Auer et al.: pull every arm once, then the one with the largest mean + c sqrt(2 ln t / n_a)."""
+    """Auer et al.: pull every arm once, then the one with the largest mean + c sqrt(2 ln t / n_a).
+    Context-free: the per-query ``context`` of :meth:`select` is ignored."""
 
     def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0) -> None:
         self.counts = [0] * len(features)
         self.sums = [0.0] * len(features)
         self.c = exploration
 
-    def select(self, t: int) -> int:
+    def select(self, t: int, context: Tensor | None = None) -> int:
         for arm, count in enumerate(self.counts):
             if count == 0:
                 return arm
@@ -205,7 +211,7 @@ class RandomSelector(UCB1):
         super().__init__(features, exploration, seed)
         self.rng = random.Random(seed)
 
-    def select(self, t: int) -> int:
+    def select(self, t: int, context: Tensor | None = None) -> int:
         return self.rng.randrange(len(self.counts))
 
 
@@ -213,7 +219,9 @@ class NeuralUCB:
     """Zhou, Li & Gu (2020), with the diagonal Z of their experiments: f(x) = sqrt(m) w^T relu(W x) (m hidden
     units), the UCB bonus nu sqrt(sum_j g_j^2 / Z_j / m) with g = grad f, Z = lambda + the sum of the squared
     gradients of the arms pulled, and the network refitted after every observation by a few Adam steps on
-    every (features, reward) seen, with m * l2 * ||theta - theta_0||^2 keeping it near its start."""
+    every (features, reward) seen, with m * l2 * ||theta - theta_0||^2 keeping it near its start. ``select``
+    takes this query's features of every arm (default: the ones given at construction); the pulled arm's
+    row is what ``update`` learns from."""
 
     def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0, hidden: int = 32,
                  reg: float = 1.0, l2: float = 1e-3, steps: int = 20, lr: float = 1e-2) -> None:
@@ -225,21 +233,22 @@ class NeuralUCB:
         self.w2 = (torch.randn(hidden, generator=g) / hidden).requires_grad_()
         self.start = [self.w1.detach().clone(), self.w2.detach().clone()]
         self.z = [torch.full_like(self.w1, reg), torch.full_like(self.w2, reg)]
-        self.seen: list[tuple[int, float]] = []
+        self.context = self.x
+        self.seen: list[tuple[Tensor, float]] = []
 
     def _f(self, x: Tensor) -> Tensor:
         return (torch.relu(x @ self.w1.T) @ self.w2) * math.sqrt(self.m)
 
-    def _grads(self, arm: int) -> list[Tensor]:
-        value = self._f(self.x[arm])
-        return list(torch.autograd.grad(value, [self.w1, self.w2]))
+    def _grads(self, x: Tensor) -> list[Tensor]:
+        return list(torch.autograd.grad(self._f(x), [self.w1, self.w2]))
 
-    def select(self, t: int) -> int:
+    def select(self, t: int, context: Tensor | None = None) -> int:
+        self.context = (self.x if context is None else context).float().clone()  # the caller reuses its tensor
         best, best_score = 0, -math.inf
         with torch.no_grad():
-            predicted = self._f(self.x)
-        for arm in range(len(self.x)):
-            grads = self._grads(arm)
+            predicted = self._f(self.context)
+        for arm in range(len(self.context)):
+            grads = self._grads(self.context[arm])
             bonus = math.sqrt(sum(float((gr.pow(2) / z).sum()) for gr, z in zip(grads, self.z)) / self.m)
             score = float(predicted[arm]) + self.nu * bonus
             if score > best_score:
@@ -247,14 +256,15 @@ class NeuralUCB:
         return best
 
     def update(self, arm: int, reward: float) -> None:
-        for z, gr in zip(self.z, self._grads(arm)):
+        x = self.context[arm]
+        for z, gr in zip(self.z, self._grads(x)):
             z += gr.pow(2)
-        self.seen.append((arm, reward))
-        arms = torch.tensor([a for a, _ in self.seen])
+        self.seen.append((x, reward))
+        xs = torch.stack([x for x, _ in self.seen])
         rewards = torch.tensor([r for _, r in self.seen])
         opt = torch.optim.Adam([self.w1, self.w2], lr=self.lr)
         for _ in range(self.steps):
-            loss = (self._f(self.x[arms]) - rewards).pow(2).sum() + self.l2 * self.m * sum(
+            loss = (self._f(xs) - rewards).pow(2).sum() + self.l2 * self.m * sum(
                 (p - p0).pow(2).sum() for p, p0 in zip((self.w1, self.w2), self.start))
             opt.zero_grad()
             loss.backward()
@@ -337,7 +347,10 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     names = list(settings.templates)
     onehot = torch.eye(len(names))[[names.index(name) for name, _, _ in arms]]
     hidden = torch.stack([_mean_hidden(model, p) for p in prompts])
-    features = torch.cat([onehot, torch.nn.functional.normalize(hidden, dim=1)], dim=1)
+    features = torch.cat([onehot, torch.nn.functional.normalize(hidden, dim=1), torch.ones(len(arms), 1)], dim=1)
+    # arms sharing a fragment reveal the same memorized text; a description-only arm is its own group
+    groups = [fragment or f"arm {i}" for i, (_, fragment, _) in enumerate(arms)]
+    latest: dict[str, list[int]] = {}  # group -> its latest generation
     selector = SELECTORS.get(settings.selector)(features, exploration=settings.exploration, seed=settings.seed)
     request_ids = [encode(tokenizer, t, special=False) for t in request.texts()]
     request_ngrams = set().union(*(ngrams(ids, settings.n) for ids in request_ids))
@@ -349,8 +362,11 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     items, history, refused = [], [], {"retain_verbatim": 0, "below_min_reward": 0, "empty": 0}
     started = time.time()
     for t in progress_bar(range(settings.budget), total=settings.budget, desc="revealing", enabled=progress):
-        arm = selector.select(t)
+        features[:, -1] = torch.tensor([novelty(latest[g], collected, settings.n) if g in latest else 1.0
+                                        for g in groups])
+        arm = selector.select(t, features)
         gen = _sample(model, prompts[arm], settings, generator, eos)
+        latest[groups[arm]] = gen.ids
         x = RewardInputs(gen, request_ngrams, request_hidden, settings.n)
         parts = {name: REWARDS.get(name)(x) for name in settings.weights} if gen.ids else {}
         new = novelty(gen.ids, collected, settings.n)

@@ -313,11 +313,12 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
     scores = Store(out / split / f"{tag}.epochs.json")
     started = time.time()
     run = trainer.prepare(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume)
-    trainer.measure_before(run)
+    # TOFU runs a fixed number of epochs and scores them itself: the stop rule's EL/MA measurements
+    # (trainer.measure_before / decide) would only cost time
+    run.before, run.suites_before, run.ma_threshold, run.el_threshold = {}, None, 0.0, 0.0
     trainer.adapt(run)
     for epoch in range(len(run.epochs) + 1, ucfg.max_epochs + 1):
-        record = trainer.train_epoch(run, epoch)
-        trainer.decide(run, record)
+        run.epochs.append(trainer.train_epoch(run, epoch))
         trainer.save_epoch(run)
         model = merged_copy(run.accelerator.unwrap_model(run.model)).eval()
         scores.get(str(epoch), lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split], cfg,
