@@ -44,11 +44,13 @@ def test_smoke_reveal_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # noq
     assert run_reveal_bench(_cfg(bench_env), out, progress=False)["missing"] == []
 
 
-def test_coverage_summary_counts_queries_to_half_the_best():
+def test_coverage_summary_counts_queries_to_shares_of_the_best():
     curves = {"a": [[0.0, 0.2, 0.4, 0.8], [0.0, 0.4, 0.8, 0.8]], "b": [[0.0, 0.0, 0.1, 0.2], [0.0, 0.0, 0.0, 0.0]]}
     summary = summarise_coverage(curves)
-    assert summary["a"]["half_best"] == pytest.approx(0.4)
-    assert summary["a"]["queries_to_half_best"] == [3, 2] and summary["b"]["queries_to_half_best"] == [None, None]
+    half, most = summary["a"]["queries_to"]["0.5"], summary["a"]["queries_to"]["0.8"]
+    assert half["recall"] == pytest.approx(0.4) and most["recall"] == pytest.approx(0.64)
+    assert half["per_seed"] == [3, 2] and most["per_seed"] == [4, 3]
+    assert summary["b"]["queries_to"]["0.5"]["per_seed"] == [None, None]
     assert queries_to_reach([0.1, 0.5], 0.5) == 2 and queries_to_reach([], 0.1) is None
 
 

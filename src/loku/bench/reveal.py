@@ -312,7 +312,8 @@ def run_arm(cfg: RevealBenchConfig, out: Path, arm: str, shared, say: Callable[[
         return _read_json(path)
     say(f"loku bench reveal: {arm}")
     started = time.time()
-    entry = {"arm": arm, **_ARM_FUNCTIONS[arm](cfg, out, shared), "seconds": time.time() - started}
+    entry = {"arm": arm, **_ARM_FUNCTIONS[arm](cfg, out, shared), "seconds": time.time() - started,
+             "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(path, jsonable(entry))
     shutil.rmtree(checkpoint_dir(out / "arms" / f"{arm}.run"), ignore_errors=True)
     say(f"loku bench reveal: {arm} done in {entry['seconds']:.0f} s")

@@ -18,18 +18,23 @@ def queries_to_reach(curve: list[float], level: float) -> int | None:
     return next((t + 1 for t, value in enumerate(curve) if value >= level), None)
 
 
+LEVELS = (0.5, 0.8)  # coverage levels compared, as shares of the best selector's mean final recall
+
+
 def summarise_coverage(curves: dict[str, list[list[float]]]) -> dict[str, Any]:
-    """Per selector: the mean curve over seeds, its final recall (mean, sd), and the queries each seed
-    needed to reach half of the best selector's mean final recall."""
+    """Per selector: the mean curve over seeds, its final recall (mean, sd), and for each of :data:`LEVELS`
+    the queries each seed needed to reach that share of the best selector's mean final recall."""
     finals = {s: [c[-1] for c in cs] for s, cs in curves.items()}
-    target = 0.5 * max(statistics.mean(f) for f in finals.values())
+    best = max(statistics.mean(f) for f in finals.values())
     out = {}
     for selector, cs in curves.items():
-        needed = [queries_to_reach(c, target) for c in cs] if target > 0 else [None] * len(cs)
         out[selector] = {"mean_curve": [statistics.mean(v) for v in zip(*cs)],
                          "final_mean": statistics.mean(finals[selector]),
                          "final_sd": statistics.pstdev(finals[selector]),
-                         "queries_to_half_best": needed, "half_best": target}
+                         "queries_to": {str(level): {"recall": level * best,
+                                                     "per_seed": [queries_to_reach(c, level * best) if best > 0
+                                                                  else None for c in cs]}
+                                        for level in LEVELS}}
     return out
 
 
@@ -136,14 +141,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
                          + (f"{_f(s['ma'])} / {_f(s['el'])}" if s else "–") + " |")
     cov = summary.get("coverage")
     if cov:
-        half = next(iter(cov.values()))["half_best"]
+        levels = next(iter(cov.values()))["queries_to"]
         lines += ["", f"Instruction selection on the planted model ({len(summary['seeds']['coverage'])} seeds, "
                       f"{cfg['coverage']['budget']} queries each): hidden 4-gram recall of the collected texts, and "
-                      f"the queries each seed needed to reach {_f(half)} (half the best selector's mean final recall).",
-                  "", "| selector | final recall (mean ± sd) | queries to reach it, per seed |", "|---|---:|---|"]
+                      "the queries each seed needed to reach " + " and ".join(
+                          f"{_f(v['recall'])} ({float(k):.0%} of the best selector's mean final recall)"
+                          for k, v in levels.items()) + ".",
+                  "", "| selector | final recall (mean ± sd) | "
+                  + " | ".join(f"queries to {_f(v['recall'])}, per seed" for v in levels.values()) + " |",
+                  "|---|---:|" + "---|" * len(levels)]
         for selector, entry in cov.items():
-            needed = ", ".join("never" if q is None else str(q) for q in entry["queries_to_half_best"])
-            lines.append(f"| {selector} | {_f(entry['final_mean'])} ± {_f(entry['final_sd'])} | {needed} |")
+            needed = [", ".join("never" if q is None else str(q) for q in v["per_seed"])
+                      for v in entry["queries_to"].values()]
+            lines.append(f"| {selector} | {_f(entry['final_mean'])} ± {_f(entry['final_sd'])} | "
+                         + " | ".join(needed) + " |")
+    lines += ["", "Arms computed: " + ", ".join(f"{a} {arms[a].get('written', 'at an earlier invocation')}"
+                                               for a in arms) + "."]
     if summary["missing"]:
         lines += ["", f"Missing arms: {', '.join(summary['missing'])}"]
     if summary["plots"]:
