@@ -244,7 +244,8 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
         rounds.append(entry)
     shutil.rmtree(f"{run_out}.reveal", ignore_errors=True)
     shutil.rmtree(f"{run_out}.ckpt", ignore_errors=True)
-    final = rounds[-1]["scores"] if release.requests is not None else None
+    # the last round that unlearned (a final round can stop the loop before unlearning anything)
+    final = next((r["scores"] for r in reversed(rounds) if "scores" in r), None)
     lengths = [n for r in rounds if r["outcome"] is not None for n in r["tokens"]]
     return {"stopped": release.stopped, "rounds": rounds, "scores": final,
             "epochs_run": sum(r["epochs_run"] for r in rounds), "forget_texts": len(lengths),
