@@ -13,17 +13,19 @@ knows; what it reveals becomes the forget set.
   generation's n-grams found in the request's fragments or description), ``confidence`` (exp of minus
   the model's mean NLL of its own generation: memorized text comes out confidently), ``similarity``
   (cosine of the mean last hidden states of generation and request), all measurable without the hidden
-  text; the weighted sum is multiplied by ``novelty`` (share of the generation's n-grams not collected
-  yet), so repeating what is already there earns nothing.
+  text; the weighted sum is multiplied by ``novelty`` (share of the generation's n-grams neither in the
+  request nor collected yet), so echoing the request or repeating what is already there earns nothing.
 * **Selection** (registry :data:`SELECTORS`): ``neural-ucb`` (Zhou et al. 2020: a one-hidden-layer
   network on the arm's features predicts the reward; UCB bonus nu sqrt(g^T Z^-1 g / m) with g the
   network's gradient and Z = lambda I + sum g g^T kept diagonal, as the paper's experiments do),
   ``ucb1`` and ``random`` to compare. Arm features (the context of each query): the template
-  (one-hot), the normalised mean hidden state of the filled prompt, and the arm's *freshness*: the
-  novelty, against what is collected by now, of the latest generation from any arm with the same
-  fragment (1 before its first). The reward's novelty makes the bandit non-stationary: an arm whose
-  fragment has been revealed earns nothing more, and without a feature saying so the network keeps
-  predicting its old reward and re-pulls it. Freshness is known before the query, so it is a context
+  (one-hot), the normalised mean hidden state of the filled prompt, and two *freshness* values: the
+  novelty, against what is known by now, of the latest generation of the arm itself and of any arm with
+  the same fragment (1 before the first). The reward's novelty makes the bandit non-stationary: an arm
+  whose text has been revealed earns nothing more, and without a feature saying so the network keeps
+  predicting its old reward and re-pulls it (the first bench run: NeuralUCB below random). The arm's own
+  value keeps a fragment open to other templates when one template only echoed it. Freshness is known
+  before the query, so it is a context
   in NeuralUCB's sense (x_{t,a} may change with t).
 
 The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
@@ -108,7 +110,10 @@ class RevealSettings:
     temperature: float = 0.7
     top_k: int = 40
     n: int = 4  # n of the n-gram rewards
-    weights: dict[str, float] = field(default_factory=lambda: {"overlap": 0.3, "confidence": 0.3, "similarity": 0.4})
+    # confidence leads: on the planted SmolLM2 memorized continuations score ~0.8 and sampled junk 0.1-0.2,
+    # while the mean-hidden-state cosine is ~0.8 for both (hidden states are anisotropic) and overlap with
+    # a fragment mostly rewards echoing it back
+    weights: dict[str, float] = field(default_factory=lambda: {"overlap": 0.1, "confidence": 0.6, "similarity": 0.3})
     min_reward: float = 0.05  # generations below it are not collected
     exploration: float = 1.0  # UCB's nu (neural-ucb) or c (ucb1)
     seed: int = 0
@@ -347,10 +352,10 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     names = list(settings.templates)
     onehot = torch.eye(len(names))[[names.index(name) for name, _, _ in arms]]
     hidden = torch.stack([_mean_hidden(model, p) for p in prompts])
-    features = torch.cat([onehot, torch.nn.functional.normalize(hidden, dim=1), torch.ones(len(arms), 1)], dim=1)
+    features = torch.cat([onehot, torch.nn.functional.normalize(hidden, dim=1), torch.ones(len(arms), 2)], dim=1)
     # arms sharing a fragment reveal the same memorized text; a description-only arm is its own group
     groups = [fragment or f"arm {i}" for i, (_, fragment, _) in enumerate(arms)]
-    latest: dict[str, list[int]] = {}  # group -> its latest generation
+    latest: dict[Any, list[int]] = {}  # arm index and group -> its latest generation
     selector = SELECTORS.get(settings.selector)(features, exploration=settings.exploration, seed=settings.seed)
     request_ids = [encode(tokenizer, t, special=False) for t in request.texts()]
     request_ngrams = set().union(*(ngrams(ids, settings.n) for ids in request_ids))
@@ -358,18 +363,18 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     retain = {" ".join(t.split()) for t in retain_texts if t.strip()}
     eos = set(eos_token_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(settings.seed)
-    collected: set = set()
+    known = set(request_ngrams)  # the request's own text and what is collected: echoing either reveals nothing
     items, history, refused = [], [], {"retain_verbatim": 0, "below_min_reward": 0, "empty": 0}
     started = time.time()
     for t in progress_bar(range(settings.budget), total=settings.budget, desc="revealing", enabled=progress):
-        features[:, -1] = torch.tensor([novelty(latest[g], collected, settings.n) if g in latest else 1.0
-                                        for g in groups])
+        features[:, -2:] = torch.tensor([[novelty(latest[key], known, settings.n) if key in latest else 1.0
+                                          for key in (a, groups[a])] for a in range(len(arms))])
         arm = selector.select(t, features)
         gen = _sample(model, prompts[arm], settings, generator, eos)
-        latest[groups[arm]] = gen.ids
+        latest[arm] = latest[groups[arm]] = gen.ids
         x = RewardInputs(gen, request_ngrams, request_hidden, settings.n)
         parts = {name: REWARDS.get(name)(x) for name in settings.weights} if gen.ids else {}
-        new = novelty(gen.ids, collected, settings.n)
+        new = novelty(gen.ids, known, settings.n)
         reward = new * sum(settings.weights[k] * v for k, v in parts.items()) if gen.ids else 0.0
         selector.update(arm, reward)
         template, fragment, prompt = arms[arm]
@@ -388,7 +393,7 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
             refused["below_min_reward"] += 1
         else:
             items.append({**record, "ids": gen.ids})
-            collected |= ngrams(gen.ids, settings.n)
+            known |= ngrams(gen.ids, settings.n)
     return {"items": items, "history": history, "refused": refused, "arms": len(arms),
             "settings": asdict(settings), "request": asdict(request), "seconds": time.time() - started}
 

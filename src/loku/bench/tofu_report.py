@@ -125,6 +125,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
                          f"{_f(e['best_forget_quality'], '.3g')} | {'yes' if e['reached_target'] else '**no**'} | "
                          f"{_f(e['final']['forget_quality'], '.3g')} | {_f(e['final']['model_utility'])} | "
                          f"{e['seconds']:.0f} |")
+        epochs = max(len(e["trajectory"]) for e in entries)
+        lines += ["", "Forget quality / model utility after every epoch:", "",
+                  "| method | rank | " + " | ".join(f"epoch {k}" for k in range(1, epochs + 1)) + " |",
+                  "|---|---:|" + "---:|" * epochs]
+        for e in sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"])):
+            lines.append(f"| {e['method']} | {e['rank'] or 'full'} | " + " | ".join(
+                f"{_f(t['forget_quality'], '.3g')} / {_f(t['model_utility'])}" for t in e["trajectory"]) + " |")
     if summary["missing"]:
         lines += ["", f"Missing runs ({len(summary['missing'])}): "
                   + ", ".join("/".join(str(p) for p in m if p is not None) for m in summary["missing"])]
