@@ -25,8 +25,7 @@ knows; what it reveals becomes the forget set.
   whose text has been revealed earns nothing more, and without a feature saying so the network keeps
   predicting its old reward and re-pulls it (the first bench run: NeuralUCB below random). The arm's own
   value keeps a fragment open to other templates when one template only echoed it. Freshness is known
-  before the query, so it is a context
-  in NeuralUCB's sense (x_{t,a} may change with t).
+  before the query, so it is a context in NeuralUCB's sense (x_{t,a} may change with t).
 
 The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
 forget set, written as JSONL with their scores and the query history; seeds and settings recorded. The
