@@ -315,7 +315,8 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
     run = trainer.prepare(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume)
     # TOFU runs a fixed number of epochs and scores them itself: the stop rule's EL/MA measurements
     # (trainer.measure_before / decide) would only cost time
-    run.before, run.suites_before, run.ma_threshold, run.el_threshold = {}, None, 0.0, 0.0
+    run.before, run.suites_before = {}, None
+    run.ma_threshold, run.el_threshold = ucfg.ma_threshold, ucfg.el_threshold
     trainer.adapt(run)
     for epoch in range(len(run.epochs) + 1, ucfg.max_epochs + 1):
         run.epochs.append(trainer.train_epoch(run, epoch))

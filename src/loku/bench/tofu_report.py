@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .continual_report import header_lines
+
 __all__ = ["write_outputs"]
 
 QUALITY_TARGET = 0.05  # TOFU: forget quality (a KS p-value) above 0.05 = indistinguishable from the reference
@@ -103,9 +105,7 @@ def _f(value: Any, fmt: str = ".3f") -> str:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
-    lines = [f"# loku bench tofu: {cfg['name']}", "", f"Command: `{' '.join(summary['command'] or [])}`  ",
-             f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
-             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft")),
+    lines = [*header_lines(summary, "tofu"),
              f"Seed {cfg['seed']}; wall time of this invocation {_f((summary['seconds'] or 0) / 60, '.1f')} min  ",
              f"Subset: {cfg['retain_authors']} retain authors + the forget split's authors (20 questions each); "
              f"scored each epoch on {_f(cfg['evals']['forget'], 'd') if cfg['evals']['forget'] else 'all'} forget, "
@@ -120,7 +120,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   f"{_f(summary['reference_self_quality'].get(split), '.3g')}.", "",
                   "| method | rank | trainable % | best forget quality | reached 0.05 | final forget quality | "
                   "final model utility | s |", "|---|---:|---:|---:|---|---:|---:|---:|"]
-        for e in sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"])):
+        ordered = sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"]))
+        for e in ordered:
             lines.append(f"| {e['method']} | {e['rank'] or 'full'} | {100 * e['trainable_share']:.2f} | "
                          f"{_f(e['best_forget_quality'], '.3g')} | {'yes' if e['reached_target'] else '**no**'} | "
                          f"{_f(e['final']['forget_quality'], '.3g')} | {_f(e['final']['model_utility'])} | "
@@ -129,7 +130,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "Forget quality / model utility after every epoch:", "",
                   "| method | rank | " + " | ".join(f"epoch {k}" for k in range(1, epochs + 1)) + " |",
                   "|---|---:|" + "---:|" * epochs]
-        for e in sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"])):
+        for e in ordered:
             lines.append(f"| {e['method']} | {e['rank'] or 'full'} | " + " | ".join(
                 f"{_f(t['forget_quality'], '.3g')} / {_f(t['model_utility'])}" for t in e["trajectory"]) + " |")
     if summary["missing"]:
