@@ -12,7 +12,7 @@ from loku.config import UnlearnConfig
 from loku.errors import ConfigError
 from loku.metrics import memorization_accuracy
 from loku.models import load_model
-from loku.release import reveal_and_release, work_dir, write_release
+from loku.release import _relocated, reveal_and_release, work_dir, write_release
 from loku.reveal import RevealSettings
 
 
@@ -68,6 +68,15 @@ def test_rounds_unlearn_the_real_text_from_what_the_model_revealed(memorized, re
     revealed = [json.loads(line)["text"] for line in (out / "reveal" / "round-01" / "forget.jsonl").read_text().splitlines()]
     assert revealed and not any(r in t for t in revealed for r in retain)
     assert "Reveal-and-Release rounds" in (out / "report.md").read_text()
+
+
+def test_relocation_moves_only_paths_under_the_work_folder(tmp_path):
+    work, final = tmp_path / "out" / ".reveal-work", tmp_path / "out" / "reveal"
+    value = {"forget": str(work / "round-01" / "forget.jsonl"), "rounds": [str(work), (str(work / "a"),)],
+             "sibling": str(work) + "-old/x", "text": f"see {work}/round-01", "n": 3, "none": None}
+    assert _relocated(value, work, final) == {
+        "forget": str(final / "round-01" / "forget.jsonl"), "rounds": [str(final), [str(final / "a")]],
+        "sibling": str(work) + "-old/x", "text": f"see {work}/round-01", "n": 3, "none": None}
 
 
 def test_rounds_that_collect_nothing_end_the_loop_with_a_message(memorized, request_file, tmp_path):

@@ -21,7 +21,6 @@ resumed: run it again with ``--overwrite``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +123,15 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
 
 
 def _relocated(value: Any, old: Path, new: Path) -> Any:
-    """``value`` with every path under the work folder pointing into the output folder instead."""
-    return json.loads(json.dumps(value).replace(json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]))
+    """``value`` (JSON-like) with every path at or under the work folder pointing into the output folder
+    instead; other strings, even ones that merely contain the work folder's name, are left alone."""
+    if isinstance(value, dict):
+        return {key: _relocated(item, old, new) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_relocated(item, old, new) for item in value]
+    if isinstance(value, str) and (value == str(old) or value.startswith(str(old) + "/")):
+        return str(new) + value[len(str(old)):]
+    return value
 
 
 def write_release(release: ReleaseResult, cfg: UnlearnConfig) -> Path:
