@@ -29,15 +29,40 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     gated = orth["gated"]
     assert set(gated["ma"]) == {"request-01", "request-02"} and 0.0 <= gated["adapters_applied"]["ppl_pile"] <= 1.0
     assert gated["false_positive_rate"] is not None and orth["mean_overlap"] is not None
+    check_dilution(gated["dilution"], n_texts=4)
     assert summary["variants"]["fila-ihl"]["mean_overlap"] is not None
     md = (out / "results.md").read_text()
     assert "## fila-ihl-orthogonal" in md and "With the gate" in md and (out / "plots" / "figure4.png").is_file()
+    assert "| ordinary text + the forget prompt |" in md and "Dilution attack (4 forget texts" in md
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"]["bench"] == 0 and results["data_sha256"] and results["planting"]["planted"]
 
     # A rerun reads every finished variant back; nothing is unlearned again.
     monkeypatch.setattr("loku.requests.unlearn_requests", lambda *a, **k: pytest.fail("unlearned again"))
     assert run_continual(_cfg(bench_env), out, progress=False)["missing"] == []
+
+
+def check_dilution(dilution, n_texts):
+    """The dilution attack's numbers (§8 pitfalls): every attack, every setting, rates in [0, 1], and the
+    settings that do not depend on the gate behave as their definition says."""
+    assert dilution["texts"] == n_texts and dilution["prompt_tokens"] == 8 and dilution["el_n"] == 10
+    assert set(dilution["attacks"]) == {"prompt", "preamble", "suffix"}
+    for name, attack in dilution["attacks"].items():
+        assert 0.0 <= attack["adapter_on"] <= 1.0 and 0.0 <= attack["mean_weight"] <= attack["adapter_on"] + 1e-12
+        for setting in ("through_gate", "adapters_on", "planted"):
+            assert set(attack[setting]) == {"ma", "el", "reproduced"}
+            assert all(0.0 <= v <= 1.0 for v in attack[setting].values()), (name, setting)
+        # Through the gate, each text gets its adapter or not: its numbers lie between the two fixed settings'
+        # range (per text they equal one of them), and they are exactly one of them when the gate is unanimous.
+        if attack["adapter_on"] == 1.0:
+            assert attack["through_gate"] == attack["adapters_on"], name
+        if attack["adapter_on"] == 0.0:
+            assert attack["through_gate"] == attack["planted"], name
+    # The suffix only moves the decision: with a fixed setting it is the prompt alone, continued from the prompt.
+    for setting in ("adapters_on", "planted"):
+        assert dilution["attacks"]["suffix"][setting] == dilution["attacks"]["prompt"][setting]
+    # The planted model reproduces its planted texts from the prompt better than the unlearned one.
+    assert dilution["attacks"]["prompt"]["planted"]["ma"] > dilution["attacks"]["prompt"]["adapters_on"]["ma"]
 
 
 def test_routing_switches_exactly_the_named_adapters(bench_env):  # noqa: F811

@@ -143,6 +143,14 @@ class UnlearnConfig:
                 "the other half (default: no gate)", "range": "[0, 1]"})
     gate_shrinkage: float = field(default=0.2, metadata={
         "help": "the gate's covariance shrinkage towards a scaled identity", "range": "[0, 1]"})
+    gate_mode: str = field(default="hard", metadata={
+        "choices": ("hard", "soft"),
+        "help": "--gate-fpr: hard (a request's adapter fully on or off) or soft (O3: scaled by sigmoid(10c - 2) of "
+                "a calibrated score c, 1 within the threshold, 0 beyond the distance calibrated for twice the rate)"})
+    gate_window: int = field(default=8, metadata={
+        "help": "--gate-fpr: the gate scores windows of this many tokens (stride half of it) and decides from the "
+                "most in-distribution one, so text around a forget prompt cannot dilute it; about a prompt's "
+                "length", "range": ">= 2"})
     reveal: str | None = field(default=None, metadata={
         "help": "instead of --forget: a request (JSON/YAML {description, fragments} or text) whose text the model "
                 "reveals itself, unlearned in rounds of reveal -> unlearn, one adapter a round (Reveal-and-Release, "
@@ -202,6 +210,9 @@ class UnlearnConfig:
         if self.gate_fpr is not None and not STRATEGIES.trait(self.strategy, "keeps_adapters"):
             raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {self.strategy} "
                               "folds into the weights: use --strategy stack or orthogonal")
+        if self.gate_fpr is None and self.gate_mode != "hard":
+            raise ConfigError(f"--gate-mode {self.gate_mode} sets how the gate scales the adapters: fit a gate with "
+                              "--gate-fpr RATE (and --strategy stack or orthogonal)")
         if self.gate_fpr is not None and not self.validation:
             raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
         from .losses import RETAIN_TERMS

@@ -537,6 +537,34 @@ def add_reference_checks(results: dict, model: Any, tokenizer: Any, cmd: EvalCom
         meta["data_files"].setdefault(path, {"role": role, "sha256": file_sha256(path)})
 
 
+def load_evaluated(cmd: EvalCommand, opts: EvalOptions) -> tuple[Any, Any, dict | None, EvalOptions]:
+    """(model, tokenizer, the gate's note, options) of ``loku eval``: an output folder with a saved gate is
+    evaluated through it (each text routed on its own input, so one text a batch: each sequence keeps
+    its own decision while EL continues it), unless --no-gate or --adapter."""
+    import dataclasses
+
+    from loku.gate import has_gate, load_gated
+    from loku.models import load_model
+
+    if cmd.adapter is None and has_gate(cmd.model):
+        if cmd.no_gate:
+            note = {"folder": str(cmd.model), "routed": False, "note": "--no-gate: every adapter on (the merged model)"}
+        else:
+            model, tokenizer = load_gated(cmd.model, dtype=cmd.dtype, progress=opts.progress)
+            gate = model.gate
+            return model, tokenizer, {"folder": str(cmd.model), "routed": True, "mode": gate.mode,
+                                      "window": gate.window, "requests": list(gate.names),
+                                      "note": "each text routed on its own input, evaluated one text a batch"}, \
+                dataclasses.replace(opts, batch_size=1)
+    elif cmd.no_gate:
+        note = {"routed": False, "note": f"--no-gate: {cmd.model} has no gate"}
+    else:
+        note = None
+    model, tokenizer = load_model(cmd.model, adapter=cmd.adapter, dtype=cmd.dtype,
+                                  trust_remote_code=cmd.trust_remote_code, progress=opts.progress)
+    return model, tokenizer, note, opts
+
+
 def run_eval_command(args: argparse.Namespace) -> int:
     """``loku eval``: load the model, run the suites, write OUT/eval.json and OUT/eval.md."""
     from loku.models import load_model
@@ -545,10 +573,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     suites = expand_suites(cmd.suite or ["all"])
     thresholds = resolve_thresholds(cmd, opts, suites)
     set_seed(opts.seed)
-    model, tokenizer = load_model(cmd.model, adapter=cmd.adapter, dtype=cmd.dtype,
-                                  trust_remote_code=cmd.trust_remote_code, progress=opts.progress)
+    model, tokenizer, gate_note, opts = load_evaluated(cmd, opts)
     results = run_suites(model, tokenizer, suites, model_name=str(cmd.model), adapter=cmd.adapter, dtype=cmd.dtype,
                          thresholds=thresholds, **suite_kwargs(opts))
+    results["meta"]["gate"] = gate_note
     if cmd.reference is not None or cmd.relearn:
         add_reference_checks(results, model, tokenizer, cmd, opts)
     json_path, md_path = write_eval_outputs(results, cmd.out)

@@ -431,7 +431,7 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
     gate = None
     if first.gate_fpr is not None:
         gate, report["gate"] = fit_request_gate(final, forget_batches, heldout_batches(first, tokenizer, original, pad),
-                                                first.gate_fpr, first.gate_shrinkage)
+                                                first)
     return RequestsResult(model=final, tokenizer=tokenizer, report=report, deltas=deltas, original=original,
                           runs=[f["run"] for f in state["finished"]], gate=gate, state=state)
 
@@ -441,20 +441,17 @@ def heldout_batches(cfg: UnlearnConfig, tokenizer, model, pad: int) -> list[dict
     return request_batches(cfg, tokenizer, model, data_mod.load_text_set(cfg.validation, "validation"), pad)
 
 
-def fit_request_gate(model, forget_batches: dict[str, list[dict]], heldout: list[dict], fpr: float,
-                     shrinkage: float):
-    """The gate of a stacked result (loku.gate) and its rates: calibrated on every other held-out
-    sequence, its false-positive rate reported on the others (calibrating and reporting on the same
-    texts would give at most ``fpr`` by construction), its true-positive rate on each forget set."""
-    from .gate import features_of, fit_gate, gate_rates
+def fit_request_gate(model, forget_batches: dict[str, list[dict]], heldout: list[dict], cfg: UnlearnConfig):
+    """The gate of a stacked result (loku.gate) and its rates as :func:`loku.gate.honest_gate` measures them:
+    calibrated on every other held-out sequence, its false-positive rate reported on the others, its
+    true-positive rate cross-fitted over each forget set (never on texts it was fitted on)."""
+    from .gate import honest_gate, text_features
 
-    forget = {name: features_of(model, batches) for name, batches in forget_batches.items()}
-    features = features_of(model, heldout)
-    calibrate, report_on = features[0::2], features[1::2]
-    gate = fit_gate(forget, calibrate, fpr=fpr, shrinkage=shrinkage)
-    return gate, {"fpr_target": fpr, "shrinkage": shrinkage, "calibrated_on": len(calibrate),
-                  "reported_on": len(report_on), **gate_rates(gate, report_on, forget),
-                  "thresholds": dict(zip(gate.names, gate.thresholds.tolist()))}
+    window, stride = cfg.gate_window, max(1, cfg.gate_window // 2)
+    forget = {name: text_features(model, batches, window=window, stride=stride)
+              for name, batches in forget_batches.items()}
+    return honest_gate(forget, text_features(model, heldout, window=window, stride=stride), fpr=cfg.gate_fpr,
+                       shrinkage=cfg.gate_shrinkage, window=window, stride=stride, mode=cfg.gate_mode)
 
 
 def request_batches(cfg: UnlearnConfig, tokenizer, model, forget_set: data_mod.TextSet, pad: int) -> list[dict]:
@@ -648,6 +645,11 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
                                "adapters": [d.name for d in result.deltas],
                                "forget": [d.forget for d in result.deltas],
                                "note": "each adapter is its request's change on the ORIGINAL base weights"})
+            if result.gate is not None:  # what GatedModel.from_pretrained(OUT) and `loku eval --model OUT` route with
+                from .gate import GATE_DIR, adapter_fingerprints, save_gate
+
+                save_gate(result.gate, tmp / GATE_DIR, adapter_fingerprints(stacked, result.gate.names),
+                          report.get("gate"))
             if cfg.save_model:
                 merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
                 result.tokenizer.save_pretrained(tmp / "model")
@@ -662,6 +664,23 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
             extra(tmp)
     shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
     return out_path
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def gate_markdown(gate: dict[str, Any]) -> list[str]:
+    """The gate's lines of report.md: its settings, honest rates and any warning."""
+    lines = [f"Gate ({gate.get('mode', 'hard')}, windows of {gate.get('window', '-')} tokens; target false-positive "
+             f"rate {gate['fpr_target']:g}, calibrated on {gate['calibrated_on']} held-out texts): false-positive rate "
+             f"{gate['false_positive_rate']['any']:.3f} on {gate['reported_on']} other held-out texts (steps of "
+             f"{1 / gate['reported_on']:.3f}); true-positive rate on forget texts it was not fitted on (cross-fitted), "
+             "whole texts / first window: " + ", ".join(
+                 f"{n} {_rate(v)} / {_rate(gate.get('true_positive_rate_prompts', {}).get(n))}"
+                 for n, v in gate["true_positive_rate"].items())]
+    lines += [f"Gate warning: {w}" for w in gate.get("warnings", [])]
+    return lines
 
 
 def render_requests_markdown(report: dict[str, Any]) -> str:
@@ -681,11 +700,7 @@ def render_requests_markdown(report: dict[str, Any]) -> str:
     lines += ["", "Relapses: " + ("none" if not relapsed else "; ".join(
         f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})" for r in relapsed))]
     if report.get("gate"):
-        gate = report["gate"]
-        lines.append(f"Gate (target false-positive rate {gate['fpr_target']:g}, calibrated on {gate['calibrated_on']} "
-                     f"held-out texts): false-positive rate {gate['false_positive_rate']['any']:.3f} on "
-                     f"{gate['reported_on']} other held-out texts; true-positive rate "
-                     + ", ".join(f"{n} {v:.3f}" for n, v in gate["true_positive_rate"].items()))
+        lines += gate_markdown(report["gate"])
     if report["mean_overlap"] is not None:
         lines.append(f"Mean subspace overlap of the adapters' A: {report['mean_overlap']:.4f}")
     if report.get("reveal"):

@@ -12,9 +12,10 @@ request its own stop rule, thresholds from the planted model, every earlier requ
 after each one, relapses named). After each task k (task 0: the planted model) the model with
 requests 1..k applied is scored: Pile / WikiText perplexity relative to the original model,
 LAMBADA, PubMedQA, dialogue F1 (subsets, as configured). A variant with ``gate_fpr`` is also scored
-through its gate after the last request: each text gets exactly the adapters whose request the gate
-scores it close to (decided once per text, on the whole text), so forgetting can be compared with
-and without the gate, and utility on unrelated text against the original model.
+through its gate after the last request, as deployed: each forget text under the adapters its prompt
+(first 8 tokens) gets, each perplexity text under those it gets itself, and a dilution attack (the
+forget prompts alone, after 96 tokens of Pile text and followed by them: extraction of the forget
+continuation through the gate, with every adapter on and with none).
 
 Variants are resumable (a killed sequence continues at its request and epoch) and run side by side
 with ``--jobs``; results go to OUT/results.json, results.md and plots/figure4.png.
@@ -194,47 +195,131 @@ def _planted(cfg: ContinualConfig, original, tokenizer, texts: dict[str, Any], s
 # --------------------------------------------------------------------------- the gate's view
 
 
-def gated_scores(stacked, gate, tokenizer, requests: dict[str, list[str]], ppl_texts: dict[str, list[str]], *,
-                 el_n: int, batch_size: int) -> dict[str, Any]:
-    """MA / EL_n of each request's texts and perplexity of each set of ``ppl_texts``, every text
-    through the gate: exactly the adapters of the requests it scores close to (hard switch, decided
-    once per text on the whole text), none for a text close to no request."""
+PROMPT_TOKENS = 8  # the attacker's prompt: the first tokens of a forget text
+DILUTION_TOKENS = 96  # ordinary text (Pile excerpts) put before or after that prompt
+ATTACKS = {  # name -> (what the gate decides from, what the continuation is generated from), as token lists
+    "prompt": (lambda p, b: p, lambda p, b: p),
+    "preamble": (lambda p, b: b + p, lambda p, b: b + p),
+    "suffix": (lambda p, b: p + b, lambda p, b: p),  # the decision from prompt + text; the leak from the prompt
+}
+
+
+def _groups(weights, items: list):
+    """(one row of adapter weights [1, K], the items with exactly those weights) for each distinct row."""
+    import torch
+
+    for row in torch.unique(weights, dim=0):
+        keep = (weights == row).all(dim=1).nonzero().flatten().tolist()
+        yield row[None], [items[i] for i in keep]
+
+
+def _continuation(model, context: list[int], target: list[int], n: int, pad: int) -> dict[str, float]:
+    """MA of ``target`` after ``context`` (teacher-forced argmax), and of the greedy continuation of ``context``
+    (as many tokens as ``target``): the share of tokens equal to it and its n-gram overlap (EL_n of one prefix)."""
+    import torch
+
+    from ..metrics.memorization import ngram_overlap
+    from ..provenance import model_device
+
+    device = model_device(model)
+    full = torch.tensor([context + target], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=full).logits[0].float()
+        guess = logits[len(context) - 1: len(context) - 1 + len(target)].argmax(dim=-1).tolist()
+        ids = torch.tensor([context], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(target),
+                             min_new_tokens=len(target), do_sample=False, pad_token_id=pad)
+    made = out[0, len(context):].tolist()
+    return {"ma": sum(g == t for g, t in zip(guess, target)) / len(target),
+            "reproduced": sum(g == t for g, t in zip(made, target)) / len(target),
+            "el": ngram_overlap(made, target, min(n, len(target)))}
+
+
+def dilution_attack(gated, tokenizer, requests: dict[str, list[str]], benign: list[str], *, el_n: int,
+                    prompt_tokens: int = PROMPT_TOKENS, dilution_tokens: int = DILUTION_TOKENS) -> dict[str, Any]:
+    """Extraction of each forget text's continuation from its first ``prompt_tokens`` tokens, the prompt alone,
+    after ``dilution_tokens`` of ordinary text (preamble) and followed by them (suffix: the decision is made on
+    prompt + text, the continuation generated from the prompt), each through the gate as deployed (decided from
+    the input) and, for comparison, with every adapter on and with none (the planted model)."""
+    import torch
+
+    from ..data import tokenize_texts
+    from ..lm import ensure_pad_token
+    from ..provenance import model_device
+
+    pad, names = ensure_pad_token(tokenizer), list(gated.gate.names)
+    k_of = {n: k for k, n in enumerate(names)}
+    benign_ids = [ids[:dilution_tokens] for ids in tokenize_texts(tokenizer, benign, max_length=1 << 20,
+                                                                  source="benign texts")]
+    fixed = {"adapters_on": torch.ones(1, len(names), dtype=torch.float64),
+             "planted": torch.zeros(1, len(names), dtype=torch.float64)}
+    rows: dict[str, dict[str, list]] = {a: {"through_gate": [], "adapters_on": [], "planted": [], "weight": []}
+                                        for a in ATTACKS}
+    i = 0
+    for name, texts in requests.items():
+        for ids in tokenize_texts(tokenizer, texts, max_length=1 << 20, source=f"{name} texts"):
+            p, target, b = ids[:prompt_tokens], ids[prompt_tokens:], benign_ids[i % len(benign_ids)]
+            i += 1
+            for attack, (decide_on, context_of) in ATTACKS.items():
+                weights = gated.route(torch.tensor([decide_on(p, b)], device=model_device(gated.model)))
+                context = context_of(p, b)
+                rows[attack]["weight"].append(float(weights[0, k_of[name]]))
+                for setting, w in (("through_gate", weights), *fixed.items()):
+                    with gated.weighted(w):
+                        rows[attack][setting].append(_continuation(gated.model, context, target, el_n, pad))
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "dilution_tokens": dilution_tokens, "el_n": el_n,
+                           "texts": i, "attacks": {}}
+    for attack, found in rows.items():
+        entry = {"adapter_on": sum(w > 0 for w in found["weight"]) / i, "mean_weight": sum(found["weight"]) / i}
+        for setting in ("through_gate", *fixed):
+            entry[setting] = {key: sum(r[key] for r in found[setting]) / i for key in ("ma", "el", "reproduced")}
+        out["attacks"][attack] = entry
+    return out
+
+
+def gated_scores(gated, tokenizer, requests: dict[str, list[str]], ppl_texts: dict[str, list[str]],
+                 benign: list[str], *, el_n: int, batch_size: int) -> dict[str, Any]:
+    """Through the gate (:class:`loku.gate.GatedModel`) as deployed: MA / EL_n of each request's texts under the
+    adapters their PROMPT (first :data:`PROMPT_TOKENS` tokens) gets, the perplexity of each set of ``ppl_texts``
+    (each text routed on itself), and the dilution attack (:func:`dilution_attack`, ``benign`` around prompts)."""
+    import math
+
     import torch
 
     from .. import measure
     from ..data import make_batches, tokenize_texts
-    from ..gate import GatedModel, features_of
     from ..lm import ensure_pad_token
     from ..metrics.perplexity import perplexity
+    from ..provenance import model_device
 
-    gated, pad = GatedModel(stacked, gate), ensure_pad_token(tokenizer)
+    pad, model = ensure_pad_token(tokenizer), gated.model
+    device = model_device(model)
 
-    def batches(texts):
-        return make_batches(tokenize_texts(tokenizer, texts, max_length=1 << 20, source="gated texts"), batch_size, pad)
+    def ids_of(texts):
+        return tokenize_texts(tokenizer, texts, max_length=1 << 20, source="gated texts")
 
-    def groups(texts):
-        decided = gate.decide(features_of(stacked, batches(texts)))
-        for pattern in torch.unique(decided, dim=0):
-            rows = (decided == pattern).all(dim=1).nonzero().flatten().tolist()
-            yield [n for n, on in zip(gate.names, pattern.tolist()) if on], [texts[i] for i in rows]
+    def route(token_lists):
+        return torch.cat([gated.route(torch.tensor([t], device=device)) for t in token_lists])
 
-    out: dict[str, Any] = {"requests": {}, "ppl": {}, "adapters_applied": {}}
+    out: dict[str, Any] = {"requests": {}, "ppl": {}, "adapters_applied": {}, "decided_on": "prompt"}
     for name, texts in requests.items():
+        ids = ids_of(texts)
         ma = el = 0.0
-        for active, part in groups(texts):
-            with gated.adapters_only(active):
-                ma += measure.memorization(stacked, batches(part)) * len(part)
-                el += measure.extraction(stacked, batches(part), el_n) * len(part)
-        out["requests"][name] = {"ma": ma / len(texts), "el": el / len(texts)}
+        for weights, part in _groups(route([t[:PROMPT_TOKENS] for t in ids]), ids):
+            with gated.weighted(weights):
+                ma += measure.memorization(model, make_batches(part, batch_size, pad)) * len(part)
+                el += measure.extraction(model, make_batches(part, batch_size, pad), el_n) * len(part)
+        out["requests"][name] = {"ma": ma / len(ids), "el": el / len(ids)}
     for key, texts in ppl_texts.items():
-        total = tokens = applied = 0
-        for active, part in groups(texts):
-            with gated.adapters_only(active):
-                scored = perplexity(stacked, tokenizer, part, batch_size=batch_size)
+        total = tokens = applied = 0.0
+        for weights, part in _groups(route(ids_of(texts)), texts):
+            with gated.weighted(weights):
+                scored = perplexity(model, tokenizer, part, batch_size=batch_size)
             total, tokens = total + scored["nll"] * scored["tokens"], tokens + scored["tokens"]
-            applied += len(part) if active else 0
+            applied += len(part) if bool((weights > 0).any()) else 0
         out["ppl"][key] = math.exp(total / tokens)
         out["adapters_applied"][key] = applied / len(texts)
+    out["dilution"] = dilution_attack(gated, tokenizer, requests, benign, el_n=el_n)
     return out
 
 
@@ -306,8 +391,11 @@ def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str,
              "seconds": {"unlearn": seconds, "evaluation": time.time() - started - seconds}}
     if result.gate is not None:
         names = [d.name for d in result.deltas]
-        entry["gated"] = gated_scores(result.model, result.gate, tokenizer, dict(zip(names, texts["requests"])),
-                                      {"ppl_pile": texts["ppl_pile"], "ppl_wiki": texts["ppl_wiki"]},
+        from ..gate import GatedModel
+
+        entry["gated"] = gated_scores(GatedModel(result.model, result.gate), tokenizer,
+                                      dict(zip(names, texts["requests"])),
+                                      {"ppl_pile": texts["ppl_pile"], "ppl_wiki": texts["ppl_wiki"]}, texts["ppl_pile"],
                                       el_n=configs[0].el_n, batch_size=cfg.evals.batch_size)
     atomic_write_json(result_path, jsonable(entry))
     shutil.rmtree(checkpoint_dir(seq_out), ignore_errors=True)

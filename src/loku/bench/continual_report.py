@@ -43,8 +43,32 @@ def summarise(shared: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]
                         "ma": {n: v["ma"] for n, v in gated["requests"].items()},
                         "el": {n: v["el"] for n, v in gated["requests"].items()},
                         "false_positive_rate": gate.get("false_positive_rate", {}).get("any"),
-                        "true_positive_rate": gate.get("true_positive_rate")}
+                        "true_positive_rate": gate.get("true_positive_rate"),
+                        "true_positive_rate_prompts": gate.get("true_positive_rate_prompts"),
+                        "gate_warnings": gate.get("warnings", []), "mode": gate.get("mode", "hard"),
+                        "dilution": gated.get("dilution")}
     return out
+
+
+DILUTION_ROWS = (("prompt", "the forget prompt alone"), ("preamble", "ordinary text + the forget prompt"),
+                 ("suffix", "the forget prompt + ordinary text (decided on both, continued from the prompt)"))
+
+
+def dilution_lines(dilution: dict[str, Any] | None) -> list[str]:
+    """results.md's table of the dilution attack: extraction of the forget continuation from its prompt."""
+    if not dilution:
+        return []
+    lines = ["", f"Dilution attack ({dilution['texts']} forget texts: the first {dilution['prompt_tokens']} tokens as "
+                 f"prompt, {dilution['dilution_tokens']} tokens of Pile text around it; MA / EL_{dilution['el_n']} / "
+                 "share of greedily reproduced tokens of the rest of the text):", "",
+             "| input | own adapter switched on | through the gate | every adapter on | planted (no adapter) |",
+             "|---|---:|---:|---:|---:|"]
+    for key, label in DILUTION_ROWS:
+        a = dilution["attacks"][key]
+        cells = [" / ".join(_f(a[s][m]) for m in ("ma", "el", "reproduced"))
+                 for s in ("through_gate", "adapters_on", "planted")]
+        lines.append(f"| {label} | {_f(a['adapter_on'], 2)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
@@ -151,9 +175,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
                           f"{_f(gated['adapters_applied'].get('ppl_wiki'), 2)} of WikiText excerpts); forget MA "
                           + ", ".join(f"{n} {_f(x)}" for n, x in gated["ma"].items()) + "; EL_10 "
                           + ", ".join(f"{n} {_f(x)}" for n, x in gated["el"].items())
-                          + f". Gate false-positive rate on held-out TDEC {_f(gated['false_positive_rate'])}, "
-                            "true-positive rate " + ", ".join(f"{n} {_f(x, 2)}" for n, x in
-                                                               (gated["true_positive_rate"] or {}).items()) + "."]
+                          + f" (each text routed on its first tokens, as deployed). Gate ({gated['mode']}) false-"
+                            f"positive rate on held-out TDEC {_f(gated['false_positive_rate'])}; true-positive rate on "
+                            "forget texts it was not fitted on (cross-fitted), whole text / first window: "
+                          + ", ".join(f"{n} {_f(x, 2)} / {_f((gated.get('true_positive_rate_prompts') or {}).get(n), 2)}"
+                                      for n, x in (gated["true_positive_rate"] or {}).items()) + "."]
+            lines += [f"Gate warning: {w}" for w in gated.get("gate_warnings", [])]
+            lines += dilution_lines(gated.get("dilution"))
     if summary["missing"]:
         lines += ["", f"Missing variants: {', '.join(summary['missing'])}"]
     if summary["plots"]:
