@@ -317,3 +317,63 @@ def test_a_gate_that_does_not_match_its_adapters_is_refused(gated_setup, tmp_pat
         GatedModel.from_pretrained(out, model=make_tiny_model("llama"))
     with pytest.raises(ConfigError, match="no gate"):
         GatedModel.from_pretrained(tmp_path / "other", model=make_tiny_model("llama"))
+
+
+# --------------------------------------------------------------------------- loku unlearn -> loku eval
+
+
+def test_unlearn_saves_the_gate_and_eval_routes_through_it(memorized, tmp_path, capsys):
+    """`loku unlearn --gate-fpr` writes OUT/gate; `loku eval --model OUT` evaluates each text through it (the
+    same numbers as routing each text by hand), `--no-gate` the merged model; a gate that does not match
+    the folder's adapters is one clear error, exit 2."""
+    from loku.cli import main
+    from loku.metrics import memorization_accuracy
+
+    lines = (memorized / "forget.txt").read_text().splitlines()
+    (tmp_path / "a.txt").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(lines[2:]) + "\n")
+    out, data = tmp_path / "out", tmp_path / "data"
+    main(["unlearn", "--model", str(memorized / "base"), "--forget", str(tmp_path / "a.txt"), "--forget",
+          str(tmp_path / "b.txt"), "--retain", str(memorized / "retain.txt"), "--validation",
+          str(memorized / "validation.txt"), "--strategy", "stack", "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2",
+          "--batch-size", "2", "--max-epochs", "2", "--no-progress", "--ma-threshold", "0.5", "--el-threshold", "0.5",
+          "--gate-fpr", "0.5", "--gate-window", "6", "--out", str(out)])
+    spec = json.loads((out / GATE_DIR / "gate.json").read_text())
+    assert spec["window"] == 6 and set(spec["adapters"]) == {"request-01", "request-02"}
+    (data / "tdec" / "eval").mkdir(parents=True)
+    (data / "tdec" / "eval" / "pile.csv").write_text("text\n" + (memorized / "retain.txt").read_text())
+
+    def evaluate(*extra):
+        folder = tmp_path / f"eval{len(extra)}"
+        code = main(["eval", "--model", str(out), "--suite", "tdec", "--forget", str(tmp_path / "a.txt"), "--data-dir",
+                     str(data), "--out", str(folder), "--no-progress", *extra])
+        return code, folder
+
+    code, folder = evaluate()
+    gated_eval = json.loads((folder / "eval.json").read_text())
+    assert code == 0 and gated_eval["meta"]["gate"]["routed"] is True
+    from loku.models import load_model
+
+    base, tokenizer = load_model(str(memorized / "base"), progress=False)
+    gated = GatedModel.from_pretrained(out, model=base)
+    by_hand = []
+    for text in lines[:2]:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad(), gated.weighted(gated.route(ids)):
+            by_hand.append(float(memorization_accuracy(gated.model, ids)[0]))
+    assert gated_eval["suites"]["tdec"]["forget"]["per_item"]["ma"] == pytest.approx(by_hand, abs=1e-6)
+
+    code, folder = evaluate("--no-gate")
+    merged_eval = json.loads((folder / "eval.json").read_text())
+    assert code == 0 and merged_eval["meta"]["gate"]["routed"] is False
+    merged, _ = load_model(str(out / "model"), progress=False)
+    ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in lines[:2]])
+    assert merged_eval["suites"]["tdec"]["forget"]["per_item"]["ma"] == pytest.approx(
+        memorization_accuracy(merged, ids).tolist(), abs=1e-6)
+
+    spec["adapters"]["request-01"] = "0" * 64  # a gate fitted for other adapters
+    (out / GATE_DIR / "gate.json").write_text(json.dumps(spec))
+    capsys.readouterr()
+    code, _ = evaluate()
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("loku: error:") and "fitted for other adapters" in err and "request-01" in err

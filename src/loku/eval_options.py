@@ -128,8 +128,8 @@ class EvalCommand:
     relearn: bool = field(default=False, metadata={
         "help": "also run the relearning check (§11): fine-tune a copy 5/10/20 steps on half the forget file, "
                 "MA/EL of the other half; --reference gets the same fine-tune as control"})
-    no_gate: bool = field(default=False, metadata={
-        "help": "--model OUT with a gate (OUT/gate, --gate-fpr): evaluate the merged model (every adapter on) "
+    gate: bool = field(default=True, metadata={
+        "flag": "--no-gate", "help": "--model OUT with a gate (OUT/gate, --gate-fpr): evaluate the merged model (every adapter on) "
                 "instead of routing each text through the gate [default: through the gate]"})
     out: str | None = field(default=None, metadata={
         "required": True, "help": "output folder for eval.json and eval.md"})

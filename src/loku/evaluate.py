@@ -547,7 +547,7 @@ def load_evaluated(cmd: EvalCommand, opts: EvalOptions) -> tuple[Any, Any, dict 
     from loku.models import load_model
 
     if cmd.adapter is None and has_gate(cmd.model):
-        if cmd.no_gate:
+        if not cmd.gate:
             note = {"folder": str(cmd.model), "routed": False, "note": "--no-gate: every adapter on (the merged model)"}
         else:
             model, tokenizer = load_gated(cmd.model, dtype=cmd.dtype, progress=opts.progress)
@@ -556,7 +556,7 @@ def load_evaluated(cmd: EvalCommand, opts: EvalOptions) -> tuple[Any, Any, dict 
                                       "window": gate.window, "requests": list(gate.names),
                                       "note": "each text routed on its own input, evaluated one text a batch"}, \
                 dataclasses.replace(opts, batch_size=1)
-    elif cmd.no_gate:
+    elif not cmd.gate:
         note = {"routed": False, "note": f"--no-gate: {cmd.model} has no gate"}
     else:
         note = None

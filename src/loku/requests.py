@@ -672,8 +672,8 @@ def _rate(value: float | None) -> str:
 
 def gate_markdown(gate: dict[str, Any]) -> list[str]:
     """The gate's lines of report.md: its settings, honest rates and any warning."""
-    lines = [f"Gate ({gate.get('mode', 'hard')}, windows of {gate.get('window', '-')} tokens; target false-positive "
-             f"rate {gate['fpr_target']:g}, calibrated on {gate['calibrated_on']} held-out texts): false-positive rate "
+    lines = [f"Gate (target false-positive rate {gate['fpr_target']:g}, {gate.get('mode', 'hard')}, windows of "
+             f"{gate.get('window', '-')} tokens, calibrated on {gate['calibrated_on']} held-out texts): false-positive rate "
              f"{gate['false_positive_rate']['any']:.3f} on {gate['reported_on']} other held-out texts (steps of "
              f"{1 / gate['reported_on']:.3f}); true-positive rate on forget texts it was not fitted on (cross-fitted), "
              "whole texts / first window: " + ", ".join(
