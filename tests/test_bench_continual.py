@@ -52,9 +52,8 @@ def check_dilution(dilution, n_texts):
         for setting in ("through_gate", "adapters_on", "planted"):
             assert set(attack[setting]) == {"ma", "el", "reproduced"}
             assert all(0.0 <= v <= 1.0 for v in attack[setting].values()), (name, setting)
-        # Through the gate, each text gets its adapter or not: its numbers lie between the two fixed settings'
-        # range (per text they equal one of them), and they are exactly one of them when the gate is unanimous.
-        if attack["adapter_on"] == 1.0:
+        # A hard gate that switched every text's adapter fully on (or off) is exactly that fixed setting.
+        if attack["adapter_on"] == 1.0 and attack["mean_weight"] == 1.0:
             assert attack["through_gate"] == attack["adapters_on"], name
         if attack["adapter_on"] == 0.0:
             assert attack["through_gate"] == attack["planted"], name
