@@ -58,6 +58,7 @@ from loku.save import atomic_write_text
 
 __all__ = [
     "ALL_SUITES",
+    "EXTRA_SUITES",
     "EvalOptions",
     "SUITES",
     "add_eval_arguments",
