@@ -65,14 +65,37 @@ def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
     run = json.loads((out / "tiny" / "split-0" / "runs" / "fila-ihl.json").read_text())
     assert run["seed"] == 0 and run["relearn"]["control"]["steps"] == [0, 1, 2]
     assert run["reference"]["settings"]["new_tokens"] == 4 and run["flops"]["fisher"] > 0
+    # §13: every run is attacked, next to the planted model rounded the same way
+    attacks = run["attacks"]
+    assert set(attacks["quantization"]["model"]) >= {"none", "int8", "nf4"}
+    assert attacks["quantization"]["reference"] is not None and attacks["quantization"]["layers"] > 0
+    assert attacks["probing"]["settings"]["prompt_tokens"] == 4 and set(attacks["probing"]) >= {
+        "plain", "after_text", "shifted"}
+    for m in METHODS:  # the table's numbers are the run's own
+        got = json.loads((out / "tiny" / "split-0" / "runs" / f"{m}.json").read_text())["attacks"]
+        table = model["table"][m]
+        assert table["nf4_el"]["mean"] == pytest.approx(got["quantization"]["model"]["nf4"]["el_10"])
+        assert table["int8_ma"]["mean"] == pytest.approx(got["quantization"]["model"]["int8"]["ma"])
+        assert table["probe_after_text_ma"]["mean"] == pytest.approx(got["probing"]["after_text"]["ma"])
+        for key in ("int8_ma", "int8_el", "nf4_ma", "nf4_el", "probe_plain_el", "probe_shifted_ma"):
+            assert 0.0 <= table[key]["mean"] <= 1.0, (m, key)
     split = json.loads((out / "tiny" / "split-0" / "split.json").read_text())
     assert split["planting"]["measurements"]["planted"]["forget"]["ma"] >= 0
-    assert {"before", "reference_stats", "relearn_control", "planted_downstream"} <= set(split)
+    assert {"before", "reference_stats", "relearn_control", "planted_downstream", "planted_attacks",
+            "original_attacks"} <= set(split)
+    # the attack's reference is the planted model: the same numbers as stored once for the split
+    assert attacks["quantization"]["reference"] == split["planted_attacks"]["quantization"]["model"]
+    # the planted model memorized its forget set; unquantized, its MA is the stop rule's "before" MA
+    assert split["planted_attacks"]["quantization"]["model"]["none"]["ma"] == pytest.approx(
+        split["before"]["forget_ma"], abs=1e-6)
+    assert model["planted"]["nf4_ma"]["n"] == 1 and model["original_attacks"]["int8_el"]["n"] == 1
     results = json.loads((out / "results.json").read_text())
     assert results["command"][:3] == ["loku", "bench", "tdec"] and results["versions"]["torch"]
     assert results["data_sha256"] and results["seeds"]["bench"] == 0
     md = (out / "results.md").read_text()
     assert "| fila-ihl |" in md and "Planting (original → planted)" in md and "Distance to the original" in md
+    assert "Attacks: quantization and prefix probing" in md and "| NF4 EL_10 |" in md
+    assert "| original (never saw the text) |" in md
     for plot in ("figure1", "epochs", "relearn", "forgetting_vs_utility"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot
 

@@ -71,7 +71,18 @@ def test_smoke_tofu_bench_end_to_end(tofu_env, tmp_path, monkeypatch):
     for e in entries:
         assert [t["epoch"] for t in e["trajectory"]] == [1, 2]
         assert all(0.0 <= t["forget_quality"] <= 1.0 and t["model_utility"] >= 0 for t in e["trajectory"])
-    assert summary["reference_self_quality"]["forget01"] == pytest.approx(1.0)
+    # The reference's check (§7): a second reference fine-tuned with another seed, its forget quality
+    # against the first -- not KS(x, x), which is 1.0 whatever the models are.
+    shared = json.loads((out / "shared.json").read_text())
+    first = shared["reference/forget01"]["forget_truth_ratios"]
+    second = shared["reference_seed_quality/forget01"]
+    assert second["seed"] == 1 and second["forget_truth_ratios"] != first
+    from scipy.stats import ks_2samp
+
+    assert summary["reference_seed_quality"]["forget01"] == pytest.approx(
+        ks_2samp(second["forget_truth_ratios"], first).pvalue)
+    assert len(list((tofu_env["cache"] / "tofu").glob("reference-forget01-*/finetune.json"))) == 2
+    assert "a second reference fine-tuned with another seed" in (out / "results.md").read_text()
     assert summary["target"]["forget01"]["forget_quality"] is not None
     md = (out / "results.md").read_text()
     assert "| fila-ihl | 2 |" in md and (out / "plots" / "figure5.png").is_file()

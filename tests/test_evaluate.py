@@ -37,7 +37,8 @@ def test_expand_suites():
         E.expand_suites(["nope"])
     with pytest.raises(ConfigError):
         E.expand_suites([""])
-    assert set(E.SUITES.names()) == set(E.ALL_SUITES)
+    assert set(E.SUITES.names()) == set(E.ALL_SUITES) | set(E.EXTRA_SUITES)
+    assert "attacks" not in E.expand_suites(["all"]) and E.expand_suites(["attacks"]) == ["attacks"]
 
 
 def test_run_suites_on_a_tiny_model_and_write_outputs(tiny, shared_data, tmp_path):

@@ -198,3 +198,46 @@ def test_loku_eval_reference_and_relearn_flags_write_both_checks(setup, tmp_path
     code = main(["eval", "--model", str(tmp_path / "other"), "--suite", "mia", "--data-dir", str(data), "--limit", "2",
                  "--relearn", "--out", str(tmp_path / "eval2")])
     assert code == 0 and json.loads((tmp_path / "eval2" / "eval.json").read_text())["suites"]["relearn"]["control"] is None
+
+
+def test_identical_models_have_exactly_zero_gaps(setup):
+    """§10: a copy of the original is the original: every gap is exactly 0 (not approximately)."""
+    import copy
+
+    tok, original, _, forget, heldout = setup
+    twin = copy.deepcopy(original)
+    out = reference_distances(twin, tok, forget, heldout, original=original, prompt_tokens=4, new_tokens=6)
+    assert out["forget_nll"]["gap"] == 0.0
+    assert all(v["gap"] == 0.0 for v in out["mia_auc"].values())
+    assert out["heldout_kl"]["model"] == 0.0
+    assert out["generation"]["agreement_f1"]["gap"] == 0.0
+    assert all(out["generation"][k]["gap"] == 0.0 for k in ("repetition_rate", "distinct_1", "distinct_2"))
+
+
+def test_a_known_nonzero_gap_computed_independently(setup):
+    """A model whose output layer is zeroed predicts the uniform distribution over the 97 tokens:
+    its NLL is ln 97 on every token and KL(p_original || uniform) = ln 97 - H(p_original); both
+    gaps are computed here from the original's own forward pass, not by the code under test."""
+    import copy
+
+    tok, original, _, forget, heldout = setup
+    uniform = copy.deepcopy(original)
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()
+    out = reference_distances(uniform, tok, forget, heldout, original=original, prompt_tokens=4, new_tokens=6)
+    nll, entropy, tokens = [], 0.0, 0
+    for text in forget:
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(original(input_ids=ids).logits.float()[0], -1)
+        nll.append(-logp[:-1].gather(1, ids[0, 1:, None]).mean().item())
+    for text in heldout:
+        ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(original(input_ids=ids).logits.float()[0], -1)
+        entropy += -(logp.exp() * logp).sum().item()
+        tokens += ids.shape[1]
+    expected_gap = math.log(97) - sum(nll) / len(nll)
+    assert out["forget_nll"]["model"] == pytest.approx(math.log(97), abs=1e-5)
+    assert out["forget_nll"]["gap"] == pytest.approx(expected_gap, abs=1e-5) and abs(expected_gap) > 0.01
+    assert out["heldout_kl"]["gap"] == pytest.approx(math.log(97) - entropy / tokens, abs=1e-5)

@@ -99,3 +99,37 @@ def test_el_only_at_the_ends_when_asked():
                           RelearnSettings(steps=(1, 2, 3), batch_size=2, el_every_step=False))
     assert curve["el_10"][1:3] == [None, None] and curve["el_10"][0] is not None and curve["el_10"][3] is not None
     assert None not in curve["ma"]
+
+
+def test_identical_models_have_exactly_zero_gap():
+    """§11: the control is the unlearned model's twin: the same fine-tune gives the same curve, gap 0 exactly."""
+    import copy
+
+    tok = word_tokenizer()
+    model = make_tiny_model("llama", seed=1)
+    forget = texts_of(random_sequences(4, 12, seed=6))
+    out = relearning_check(model, tok, forget, original=copy.deepcopy(model),
+                           settings=RelearnSettings(steps=(1, 2), lr=1e-2, batch_size=2))
+    assert out["gap"]["ma"] == [0.0, 0.0, 0.0] and out["gap"]["el_10"] == [0.0, 0.0, 0.0]
+
+
+def test_a_known_nonzero_gap_computed_independently():
+    """A model that memorized the measured half against a random control: at step 0 the gap is
+    MA(memorizer) - MA(random), both counted here from a direct forward pass."""
+    from tiny_models import memorize
+
+    tok = word_tokenizer()
+    seqs = random_sequences(4, 12, seed=6)
+    memorizer = memorize(make_tiny_model("llama", seed=1), seqs, steps=200)
+    control = make_tiny_model("llama", seed=0)
+    out = relearning_check(memorizer, tok, texts_of(seqs), original=control,
+                           settings=RelearnSettings(steps=(1,), lr=1e-5, batch_size=2))
+
+    def ma_by_hand(model):
+        with torch.no_grad():
+            predicted = model(input_ids=seqs[2:]).logits.argmax(-1)  # the measured half: texts 3 and 4
+        return (predicted[:, :-1] == seqs[2:, 1:]).float().mean().item()
+
+    expected = ma_by_hand(memorizer) - ma_by_hand(control)
+    assert expected > 0.5
+    assert out["gap"]["ma"][0] == pytest.approx(expected, abs=1e-6)

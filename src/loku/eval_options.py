@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import ConfigError
 from .options import check_fields
 
 ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
+# Suites only run when named (not part of "all"): the attacks fine-tune and quantize copies of the model.
+EXTRA_SUITES = ("attacks",)
 DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,6 +74,17 @@ class EvalOptions:
         "range": "> 0"})
     lm_eval_include_path: str | Path | None = field(default=None, metadata={
         "flag": "--lm-eval-include", "help": "folder of custom lm-eval task YAMLs"})
+    attack_prompt_tokens: int = field(default=32, metadata={
+        "help": "attacks suite: prompt length of the prefix probes", "range": ">= 1"})
+    attack_shift: int = field(default=16, metadata={
+        "help": "attacks suite: the shifted probe's prompt starts this many tokens into the forget text",
+        "range": ">= 1"})
+    attack_context_tokens: int = field(default=96, metadata={
+        "help": "attacks suite: tokens of unrelated Pile text put before the forget prompt", "range": ">= 1"})
+    # () -> (model, tokenizer): the model that never saw the forget set (loku eval --reference), loaded by
+    # the attacks suite only when it runs; quantized like the evaluated model and the relearning control.
+    load_reference: Callable[[], tuple[Any, Any]] | None = field(default=None, metadata={
+        "cli": False, "help": "set by loku eval --reference"})
     files: dict[str, str] = field(default_factory=dict, metadata={"cli": False, "help": "set by the suites"})
 
     def __post_init__(self) -> None:
@@ -104,8 +117,8 @@ class EvalCommand:
         "required": True, "help": "model: built-in name (smollm2-135m), local folder, loku output folder or hub id"})
     adapter: str | None = field(default=None, metadata={"help": "a loku adapter folder (OUT/adapter) to attach"})
     suite: list[str] | None = field(default=None, metadata={
-        "action": "append", "help": f"suite(s) to run: {', '.join(ALL_SUITES)} or all; repeat or comma-separate "
-                                    "[default: all]"})
+        "action": "append", "help": f"suite(s) to run: {', '.join(ALL_SUITES + EXTRA_SUITES)} or all (= "
+                                    f"{', '.join(ALL_SUITES)}); repeat or comma-separate [default: all]"})
     dtype: str = field(default="float32", metadata={
         "choices": DTYPES, "help": "dtype the model (and --thresholds-from model) is loaded in"})
     trust_remote_code: bool = field(default=False, metadata={

@@ -18,6 +18,10 @@ Suites (each one registered function; ``all`` runs them in this order):
 * ``tofu``      -- TOFU Prob / ROUGE-L / truth ratio, model utility, forget quality with a
   reference log (:mod:`loku.metrics.tofu`).
 * ``mia``       -- membership-inference AUC, forget texts (members) vs held-out Pile texts.
+* ``attacks``   -- (only when named; not part of ``all``) the attacks of docs/algorithms.md §13 on the
+  forget texts: the relearning check, the quantization attack (Linear weights rounded to int8 per row
+  and to NF4 in blocks of 64, as bitsandbytes) and prefix probing (:mod:`loku.metrics.attacks`);
+  with ``--reference`` the reference is quantized and probed the same way and is the relearning control.
 
 ``loku eval --reference ORIGINAL`` adds the distances to the model that never saw the forget set
 (docs/algorithms.md section 10) and ``--relearn`` the relearning check (section 11, ``--reference``
@@ -32,6 +36,7 @@ there with its help and range; they are the flags of ``loku eval`` and, through
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -44,7 +49,7 @@ from typing import Any, Sequence
 import torch
 
 from loku.errors import ConfigError, DataError
-from loku.eval_options import ALL_SUITES, DEFAULT_FORGET, EvalCommand, EvalOptions
+from loku.eval_options import ALL_SUITES, DEFAULT_FORGET, EXTRA_SUITES, EvalCommand, EvalOptions
 from loku.lm import context_length, ensure_pad_token, per_sequence
 from loku.options import add_arguments, cli_fields, values_from
 from loku.provenance import default_data_dir, file_sha256, jsonable, library_versions, model_device, set_seed
@@ -53,6 +58,7 @@ from loku.save import atomic_write_text
 
 __all__ = [
     "ALL_SUITES",
+    "EXTRA_SUITES",
     "EvalOptions",
     "SUITES",
     "add_eval_arguments",
@@ -237,6 +243,13 @@ def suite_mia(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
     return {**jsonable(res), "n_members": len(members), "n_nonmembers": len(nonmembers)}
 
 
+@SUITES.register("attacks")
+def suite_attacks(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
+    from loku.metrics.attacks import attack_suite
+
+    return attack_suite(model, tokenizer, opts, max_tokens=TDEC_TOKENS)
+
+
 # ----------------------------------------------------------------------------- the runner
 
 def expand_suites(suites: Sequence[str]) -> list[str]:
@@ -251,10 +264,11 @@ def expand_suites(suites: Sequence[str]) -> list[str]:
             elif name in SUITES:
                 names.append(name)
             else:
-                raise ConfigError(f"unknown eval suite {name!r}; choose from: {', '.join(ALL_SUITES)}, all")
+                raise ConfigError(f"unknown eval suite {name!r}; choose from: "
+                                  f"{', '.join(ALL_SUITES + EXTRA_SUITES)}, all")
     out = list(dict.fromkeys(names))
     if not out:
-        raise ConfigError(f"no eval suite given; choose from: {', '.join(ALL_SUITES)}, all")
+        raise ConfigError(f"no eval suite given; choose from: {', '.join(ALL_SUITES + EXTRA_SUITES)}, all")
     return out
 
 
@@ -313,7 +327,7 @@ def run_suites(
         "seed": seed,
         "batch_size": batch_size,
         "data_dir": str(data_dir),
-        "options": jsonable({k: v for k, v in options.items()}),
+        "options": jsonable({k: v for k, v in options.items() if not callable(v)}),  # not a loader
         "data_files": {p: {"role": role, "sha256": file_sha256(p)} for p, role in sorted(opts.files.items())},
         "versions": library_versions(),
         "device": str(model_device(model)),
@@ -497,7 +511,6 @@ def resolve_thresholds(cmd: EvalCommand, opts: EvalOptions, suites: Sequence[str
 
 def measure_base_thresholds(base: str, cmd: EvalCommand, opts: EvalOptions) -> dict:
     """Load the model before unlearning, measure its held-out MA/EL_n (the tdec held-out excerpts), free it."""
-    import dataclasses
     import gc
 
     from loku.models import load_model
@@ -541,8 +554,6 @@ def load_evaluated(cmd: EvalCommand, opts: EvalOptions) -> tuple[Any, Any, dict 
     """(model, tokenizer, the gate's note, options) of ``loku eval``: an output folder with a saved gate is
     evaluated through it (each text routed on its own input, so one text a batch: each sequence keeps
     its own decision while EL continues it), unless --no-gate or --adapter."""
-    import dataclasses
-
     from loku.gate import has_gate, load_gated
     from loku.models import load_model
 
@@ -574,9 +585,16 @@ def run_eval_command(args: argparse.Namespace) -> int:
     thresholds = resolve_thresholds(cmd, opts, suites)
     set_seed(opts.seed)
     model, tokenizer, gate_note, opts = load_evaluated(cmd, opts)
+    load_reference = None
+    if cmd.reference is not None and "attacks" in suites:
+        def load_reference():  # the attacks suite loads it when it runs and frees it after
+            return load_model(cmd.reference, dtype=cmd.dtype, trust_remote_code=cmd.trust_remote_code,
+                              progress=opts.progress)
     results = run_suites(model, tokenizer, suites, model_name=str(cmd.model), adapter=cmd.adapter, dtype=cmd.dtype,
-                         thresholds=thresholds, **suite_kwargs(opts))
+                         thresholds=thresholds, load_reference=load_reference, **suite_kwargs(opts))
     results["meta"]["gate"] = gate_note
+    if "attacks" in suites:  # the attacks suite ran the relearning check already
+        cmd = dataclasses.replace(cmd, relearn=False)
     if cmd.reference is not None or cmd.relearn:
         add_reference_checks(results, model, tokenizer, cmd, opts)
     json_path, md_path = write_eval_outputs(results, cmd.out)

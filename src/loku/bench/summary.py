@@ -38,6 +38,16 @@ METRICS: list[tuple[str, str, str]] = [
     ("relearn_ma_control", "control MA", "{:.3f}"),
     ("relearn_el", "relearn EL", "{:.3f}"),
     ("relearn_el_control", "control EL", "{:.3f}"),
+    ("int8_ma", "int8 MA", "{:.3f}"),
+    ("int8_el", "int8 EL_10", "{:.3f}"),
+    ("nf4_ma", "NF4 MA", "{:.3f}"),
+    ("nf4_el", "NF4 EL_10", "{:.3f}"),
+    ("probe_plain_ma", "prompt MA", "{:.3f}"),
+    ("probe_plain_el", "prompt EL_10", "{:.3f}"),
+    ("probe_after_text_ma", "after text MA", "{:.3f}"),
+    ("probe_after_text_el", "after text EL_10", "{:.3f}"),
+    ("probe_shifted_ma", "shifted MA", "{:.3f}"),
+    ("probe_shifted_el", "shifted EL_10", "{:.3f}"),
 ]
 # Epochs to the stop rule in the paper's Table 1 (GPT-Neo-125M, 32 x 200 tokens, one step per epoch).
 PAPER_EPOCHS = {"full-ga": 17.2, "full-gd": 4.6, "lora-gd": 8.6, "lora-ihl": 11.4, "fila-ihl": 6.0}
@@ -45,6 +55,9 @@ UTILITY = ["trainable_pct", "epochs", "paper_epochs", "el", "ma", "ppl_pile_rati
            "dialogue_f1", "tflops", "seconds"]
 DISTANCE = ["forget_nll_gap", "heldout_kl", "mia_auc_loss", "mia_auc_gap", "repetition_rate", "repetition_ratio",
             "agreement_f1", "relearn_ma", "relearn_ma_control", "relearn_el", "relearn_el_control"]
+ATTACKS = ["ma", "el", "int8_ma", "int8_el", "nf4_ma", "nf4_el", "probe_plain_ma", "probe_plain_el",
+           "probe_after_text_ma", "probe_after_text_el", "probe_shifted_ma", "probe_shifted_el"]
+PROBES = ("plain", "after_text", "shifted")
 
 
 def _read(path: Path) -> Any:
@@ -97,6 +110,21 @@ def _distance_metrics(reference: dict | None, relearn: dict | None) -> dict[str,
     }
 
 
+def _attack_metrics(attacks: dict | None) -> dict[str, Any]:
+    """Forget MA / EL_n of the model rounded to int8 and NF4, and of the prefix probes (§13)."""
+    quantized = _get(attacks, "quantization", "model") or {}
+    probing = _get(attacks, "probing") or {}
+    el_key = next((k for k in (quantized.get("none") or {}) if k.startswith("el_")), "el_10")
+    out: dict[str, Any] = {}
+    for scheme in ("int8", "nf4"):
+        out[f"{scheme}_ma"] = _get(quantized, scheme, "ma")
+        out[f"{scheme}_el"] = _get(quantized, scheme, el_key)
+    for probe in PROBES:
+        out[f"probe_{probe}_ma"] = _get(probing, probe, "ma")
+        out[f"probe_{probe}_el"] = _get(probing, probe, el_key)
+    return out
+
+
 def row_metrics(run: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
     """The table's numbers of one (split, method) result; ratios are to the ORIGINAL model."""
     down, flops = run.get("downstream", {}), run.get("flops", {})
@@ -116,6 +144,7 @@ def row_metrics(run: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]
         "tflops": (flops.get("training", 0.0) + flops.get("fisher", 0.0)) / 1e12,
         "seconds": _get(run, "seconds", "unlearn_wall"),
         **_distance_metrics(run.get("reference"), run.get("relearn")),
+        **_attack_metrics(run.get("attacks")),
     }
 
 
@@ -129,7 +158,16 @@ def planted_metrics(split: dict[str, Any], original: dict[str, Any]) -> dict[str
             "ppl_wiki_ratio": _ratio(down.get("ppl_wiki"), original.get("ppl_wiki")),
             "lambada": down.get("lambada"), "pubmedqa": down.get("pubmedqa"),
             "dialogue_f1": down.get("dialogue_f1"),
-            **_distance_metrics(split.get("planted_reference"), None)}
+            **_distance_metrics(split.get("planted_reference"), None),
+            **_attack_metrics(split.get("planted_attacks"))}
+
+
+def original_attack_metrics(split: dict[str, Any]) -> dict[str, Any]:
+    """The original model's forget MA / EL (unquantized) and attack numbers, as a row of the attack table."""
+    attacks = split.get("original_attacks")
+    none = _get(attacks, "quantization", "model", "none") or {}
+    el_key = next((k for k in none if k.startswith("el_")), "el_10")
+    return {"ma": none.get("ma"), "el": none.get(el_key), **_attack_metrics(attacks)}
 
 
 def _stats(values: list[Any]) -> dict[str, Any]:
@@ -158,7 +196,7 @@ def summarise_model(entry: dict[str, Any]) -> dict[str, Any]:
     original = entry["original"].get("downstream", {})
     per_method: dict[str, list[dict]] = {}
     per_split: dict[str, Any] = {}
-    planted_rows = []
+    planted_rows, original_attack_rows = [], []
     for split, content in entry["splits"].items():
         info = content["split"]
         planting = _get(info, "planting", "measurements")
@@ -166,13 +204,18 @@ def summarise_model(entry: dict[str, Any]) -> dict[str, Any]:
                             "runs": {m: row_metrics(r, original) for m, r in content["runs"].items()}}
         if info.get("planted_downstream"):
             planted_rows.append(planted_metrics(info, original))
+        if info.get("original_attacks"):
+            original_attack_rows.append(original_attack_metrics(info))
         for method, run in content["runs"].items():
             per_method.setdefault(method, []).append(row_metrics(run, original))
     table = {method: aggregate(rows) for method, rows in per_method.items()}
     planted = None
     if planted_rows:
         planted = {k: v for k, v in aggregate(planted_rows).items() if k not in ("succeeded", "splits")}
-    return {"original": original, "planted": planted, "table": table,
+    original_attacks = None
+    if original_attack_rows:
+        original_attacks = {k: v for k, v in aggregate(original_attack_rows).items() if k not in ("succeeded", "splits")}
+    return {"original": original, "planted": planted, "original_attacks": original_attacks, "table": table,
             "splits": per_split}
 
 
@@ -269,12 +312,34 @@ def render_markdown(summary: dict[str, Any]) -> str:
                           "the text); KL per token on held-out text; MIA AUC forget vs held-out (the original's value "
                           "is the target); repetition: seq-rep-4 of greedy continuations of forget prompts, and its "
                           "ratio to the original's; agreement F1: token overlap with the original's continuation.", ""]
+        lines += _attack_section(result, cfg)
     if summary.get("missing"):
         lines += [f"Missing results ({len(summary['missing'])}): " + ", ".join(
             "/".join(m) for m in summary["missing"][:20]), ""]
     if summary.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in summary["plots"]] + [""]
     return "\n".join(lines)
+
+
+def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
+    if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
+        return []  # a folder from before the attacks were measured
+    a = cfg.get("attacks") or {}
+    extra = {}
+    if result.get("original_attacks"):
+        extra["original (never saw the text)"] = result["original_attacks"]
+    if result.get("planted"):
+        extra["planted (before unlearning)"] = result["planted"]
+    return ["### Attacks: quantization and prefix probing (forget set, mean ± std over splits)", "",
+            *_table(result["table"], ATTACKS, extra), "",
+            "MA / EL_10: the model as it is; int8: every Linear weight (not lm_head) rounded to 8 bits with one "
+            "absmax per row, NF4: to the 16 NF4 values in absmax blocks of 64, as bitsandbytes stores them "
+            "(Zhang et al., ICLR 2025: an update smaller than one rounding step is undone). Probes: greedy "
+            f"continuation of a {a.get('prompt_tokens')}-token forget prompt (MA: teacher-forced on the rest of "
+            f"the text; EL_10: n-gram overlap of the continuation with it), the prompt alone, after "
+            f"{a.get('context_tokens')} tokens of unrelated Pile text, and starting {a.get('shift')} tokens into "
+            "the text.", ""]
 
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,

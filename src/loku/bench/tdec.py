@@ -14,7 +14,10 @@ planting):
    ``unlearn()`` runs, with step 3's measurement reused), then on the unlearned model: Pile /
    WikiText perplexity, LAMBADA, PubMedQA, dialogue F1 (subsets, as configured), the distances to
    the original model (:mod:`loku.metrics.reference`) and the relearning check
-   (:mod:`loku.metrics.relearn`), wall time and FLOPs.
+   (:mod:`loku.metrics.relearn`), the quantization attack and prefix probing
+   (:mod:`loku.metrics.attacks`: forget MA / EL_10 after int8 and NF4 rounding, next to the planted
+   and the original model rounded the same way, measured once per split; greedy continuations of
+   forget prompts plain, after unrelated Pile text and shifted), wall time and FLOPs.
 
 Every (model, split, method) result is written atomically to the bench folder as it finishes and
 a rerun skips finished ones (a method killed mid-run continues from its per-epoch checkpoint);
@@ -68,6 +71,7 @@ SMOKE: dict[str, Any] = {
     "evals": {"lambada": 2, "pubmedqa": 2, "dialogue": 1, "batch_size": 4},
     "reference": {"prompt_tokens": 4, "new_tokens": 4},
     "relearn": {"steps": [1, 2], "batch_size": 2},
+    "attacks": {"prompt_tokens": 4, "shift": 2, "context_tokens": 8, "batch_size": 4},
 }
 
 
@@ -108,6 +112,7 @@ class BenchConfig:
     evals: EvalSubsets = field(default_factory=EvalSubsets)
     reference: ReferenceOptions = field(default_factory=ReferenceOptions)
     relearn: Any = None  # RelearnSettings (set in __post_init__; metrics import torch lazily)
+    attacks: Any = None  # AttackSettings (quantization schemes, prefix probes), set in __post_init__
     data_dir: str | None = None
     cache_dir: str | None = None
 
@@ -116,6 +121,10 @@ class BenchConfig:
 
         if self.relearn is None:
             self.relearn = RelearnSettings()
+        if self.attacks is None:
+            from ..metrics.attacks import AttackSettings
+
+            self.attacks = AttackSettings()
 
     # ------------------------------------------------------------------ checks
 
@@ -149,6 +158,11 @@ class BenchConfig:
         if not isinstance(self.plant, bool) or not isinstance(self.pool, int) or not isinstance(self.seed, int):
             raise ConfigError("plant must be true or false, pool and seed integers")
         self.relearn.validate()
+        self.attacks.validate()
+        if self.attacks.shift + self.attacks.prompt_tokens >= self.sizes.forget_tokens:
+            raise ConfigError(f"attacks: shift ({self.attacks.shift}) + prompt_tokens ({self.attacks.prompt_tokens}) "
+                              f"leave no forget token to predict in texts of sizes.forget_tokens "
+                              f"({self.sizes.forget_tokens}); lower them")
         if self.heldout not in HELDOUT_SOURCES:
             raise ConfigError(f"heldout must be one of {', '.join(HELDOUT_SOURCES)}, got {self.heldout!r}")
         if self.heldout == "tdec" and not self.plant:
@@ -231,12 +245,17 @@ class BenchConfig:
         for name in ("sizes", "planting", "evals", "reference"):
             out[name] = dataclasses.asdict(out[name])
         out["relearn"] = self.relearn.to_dict()
+        out["attacks"] = self.attacks.to_dict()
         return json.loads(json.dumps(out))
 
     def identity(self) -> dict[str, Any]:
-        """What every result in a bench folder must share (models, splits and methods may be added)."""
+        """What every result in a bench folder must share (models, splits and methods may be added).
+
+        The attack settings are not part of it: they change no unlearning, only the attack numbers, which
+        each run records with its settings (``attacks.*.settings``); so a folder made before the attacks
+        were measured stays readable, its earlier runs without attack numbers."""
         values = self.to_dict()
-        for name in ("name", "models", "splits", "methods", "data_dir", "cache_dir"):
+        for name in ("name", "models", "splits", "methods", "data_dir", "cache_dir", "attacks"):
             values.pop(name)
         values["method_options"] = {m: o for m, o in values["method_options"].items()}
         return values
@@ -313,6 +332,7 @@ def config_values(name_or_path: str | None, bench: str, overrides: dict[str, Any
 def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
                       smoke: bool = False) -> BenchConfig:
     """A :class:`BenchConfig` from a named or YAML configuration, with ``--smoke`` and flag overrides on top."""
+    from ..metrics.attacks import AttackSettings
     from ..metrics.relearn import RelearnSettings
 
     values = config_values(name_or_path, "tdec", overrides, SMOKE if smoke else None)
@@ -331,13 +351,15 @@ def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any
         if key in values:
             values[key] = [str(v) for v in values[key]]
     cfg = BenchConfig(
-        **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals", "reference", "relearn")},
+        **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals", "reference", "relearn",
+                                                         "attacks")},
         sizes=_section(Sizes, values.get("sizes"), "sizes"),
         planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
         else PlantingRecipe(),
         evals=_section(EvalSubsets, values.get("evals"), "evals"),
         reference=_section(ReferenceOptions, values.get("reference"), "reference"),
         relearn=RelearnSettings.from_dict(values.get("relearn")),
+        attacks=AttackSettings.from_dict(values.get("attacks")),
     )
     if not isinstance(cfg.unlearn, dict) or not isinstance(cfg.method_options, dict):
         raise ConfigError("unlearn and method_options must be mappings of option: value")
@@ -540,6 +562,7 @@ class SplitContext:
     original_scores: dict
     reference_stats: dict | None
     control: dict | None
+    attacks_before: dict | None = None  # the planted model's quantization numbers (the attack's reference)
 
 
 def run_split(cfg: BenchConfig, model_name: str, original, tokenizer, split: str, folder: Path,
@@ -611,8 +634,24 @@ def prepare_split(cfg: BenchConfig, model_name: str, original, tokenizer, split:
             kl_texts=t[cfg.reference.kl_texts], **_reference_kwargs(cfg)))
         train, test = split_halves(t["forget"])
         control = store.get("relearn_control", lambda: relearn_curve(original, tokenizer, train, test, cfg.relearn))
+        store.get("original_attacks", lambda: model_attacks(original, tokenizer, t, cfg))
+    planted_attacks = store.get("planted_attacks", lambda: model_attacks(planted, tokenizer, t, cfg))
     return SplitContext(cfg, model_name, split, split_dir, t, files, store, original, planted, tokenizer,
-                        original_scores, reference_stats, control)
+                        original_scores, reference_stats, control, planted_attacks["quantization"]["model"])
+
+
+def model_attacks(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig,
+                  reference_numbers: dict | None = None) -> dict[str, Any]:
+    """The quantization attack and the prefix probes of §13 on the split's forget texts, the unrelated
+    text being the split's Pile perplexity excerpts; ``reference_numbers``: the planted model's."""
+    from ..metrics.attacks import prefix_probes, quantization_attack
+
+    started = time.time()
+    out = {"quantization": quantization_attack(model, tokenizer, texts["forget"], settings=cfg.attacks,
+                                               reference_numbers=reference_numbers),
+           "probing": prefix_probes(model, tokenizer, texts["forget"], texts["ppl_pile"], settings=cfg.attacks)}
+    out["seconds"] = time.time() - started
+    return out
 
 
 def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
@@ -663,6 +702,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
         entry["reference"]["seconds"] = time.time() - t_ref
         entry["relearn"] = relearning_check(evaluated, ctx.tokenizer, t["forget"], control=ctx.control,
                                             settings=cfg.relearn)
+    entry["attacks"] = model_attacks(evaluated, ctx.tokenizer, t, cfg, reference_numbers=ctx.attacks_before)
     entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
                         "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}
     atomic_write_json(result_path, jsonable(entry))

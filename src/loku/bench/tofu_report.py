@@ -43,7 +43,8 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                "seeds": {"bench": cfg.seed}, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
                "target": {s: _point(shared.get(f"target/{s}")) for s in cfg.forget_splits},
                "reference": {s: _point(shared.get(f"reference/{s}")) for s in cfg.forget_splits},
-               "reference_self_quality": {s: shared.get(f"reference_self_quality/{s}") for s in cfg.forget_splits},
+               "reference_seed_quality": {s: _get_quality(shared.get(f"reference_seed_quality/{s}"))
+                                          for s in cfg.forget_splits},
                "finetune": {"target": shared.get("target_finetune"),
                             "reference": {s: shared.get(f"reference_finetune/{s}") for s in cfg.forget_splits}},
                "runs": runs, "missing": missing,
@@ -103,6 +104,10 @@ def _f(value: Any, fmt: str = ".3f") -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _get_quality(check: dict | None) -> float | None:
+    return None if check is None else check.get("forget_quality")
+
+
 def render_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
     lines = [*header_lines(summary, "tofu"),
@@ -116,8 +121,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"## {split}", "",
                   f"Target (fine-tuned on every author): forget quality {_f(target.get('forget_quality'), '.3g')}, "
                   f"model utility {_f(target.get('model_utility'))}. Reference (without the forget authors): model "
-                  f"utility {_f(reference.get('model_utility'))}; its forget quality against itself "
-                  f"{_f(summary['reference_self_quality'].get(split), '.3g')}.", "",
+                  f"utility {_f(reference.get('model_utility'))}; a second reference fine-tuned with another seed: "
+                  f"forget quality {_f(summary['reference_seed_quality'].get(split), '.3g')} against the first "
+                  "(what a model that never saw the forget authors reaches).", "",
                   "| method | rank | trainable % | best forget quality | reached 0.05 | final forget quality | "
                   "final model utility | s |", "|---|---:|---:|---:|---|---:|---:|---:|"]
         ordered = sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"]))
