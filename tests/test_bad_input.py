@@ -646,3 +646,22 @@ def test_eval_unexpected_error_is_one_line(tmp_path, capsys, record, monkeypatch
     record(_one_line(capsys, main(args), 1, "error: RuntimeError: weights on the meta device", "--debug"), 1)
     with pytest.raises(RuntimeError):
         main([*args, "--debug"])
+
+
+# ----------------------------------------------------------------------------- stop rule and never-seen terms (§12)
+
+@pytest.mark.parametrize("options, expected", [
+    ({"method": "fila-ihl-margin", "ihl_margin": 1.0}, "--ihl-margin must lie in (0, 1), got 1.0"),
+    ({"method": "fila-ihl-margin", "ihl_margin": 0}, "--ihl-margin must lie in (0, 1), got 0.0"),
+    ({"method": "fila-undial", "undial_beta": 0}, "--undial-beta must be > 0, got 0.0"),
+    ({"method": "fila-undial", "undial_beta": -3}, "--undial-beta must be > 0, got -3.0"),
+    ({"stop_rule": "two-sided", "stop_interval": 1}, "--stop-interval must lie in (0, 1), got 1.0"),
+    ({"stop_rule": "two-sided", "check_every": 0}, "--check-every must be >= 1, got 0"),
+    ({"stop_rule": "early"}, "--stop-rule must be one of paper, two-sided, got 'early'"),
+    ({"check_every": 4}, "--check-every checks the stop rule between epochs' ends, which --stop-rule paper does not"),
+    ({"stop_rule": "two-sided", "validation": None, "ma_threshold": 0.5, "el_threshold": 0.5},
+     "--stop-rule two-sided stops at the level of held-out text"),  # and names --validation FILE
+], ids=["margin-1", "margin-0", "beta-0", "beta-negative", "interval-1", "check-every-0", "unknown-rule",
+        "check-every-with-paper-rule", "two-sided-without-validation"])
+def test_stop_rule_and_forget_term_options(memorized, tmp_path, capsys, record, before_model, options, expected):
+    refused(capsys, argv(memorized, tmp_path / "run", **options), record, expected)

@@ -138,9 +138,131 @@ def test_kl_retain_term_is_zero_at_the_reference_and_positive_elsewhere():
 def test_which_losses_need_the_frozen_reference_model():
     assert needs_reference("npo", None) and needs_reference("ihl", "kl")
     assert not needs_reference("ihl", None) and not needs_reference("gd", "nll")
-    assert set(LOSSES) == {"ga", "gd", "ihl", "npo"}
+    assert set(LOSSES) == {"ga", "gd", "ihl", "npo", "ihl-margin", "undial", "me"}
+    assert needs_reference("undial", None) and reference_sides("undial", None) == (True, False)
+    assert not needs_reference("ihl-margin", None) and not needs_reference("me", None)
     # Only the side whose term compares gets a reference forward pass (IHL + KL: retain only).
     assert reference_sides("ihl", "kl") == (False, True) and reference_sides("npo", None) == (True, False)
     assert reference_sides("npo", "kl") == (True, True) and reference_sides("ga", None) == (False, False)
     with pytest.raises(ValueError, match="unknown loss"):
         unlearning_loss("magic", torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- finite optimum at "never seen" (§12)
+
+
+def per_token_rows(logits: torch.Tensor, labels: torch.Tensor):
+    """(b, t, target, p) for every position that predicts an unmasked label; p in float64."""
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            yield b, t, target, torch.softmax(logits[b, t].detach().double(), dim=-1)
+
+
+def assert_masked_rows_get_no_gradient(grad: torch.Tensor, labels: torch.Tensor) -> None:
+    assert torch.all(grad[:, -1] == 0), "the last position predicts nothing"
+    for b, t in (labels[:, 1:] == -100).nonzero().tolist():
+        assert torch.all(grad[b, t] == 0), "masked tokens must get no gradient"
+
+
+def test_margin_hinge_is_zero_once_beaten_by_the_margin_and_has_the_hand_gradient():
+    """§12 bounded IHL: max(0, p_t - p_v* + m). Active tokens: IHL's gradient (appendix E); tokens
+    already beaten by m: exactly 0 (nothing pushes further), unlike IHL."""
+    from loku.losses import margin_hinge_loss
+
+    vocab, margin = 13, 0.2
+    logits = torch.randn(2, 6, vocab) * 2
+    labels = masked_labels((2, 6), vocab, seed=1)
+    # Make some rows forgotten past the margin (label far below the top token), others memorized.
+    for b, t, target, _ in per_token_rows(logits, labels):
+        if target != -100:
+            logits[b, t, target] = -8.0 if (b + t) % 2 == 0 else logits[b, t].max() + 0.1 * t
+    logits.requires_grad_(True)
+    loss = margin_hinge_loss(logits, labels, margin)
+    loss.backward()
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    expected_value, active_rows = 0.0, 0
+    for b, t, target, p in per_token_rows(logits, labels):
+        if target == -100:
+            continue
+        others = p.clone()
+        others[target] = -1.0
+        runner = int(others.argmax())
+        p_t, p_v = p[target], p[runner]
+        hinge = float(p_t - p_v + margin)
+        if hinge <= 0:
+            assert torch.all(logits.grad[b, t] == 0), "a token beaten by the margin must get no gradient"
+            continue
+        active_rows += 1
+        expected_value += hinge
+        expected = p * (p_v - p_t)
+        expected[target] = p_t * (1 - p_t + p_v)
+        expected[runner] = -p_v * (1 - p_v + p_t)
+        torch.testing.assert_close(logits.grad[b, t].double(), expected / n_tokens, atol=1e-7, rtol=1e-5)
+    assert 0 < active_rows < n_tokens, "the case must hold both active and beaten tokens"
+    assert loss.item() == pytest.approx(expected_value / n_tokens, abs=1e-6)
+    assert_masked_rows_get_no_gradient(logits.grad, labels)
+
+
+def test_undial_gradient_is_p_minus_the_adjusted_reference_distribution():
+    """§12 UNDIAL: CE(softmax(z0 - beta*onehot(x_t)), p); d/dz = (p - q) / N, none into z0."""
+    from loku.losses import undial_loss
+
+    vocab, beta = 11, 3.0
+    logits = (torch.randn(2, 6, vocab) * 2).requires_grad_(True)
+    ref = (torch.randn(2, 6, vocab) * 2).requires_grad_(True)
+    labels = masked_labels((2, 6), vocab, seed=2)
+    loss = undial_loss(logits, ref, labels, beta)
+    loss.backward()
+    assert ref.grad is None or torch.all(ref.grad == 0), "the frozen model's logits are a fixed target"
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    value = 0.0
+    for b, t, target, p in per_token_rows(logits, labels):
+        if target == -100:
+            continue
+        z0 = ref[b, t].detach().double().clone()
+        z0[target] -= beta
+        q = torch.softmax(z0, dim=-1)
+        value += float(-(q * torch.log(p)).sum())
+        torch.testing.assert_close(logits.grad[b, t].double(), (p - q) / n_tokens, atol=1e-7, rtol=1e-5)
+    assert loss.item() == pytest.approx(value / n_tokens, rel=1e-5)
+    assert_masked_rows_get_no_gradient(logits.grad, labels)
+    # Its optimum is finite: at p = q the gradient vanishes (the model before unlearning, x_t lowered by beta).
+    target_logits = ref.detach().clone()
+    target_logits[:, :-1].scatter_add_(2, labels[:, 1:].clamp(min=0)[..., None],
+                                       torch.full((2, 5, 1), -beta))
+    at_optimum = target_logits.requires_grad_(True)
+    undial_loss(at_optimum, ref.detach(), labels, beta).backward()
+    assert at_optimum.grad.abs().max() < 1e-6
+
+
+def test_me_gradient_is_p_minus_uniform_and_the_loss_is_kl_from_uniform():
+    """§12 ME: KL(U || p) per forget token; d/dz = (p - 1/V) / N; 0 at the uniform distribution."""
+    from loku.losses import uniform_kl_loss
+
+    vocab = 9
+    logits = (torch.randn(2, 6, vocab) * 2).requires_grad_(True)
+    labels = masked_labels((2, 6), vocab, seed=3)
+    loss = uniform_kl_loss(logits, labels)
+    loss.backward()
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    value = 0.0
+    for b, t, target, p in per_token_rows(logits, labels):
+        if target == -100:
+            continue
+        value += float((torch.log(torch.tensor(1.0 / vocab, dtype=p.dtype)) - torch.log(p)).sum() / vocab)
+        torch.testing.assert_close(logits.grad[b, t].double(), (p - 1.0 / vocab) / n_tokens, atol=1e-7, rtol=1e-5)
+    assert loss.item() == pytest.approx(value / n_tokens, rel=1e-5)
+    assert_masked_rows_get_no_gradient(logits.grad, labels)
+    assert uniform_kl_loss(torch.zeros(1, 4, vocab), torch.ones(1, 4, dtype=torch.long)).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_new_forget_terms_go_through_unlearning_loss_with_their_options():
+    from loku.losses import margin_hinge_loss, undial_loss
+
+    logits, ref = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = masked_labels((2, 5), 7)
+    total, parts = unlearning_loss("ihl-margin", logits, labels, ihl_margin=0.3)
+    assert parts["forget"] == pytest.approx(float(margin_hinge_loss(logits, labels, 0.3)))
+    total, parts = unlearning_loss("undial", logits, labels, ref_forget_logits=ref, undial_beta=30.0)
+    assert parts["forget"] == pytest.approx(float(undial_loss(logits, ref, labels, 30.0)))

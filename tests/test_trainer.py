@@ -244,3 +244,14 @@ def test_fisher_retain_sample_defaults_to_the_forget_set_size(memorized, tmp_pat
 
     result = unlearn(config(memorized, tmp_path / "run", max_epochs=1))
     assert result.report["init"]["fisher_sequences"] == {"forget": 4, "retain": 4}
+
+
+@pytest.mark.parametrize("method", ["fila-ihl-margin", "fila-undial", "fila-me", "lora-undial"])
+def test_never_seen_forget_terms_unlearn_end_to_end(memorized, tmp_path, method):
+    """docs/algorithms.md §12: each new method runs through `loku unlearn`'s loop; its loss stays finite
+    and the memorized forget set's MA goes down (UNDIAL with its frozen copy of the model before)."""
+    cfg = config(memorized, tmp_path / method, method=method, max_epochs=2, batch_size=2)
+    report = unlearn(cfg).report
+    assert report["epochs_run"] == 2
+    assert all(torch.isfinite(torch.tensor([e["loss_forget"], e["loss_retain"]])).all() for e in report["epochs"])
+    assert report["before"]["forget_ma"] > 0.95 and report["after"]["forget_ma"] < report["before"]["forget_ma"] - 0.2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ TRAINABLE = "trainable.safetensors"
 RESIDUAL = "residual.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
+BEST = "best.safetensors"  # the stop rule's chosen state so far, where it keeps one (loku.stop)
 
 # Options that may differ between the killed run and its resumption without changing the result.
 RESUME_MAY_CHANGE = {"max_epochs", "progress", "overwrite", "out", "resume"}
@@ -42,6 +43,7 @@ class Checkpoint:
     residual: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -61,7 +63,8 @@ def _restore_rng(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[str, torch.Tensor],
-                    residual: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> Path:
+                    residual: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    best: dict[str, torch.Tensor] | None = None) -> Path:
     folder = checkpoint_dir(out)
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / TRAINABLE))
@@ -71,6 +74,8 @@ def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[s
             save_file({k: v.detach().cpu().contiguous() for k, v in residual.items()}, str(tmp / RESIDUAL))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         save_file(_rng_state(), str(tmp / RNG))
+        if best:
+            save_file({k: v.detach().cpu().contiguous() for k, v in best.items()}, str(tmp / BEST))
         atomic_write_json(tmp / STATE, state)
     return folder
 
@@ -105,7 +110,8 @@ def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: s
         raise ModelError(f"{folder}: the checkpoint was made on a different base model; resume with the same --model")
     residual = load_file(str(folder / RESIDUAL)) if (folder / RESIDUAL).is_file() else {}
     optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
-    return Checkpoint(state, load_file(str(folder / TRAINABLE)), residual, optimizer, load_file(str(folder / RNG)))
+    best = load_file(str(folder / BEST)) if (folder / BEST).is_file() else {}
+    return Checkpoint(state, load_file(str(folder / TRAINABLE)), residual, optimizer, load_file(str(folder / RNG)), best)
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:

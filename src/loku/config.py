@@ -35,6 +35,13 @@ METHODS: dict[str, Method] = {
     "vila-ihl": Method("lora", "vila", "ihl", 2e-4),
     "npo": Method("full", None, "npo", 5e-5),
     "lora-npo": Method("lora", "gaussian", "npo", 2e-4),
+    # Forget terms with a finite optimum at "never seen" (docs/algorithms.md §12); not the paper's.
+    "fila-ihl-margin": Method("lora", "fila", "ihl-margin", 2e-4),
+    "fila-undial": Method("lora", "fila", "undial", 2e-4),
+    "fila-me": Method("lora", "fila", "me", 2e-4),
+    "lora-ihl-margin": Method("lora", "gaussian", "ihl-margin", 2e-4),
+    "lora-undial": Method("lora", "gaussian", "undial", 2e-4),
+    "lora-me": Method("lora", "gaussian", "me", 2e-4),
 }
 
 
@@ -89,6 +96,20 @@ class UnlearnConfig:
     retain_term: str | None = field(default=None, metadata={  # None: the loss's default
         "help": "retain loss: nll (default) or kl to the original model, or none"})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO's beta (inverse temperature)", "range": "> 0"})
+    ihl_margin: float = field(default=0.1, metadata={
+        "help": "ihl-margin methods: the hinge max(0, p(x_t) - max_(v != x_t) p(v) + m) is 0 once the memorized "
+                "token trails the runner-up by m (m >= 1 would never reach 0: that is IHL)", "range": "(0, 1)"})
+    undial_beta: float = field(default=10.0, metadata={
+        "help": "undial methods: how far the memorized token's logit is lowered in the self-distillation target "
+                "softmax(z_before - beta * onehot(x_t)) (UNDIAL: 3, 10 or 30)", "range": "> 0"})
+    stop_rule: str = field(default="paper", metadata={
+        "help": "paper (default: after each epoch, stop once forget MA and EL_10 are at or below the held-out "
+                "values) or two-sided (stop at the held-out level, not past it: docs/algorithms.md §12)"})
+    check_every: int | None = field(default=None, metadata={
+        "help": "--stop-rule two-sided: check forget MA and NLL every K optimizer steps (default: once an epoch)",
+        "range": ">= 1"})
+    stop_interval: float = field(default=0.9, metadata={
+        "help": "--stop-rule two-sided: the held-out band is this central bootstrap interval", "range": "(0, 1)"})
     fisher_mode: str = field(default="per_sample", metadata={
         "help": "per_sample (paper, default) or batch (official code)", "choices": ("per_sample", "batch")})
     fisher_eps: float = field(default=1e-5, metadata={
@@ -223,6 +244,9 @@ class UnlearnConfig:
         if self.method_spec().adapter == "full" and self.dtype == "float16":
             raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
                               "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
+        from .stop import check_stop_options
+
+        check_stop_options(self)
         from .losses import uses_retain
 
         if uses_retain(self.method_spec().loss, self.retain_term) and not self.retain:

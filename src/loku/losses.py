@@ -1,11 +1,13 @@
-"""Unlearning losses (docs/algorithms.md §1). Every function returns a scalar to MINIMISE.
+"""Unlearning losses (docs/algorithms.md §1, §12). Every function returns a scalar to MINIMISE.
 
 A method's loss is a forget term (registry ``FORGET_TERMS``) weighted by gamma plus a retain term
-(registry ``RETAIN_TERMS``) weighted by alpha; ``LOSSES`` names the paper's combinations. All math
+(registry ``RETAIN_TERMS``) weighted by alpha; ``LOSSES`` names the combinations (the paper's, then
+forget terms with a finite optimum at "never seen"). All math
 runs in float32, whatever dtype the model computes in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,15 +36,62 @@ def inverted_hinge_loss(logits: Tensor, labels: Tensor) -> Tensor:
     ``logits`` [B, T, V] unshifted, ``labels`` [B, T] with -100 masked. Only the top-2 of the
     probabilities is taken to find the runner-up, never an [N, V-1] copy.
     """
+    p_true, p_runner_up, n = _label_and_runner_up(logits, labels)
+    hinge = torch.clamp(1.0 + p_true - p_runner_up, min=0.0)  # always in [0, 2]; kept as the paper writes it
+    return hinge.sum() / max(n, 1)
+
+
+def _label_and_runner_up(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(p(x_t), max_{v != x_t} p(v)) per unmasked token, float32, and the unmasked token count."""
     logits, labels = shift(logits, labels)
     keep = labels != IGNORE_INDEX
     probs = torch.softmax(logits[keep].float(), dim=-1)  # [N, V], N = unmasked tokens only
     target = labels[keep]
     p_true = probs.gather(1, target[:, None]).squeeze(1)
     top_p, top_i = probs.topk(2, dim=-1)
-    p_runner_up = torch.where(top_i[:, 0] == target, top_p[:, 1], top_p[:, 0])
-    hinge = torch.clamp(1.0 + p_true - p_runner_up, min=0.0)  # always in [0, 2]; kept as the paper writes it
-    return hinge.sum() / max(int(keep.sum()), 1)
+    return p_true, torch.where(top_i[:, 0] == target, top_p[:, 1], top_p[:, 0]), int(keep.sum())
+
+
+def margin_hinge_loss(logits: Tensor, labels: Tensor, margin: float) -> Tensor:
+    """Bounded IHL: mean over unmasked tokens of max(0, p(x_t) - max_{v != x_t} p(v) + m) (§12).
+
+    Zero, with zero gradient, once the memorized token trails the runner-up by ``margin``: unlike
+    IHL (which is 0 only when the runner-up has probability 1) nothing pushes a forgotten token
+    further down or rewards one confident replacement. On the tokens still within the margin its
+    gradient is IHL's (the constant differs, not the slope)."""
+    p_true, p_runner_up, n = _label_and_runner_up(logits, labels)
+    return torch.clamp(p_true - p_runner_up + margin, min=0.0).sum() / max(n, 1)
+
+
+def undial_loss(logits: Tensor, ref_logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """UNDIAL (Dong et al. 2025): mean over unmasked tokens of CE(q, p_theta) with the fixed target
+    q = softmax(z_0 - beta * onehot(x_t)), z_0 the frozen logits of the model before unlearning (§12).
+
+    The target is the model's own distribution with the memorized token's logit lowered by beta and
+    every other token's odds kept, so the optimum (p_theta = q) is finite; gradient w.r.t. the
+    logits: (p_theta - q) / N."""
+    logits, labels = shift(logits, labels)
+    ref_logits, _ = shift(ref_logits, labels)
+    keep = labels != IGNORE_INDEX
+    target = labels[keep]
+    adjusted = ref_logits[keep].detach().float().scatter_add(
+        1, target[:, None], torch.full((target.numel(), 1), -float(beta), device=target.device))
+    q = torch.softmax(adjusted, dim=-1)
+    log_p = torch.log_softmax(logits[keep].float(), dim=-1)
+    return -(q * log_p).sum() / max(int(keep.sum()), 1)
+
+
+def uniform_kl_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """ME (Yuan et al., ICLR 2025): mean over the forget text's unmasked tokens of KL(U || p_theta)
+    = -log V - (1/V) sum_v log p(v) (§12). Its optimum is the uniform distribution at those positions
+    (bounded below by 0, no single replacement token is rewarded); gradient w.r.t. the logits:
+    (p_theta - 1/V) / N."""
+    logits, labels = shift(logits, labels)
+    keep = labels != IGNORE_INDEX
+    log_p = torch.log_softmax(logits[keep].float(), dim=-1)
+    vocab = log_p.shape[-1]
+    kl = -math.log(vocab) - log_p.mean(dim=-1)
+    return kl.sum() / max(int(keep.sum()), 1)
 
 
 def kl_to_reference(logits: Tensor, ref_logits: Tensor, labels: Tensor) -> Tensor:
@@ -73,6 +122,8 @@ class LossInputs:
     labels: Tensor
     ref_logits: Tensor | None = None
     npo_beta: float = 0.1
+    ihl_margin: float = 0.1
+    undial_beta: float = 10.0
 
 
 Term = Callable[[LossInputs], Tensor]
@@ -93,6 +144,21 @@ def _forget_ihl(x: LossInputs) -> Tensor:
 @FORGET_TERMS.register("npo", needs_reference=True)
 def _forget_npo(x: LossInputs) -> Tensor:
     return npo_loss(x.logits, x.ref_logits, x.labels, x.npo_beta)
+
+
+@FORGET_TERMS.register("ihl_margin")
+def _forget_ihl_margin(x: LossInputs) -> Tensor:
+    return margin_hinge_loss(x.logits, x.labels, x.ihl_margin)
+
+
+@FORGET_TERMS.register("undial", needs_reference=True)
+def _forget_undial(x: LossInputs) -> Tensor:
+    return undial_loss(x.logits, x.ref_logits, x.labels, x.undial_beta)
+
+
+@FORGET_TERMS.register("me")
+def _forget_me(x: LossInputs) -> Tensor:
+    return uniform_kl_loss(x.logits, x.labels)
 
 
 @RETAIN_TERMS.register("nll")
@@ -116,6 +182,10 @@ LOSSES: dict[str, LossSpec] = {
     "gd": LossSpec("ga", "nll"),
     "ihl": LossSpec("ihl", "nll"),
     "npo": LossSpec("npo", "nll"),
+    # Forget terms with a finite optimum at "never seen" (docs/algorithms.md §12), GD's retain term.
+    "ihl-margin": LossSpec("ihl_margin", "nll"),
+    "undial": LossSpec("undial", "nll"),
+    "me": LossSpec("me", "nll"),
 }
 
 
@@ -154,12 +224,15 @@ def unlearning_loss(
     alpha: float = 1.0,
     retain_term: str | None = None,
     npo_beta: float = 0.1,
+    ihl_margin: float = 0.1,
+    undial_beta: float = 10.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """gamma * forget term + alpha * retain term, and each part's value for the logs."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
     spec = LOSSES[loss]
-    forget = FORGET_TERMS.get(spec.forget)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta))
+    forget = FORGET_TERMS.get(spec.forget)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta,
+                                                      ihl_margin, undial_beta))
     total, parts = gamma * forget, {"forget": float(forget.detach())}
     term = retain_term_of(loss, retain_term)
     if uses_retain(loss, retain_term) and retain_logits is not None:

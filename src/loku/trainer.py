@@ -1,7 +1,7 @@
 """The unlearning loop (docs/algorithms.md §6), as phases a reader can follow top to bottom:
 
     prepare -> measure_before -> adapt -> [train_epoch -> decide -> save_epoch]* -> finish
-                                          (train_until_stop)
+                                          (train_until_stop; when to stop and which state to keep: stop.py)
 
 Each phase takes the :class:`Run` (everything a run holds between phases) and is usable alone:
 the continual and self-generated-data loops reuse them. The math lives in losses.py, fisher.py
@@ -33,6 +33,7 @@ from .lm import context_length, ensure_pad_token
 from .models import check_rank, is_conv1d, load_model, resolve_targets
 from .provenance import model_fingerprint, set_seed
 from .save import check_output_dir
+from .stop import make_stop_rule
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Run:
     # A term added to every micro-batch's loss (the continual loop's O-LoRA penalty, loku.requests);
     # its value is logged as loss_extra. None: the loss is the method's alone.
     extra_loss: Callable[[Any], torch.Tensor] | None = None
+    stop_rule: Any = None  # loku.stop.StopRule: when to stop, which state to keep
 
     @property
     def pad(self) -> int:
@@ -101,6 +103,11 @@ class Run:
     @property
     def succeeded(self) -> bool:
         return bool(self.epochs) and self.epochs[-1]["success"]
+
+    @property
+    def stopped(self) -> bool:
+        """The stop rule ended the run (the paper's rule: only by succeeding)."""
+        return bool(self.epochs) and self.epochs[-1].get("stopped", self.epochs[-1]["success"])
 
 
 # --------------------------------------------------------------------------- the run, top to bottom
@@ -124,15 +131,16 @@ def train_until_stop(run: Run) -> None:
     cfg = run.cfg
     bar = tqdm(range(len(run.epochs) + 1, cfg.max_epochs + 1), desc="unlearning", unit="epoch",
                disable=not cfg.progress or not run.accelerator.is_main_process)
-    for epoch in ([] if run.succeeded else bar):
+    for epoch in ([] if run.stopped else bar):
         record = train_epoch(run, epoch)
         decide(run, record)
         save_epoch(run)
         bar.set_postfix(ma=f"{record['forget_ma']:.3f}",
                         el="-" if record.get("forget_el") is None else f"{record['forget_el']:.3f}")
-        if record["success"]:
+        if run.stopped:
             break
     bar.close()
+    run.stop_rule.keep_best(run)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -166,7 +174,8 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
                     "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}
     return Run(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, sets=sets,
-               eval_batches=eval_batches, base_fingerprint=fingerprint, checkpoint=checkpoint, resumed=resume)
+               eval_batches=eval_batches, base_fingerprint=fingerprint, checkpoint=checkpoint, resumed=resume,
+               stop_rule=make_stop_rule(cfg))
 
 
 def guard_output(cfg: UnlearnConfig) -> None:
@@ -245,6 +254,10 @@ def measure_before(run: Run) -> None:
         run.suites_before = run.checkpoint.state.get("suites_before")
     run.ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else run.before["val_ma"]
     run.el_threshold = cfg.el_threshold if cfg.el_threshold is not None else run.before["val_el"]
+    if run.checkpoint is None:
+        run.stop_rule.calibrate(run)
+    else:
+        run.stop_rule.restore(run.checkpoint.state.get("stop"), run.checkpoint.best)
 
 
 def threshold_source(cfg: UnlearnConfig) -> str:
@@ -410,7 +423,9 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
                 run.tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
             failpoint("step")
         run.optimizer.step()
-    run.optimizer_steps += len(steps)
+        run.optimizer_steps += 1
+        if run.stop_rule.after_step(run):  # the two-sided rule's checks between epochs' ends
+            break
     return {"epoch": epoch, "optimizer_steps": run.optimizer_steps,
             **dist.mean_over_processes(accelerator, sums, micro_batches), "seconds": time.time() - started}
 
@@ -433,7 +448,8 @@ def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, c
     return losses.unlearning_loss(
         loss, logits(model, forget), forget["labels"], logits(model, retain) if retain is not None else None,
         retain["labels"] if retain is not None else None, ref_forget_logits=ref_f, ref_retain_logits=ref_r,
-        gamma=cfg.gamma, alpha=cfg.alpha, retain_term=cfg.retain_term, npo_beta=cfg.npo_beta)
+        gamma=cfg.gamma, alpha=cfg.alpha, retain_term=cfg.retain_term, npo_beta=cfg.npo_beta,
+        ihl_margin=cfg.ihl_margin, undial_beta=cfg.undial_beta)
 
 
 def diverged(run: Run, epoch: int, step: int) -> TrainingDiverged:
@@ -448,15 +464,15 @@ def diverged(run: Run, epoch: int, step: int) -> TrainingDiverged:
 
 
 def decide(run: Run, record: dict[str, Any]) -> None:
-    """Measure the epoch's state and apply the stop rule: forget MA and EL at or below the thresholds."""
+    """Measure the epoch's state and apply the stop rule (loku.stop; the paper's: forget MA and EL at or
+    below the thresholds)."""
     cfg = run.cfg
     started = time.time()
     unwrapped = run.accelerator.unwrap_model(run.model)
     record.update(run.on_main(lambda: measure.evaluate_state(unwrapped, run.eval_batches, cfg.el_n,
                                                              with_el=cfg.el_every_epoch,
                                                              ma_threshold=run.ma_threshold, progress=cfg.progress)))
-    record["success"] = bool(record["forget_ma"] <= run.ma_threshold and record.get("forget_el") is not None
-                             and record["forget_el"] <= run.el_threshold)
+    run.stop_rule.after_epoch(run, record)
     record["seconds"] += time.time() - started
     run.epochs.append(record)
 
@@ -468,9 +484,11 @@ def save_epoch(run: Run) -> None:
     state = {"config": run.cfg.to_dict(), "base_fingerprint": run.base_fingerprint, "before": run.before,
              "suites_before": run.suites_before, "epochs": run.epochs, "tokens_trained": run.tokens_trained,
              "init": run.init_stats, "init_seconds": run.init_seconds}
+    if (stop := run.stop_rule.state()) is not None:
+        state["stop"] = stop
     if run.accelerator.is_main_process:
         save_checkpoint(run.cfg.out, state=state, trainable=trainable_state(run.accelerator.unwrap_model(run.model)),
-                        residual=run.residual, optimizer=run.optimizer)
+                        residual=run.residual, optimizer=run.optimizer, best=run.stop_rule.best_weights())
     run.accelerator.wait_for_everyone()
 
 
@@ -518,6 +536,8 @@ def finish(run: Run) -> RunResult:
                  for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
                                       ("validation", sets.validation, sets.validation_ids)) if s is not None},
     }
+    if (stop := run.stop_rule.report()) is not None:  # the two-sided rule: bands, checks, the state kept
+        report["stop"] = stop
     return RunResult(model=model, tokenizer=run.tokenizer, report=report, residual=run.residual)
 
 

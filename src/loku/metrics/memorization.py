@@ -140,6 +140,20 @@ def memorization_and_nll(model, input_ids: Tensor, attention_mask: Tensor | None
             int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
 
+@_in_float32
+@torch.no_grad()
+def memorization_and_sequence_nll(model, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+                                  ) -> tuple[Tensor, Tensor]:
+    """(MA, mean token NLL of ``labels``) per sequence [B] from ONE forward pass: what the two-sided
+    stop rule checks every few optimizer steps (docs/algorithms.md §12); NLL summed in float64."""
+    from loku.lm import IGNORE_INDEX, token_nll
+
+    logits = _forward(model, input_ids, attention_mask).logits
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    nll = token_nll(logits, labels).double().sum(dim=1) / tokens
+    return _memorization_from_logits(logits, input_ids, attention_mask), nll
+
+
 def ngram_overlap(prediction: list[int], reference: list[int], n: int) -> float:
     """OVERLAP_n(a, b): the share of a's n-grams (counted with repetition) that occur in b."""
     grams = [tuple(prediction[i : i + n]) for i in range(len(prediction) - n + 1)]
