@@ -43,10 +43,10 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     assert summary["variants"]["fila-ihl"]["mean_overlap"] is not None
     md = (out / "results.md").read_text()
     assert "## fila-ihl-orthogonal" in md and "With the gate" in md and (out / "plots" / "figure4.png").is_file()
-    assert md.count("Relapses (met the stop rule, then back above its thresholds): none") == 4
-    assert md.count("Not forgotten (never met the stop rule; last measured): request-01 after request-02") == 4
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"]["bench"] == 0 and results["data_sha256"] and results["planting"]["planted"]
+    assert md.count("Relapses (met the stop rule, then back above its thresholds): none") == 4
+    assert md.count("Not forgotten (never met the stop rule; last measured): request-01 after request-02") == 4
 
     # A rerun reads every finished variant back; nothing is unlearned again.
     monkeypatch.setattr("loku.requests.unlearn_requests", lambda *a, **k: pytest.fail("unlearned again"))

@@ -129,6 +129,16 @@ def forgetting(matrix: Sequence[dict[str, Any]], requests: Sequence[dict[str, An
     return {"relapses": found, "not_forgotten": [last[n] for n in done if n not in met and n in last]}
 
 
+def forgetting_lines(report: dict[str, Any]) -> list[str]:
+    """The relapses and the requests not forgotten (§8), one line each, for a report.md / results.md."""
+    def named(entries: list[dict[str, Any]]) -> str:
+        return "; ".join(f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})"
+                         for r in entries) or "none"
+
+    return [f"Relapses (met the stop rule, then back above its thresholds): {named(report['relapses'])}  ",
+            f"Not forgotten (never met the stop rule; last measured): {named(report.get('not_forgotten', []))}"]
+
+
 # --------------------------------------------------------------------------- strategies
 
 
@@ -681,16 +691,6 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
             extra(tmp)
     shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
     return out_path
-
-
-def forgetting_lines(report: dict[str, Any]) -> list[str]:
-    """The relapses and the requests not forgotten (§8), one line each, for a report.md / results.md."""
-    def named(entries: list[dict[str, Any]]) -> str:
-        return "; ".join(f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})"
-                         for r in entries) or "none"
-
-    return [f"Relapses (met the stop rule, then back above its thresholds): {named(report['relapses'])}  ",
-            f"Not forgotten (never met the stop rule; last measured): {named(report.get('not_forgotten', []))}"]
 
 
 def render_requests_markdown(report: dict[str, Any]) -> str:
