@@ -10,9 +10,10 @@ the earlier rounds left, so it reveals what they did not remove.
 
 The loop ends at ``reveal_rounds`` rounds, when a round's mean reward falls below
 ``reveal_stop_reward`` (the generations stopped revealing: what that round did collect is unlearned
-first), or after ``reveal_patience`` rounds in a row that collect nothing new, each with a message. A text collected again verbatim in a later round is
-left out of that round (a sequence's requests are disjoint) and counted as ``repeated``: the model
-still reproducing it word for word is reported, not hidden.
+first), or after ``reveal_patience`` rounds in a row that collect nothing new, each with a message. A
+text collected again verbatim in a later round is left out of that round (a sequence's requests are
+disjoint) and counted as ``repeated``: the model still reproducing it word for word is reported, not
+hidden.
 
 The rounds' generated sets are written to OUT.reveal/ while the loop runs and moved into the output
 (OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). A killed run is not
