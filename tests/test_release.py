@@ -133,7 +133,8 @@ def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path, capsys):
     code = cli(tmp_path / "cli")
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["strategy"] == "orthogonal"  # --reveal's default strategy
-    assert report["reveal"]["rounds"][0]["queries"] == 8 and (tmp_path / "cli" / "adapters" / "loku_requests.json").is_file()
+    assert report["reveal"]["rounds"][0]["queries"] == 8
+    assert (tmp_path / "cli" / "adapters" / "loku_requests.json").is_file()
     assert report["reveal"]["rounds"][0]["outcome"] == "failed" and "failed rounds: 1;" in capsys.readouterr().out
     assert code == 3
     # Bars every model meets: the round succeeds in its first epoch, exit 0.
