@@ -315,6 +315,13 @@ def test_unknown_target(memorized, tmp_path, capsys, record, before_eval):
     assert str(memorized / "base") in message
 
 
+@pytest.mark.parametrize("targets", ["", " , "])
+def test_empty_targets(memorized, tmp_path, capsys, record, before_model, targets):
+    """--targets "" used to reach PEFT after the model was loaded (exit 1, PEFT's message): bad input, exit 2."""
+    refused(capsys, argv(memorized, tmp_path / "run", targets=targets), record,
+            "--targets", "names no layer", "qv-ffn", "q_proj,v_proj")
+
+
 def test_rank_larger_than_a_layer(memorized, tmp_path, capsys, record, before_eval):
     # qv-ffn on the tiny Llama: v_proj is 16 x 32, the smallest target, so 16 is the largest rank.
     refused(capsys, argv(memorized, tmp_path / "run", rank=1000), record,

@@ -23,8 +23,19 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     assert set(summary["variants"]) == {"lora-gd", "lora-ihl", "fila-ihl", "fila-ihl-orthogonal"}
     for name, v in summary["variants"].items():
         assert [t["task"] for t in v["tasks"]] == [0, 1, 2], name  # task 0: the planted model
-        assert all("ppl_pile" in t and "ma_so_far" in t for t in v["tasks"])
-        assert len(v["requests"]) == 2
+        assert all("ppl_pile" in t for t in v["tasks"])
+        # Requests so far, from the variant's own matrix (§8): task 0 all requests, task k requests 1..k.
+        matrix = json.loads((out / "variants" / f"{name}.json").read_text())["report"]["matrix"]
+        for k, row in enumerate(matrix):
+            so_far = [row["measured"][n] for n in (["request-01", "request-02"][:k] if k else row["measured"])]
+            assert v["tasks"][k]["ma_so_far"] == pytest.approx(sum(m["ma"] for m in so_far) / len(so_far))
+        # The tiny random model never reaches the held-out bar in its epochs: both requests fail, stay above
+        # it, and are "not forgotten" (once each, last measured after request-02), never relapses (§8).
+        assert [r["outcome"] for r in v["requests"]] == ["failed", "failed"]
+        assert v["relapses"] == []
+        assert [(r["request"], r["after"], r["ma"], r["el"]) for r in v["not_forgotten"]] == [
+            (n, "request-02", matrix[-1]["measured"][n]["ma"], matrix[-1]["measured"][n]["el"])
+            for n in ("request-01", "request-02")]
     orth = summary["variants"]["fila-ihl-orthogonal"]
     gated = orth["gated"]
     assert set(gated["ma"]) == {"request-01", "request-02"} and 0.0 <= gated["adapters_applied"]["ppl_pile"] <= 1.0
@@ -36,6 +47,8 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     assert "| ordinary text + the forget prompt |" in md and "Dilution attack (4 forget texts" in md
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"]["bench"] == 0 and results["data_sha256"] and results["planting"]["planted"]
+    assert md.count("Relapses (met the stop rule, then back above its thresholds): none") == 4
+    assert md.count("Not forgotten (never met the stop rule; last measured): request-01 after request-02") == 4
 
     # A rerun reads every finished variant back; nothing is unlearned again.
     monkeypatch.setattr("loku.requests.unlearn_requests", lambda *a, **k: pytest.fail("unlearned again"))

@@ -88,10 +88,22 @@ def test_rounds_that_collect_nothing_end_the_loop_with_a_message(memorized, requ
     assert "collected nothing new" in release.stopped and any("--reveal ended" in m for m in messages)
 
 
-def test_a_round_below_the_stop_reward_ends_the_loop(memorized, request_file, tmp_path):
+def test_a_round_below_the_stop_reward_ends_the_loop_after_unlearning_what_it_revealed(memorized, request_file,
+                                                                                        tmp_path):
+    """§9: the stop is decided after the round's collected texts are unlearned (they were revealed; stopping
+    first shipped a model that still produced them)."""
+    model, tokenizer = load_model(str(memorized / "base"))
+    ids = _forget_ids(memorized, tokenizer)
     cfg = config(memorized, request_file, tmp_path / "out", reveal_stop_reward=10.0)
-    release = reveal_and_release(cfg, settings=_settings, say=lambda m: None)
-    assert release.requests is None and len(release.rounds) == 1 and "stopped revealing" in release.stopped
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=_settings, say=lambda m: None)
+    assert len(release.rounds) == 1 and "stopped revealing" in release.stopped
+    collected = release.rounds[0]["collected"]
+    assert collected > 0 and f"its {collected} new texts were unlearned first" in release.stopped
+    assert release.requests is not None and [d.name for d in release.requests.deltas] == ["request-01"]
+    assert release.rounds[0]["request"] == "request-01" and release.rounds[0]["epochs_run"] >= 1
+    assert release.requests.deltas[0].forget == release.rounds[0]["forget"]
+    ma = [float(memorization_accuracy(m, ids).mean()) for m in (model, release.requests.model)]
+    assert ma[0] > 0.95 and ma[1] < 0.5 * ma[0], ma  # the real text, revealed in that one round, is forgotten
 
 
 def test_bad_reveal_options(memorized, request_file, tmp_path):
@@ -108,13 +120,24 @@ def test_bad_reveal_options(memorized, request_file, tmp_path):
     assert code == 2 and not (tmp_path / "o2").exists()
 
 
-def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path):
-    out = tmp_path / "cli"
-    code = main(["unlearn", "--reveal", str(request_file), "--model", str(memorized / "base"), "--method", "lora-ihl",
-                 "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),
-                 "--out", str(out), "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "4",
-                 "--max-epochs", "30", "--reveal-rounds", "1", "--reveal-budget", "8", "--reveal-max-new-tokens", "18",
-                 "--reveal-stop-reward", "0", "--no-progress"])
-    report = json.loads((out / "report.json").read_text())
-    assert code in (0, 3) and report["strategy"] == "orthogonal"  # --reveal's default strategy
-    assert report["reveal"]["rounds"][0]["queries"] == 8 and (out / "adapters" / "loku_requests.json").is_file()
+def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path, capsys):
+    def cli(out, *extra):
+        return main(["unlearn", "--reveal", str(request_file), "--model", str(memorized / "base"), "--method",
+                     "lora-ihl", "--retain", str(memorized / "retain.txt"), "--validation",
+                     str(memorized / "validation.txt"), "--out", str(out), "--rank", "4", "--lora-alpha", "8", "--lr",
+                     "1e-2", "--batch-size", "4", "--max-epochs", "30", "--reveal-rounds", "1", "--reveal-budget", "8",
+                     "--reveal-max-new-tokens", "18", "--reveal-stop-reward", "0", "--no-progress", *extra])
+
+    # The validation set's bar (MA 1/92, EL 0 on this model) is out of reach in 30 epochs for the round's
+    # generated texts: the round fails its stop rule, and the run says so with exit 3.
+    code = cli(tmp_path / "cli")
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
+    assert report["strategy"] == "orthogonal"  # --reveal's default strategy
+    assert report["reveal"]["rounds"][0]["queries"] == 8
+    assert (tmp_path / "cli" / "adapters" / "loku_requests.json").is_file()
+    assert report["reveal"]["rounds"][0]["outcome"] == "failed" and "failed rounds: 1;" in capsys.readouterr().out
+    assert code == 3
+    # Bars every model meets: the round succeeds in its first epoch, exit 0.
+    code = cli(tmp_path / "met", "--ma-threshold", "1", "--el-threshold", "1")
+    assert json.loads((tmp_path / "met" / "report.json").read_text())["reveal"]["rounds"][0]["epochs_run"] == 1
+    assert "failed rounds: none;" in capsys.readouterr().out and code == 0

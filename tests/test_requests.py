@@ -10,8 +10,9 @@ import torch
 from loku.cli import build_parser, main
 from loku.config import UnlearnConfig, load_config
 from loku.errors import ConfigError, DataError, ModelError
+from loku.metrics import extraction_likelihood_plain, memorization_accuracy
 from loku.models import load_model
-from loku.requests import (apply_deltas, orthogonal_penalty, relapses, request_delta_factors, subspace_overlap,
+from loku.requests import (apply_deltas, forgetting, orthogonal_penalty, request_delta_factors, subspace_overlap,
                            unlearn_requests, write_requests)
 from tiny_models import VOCAB, texts_of
 
@@ -50,16 +51,29 @@ def test_delta_factors_give_the_change_of_the_weight():
     torch.testing.assert_close(fb @ fa, 2.0 * b @ a)
 
 
-def test_relapses_name_the_earlier_request_back_above_its_own_thresholds():
-    thresholds = {"r1": {"ma": 0.1, "el": 0.0}, "r2": {"ma": 0.5, "el": 0.5}}
-    matrix = [{"after": "before", "measured": {"r1": {"ma": 1, "el": 1}, "r2": {"ma": 1, "el": 1}}},
-              {"after": "r1", "measured": {"r1": {"ma": 0.1, "el": 0.0}}},
-              {"after": "r2", "measured": {"r1": {"ma": 0.05, "el": 0.01}, "r2": {"ma": 0.9, "el": 0.0}}}]
-    # r2 above its own bar after r2 is its failure, not a relapse; r1's EL 0.01 > 0.0 is.
-    assert relapses(matrix, thresholds) == [{"after": "r2", "request": "r1", "ma": 0.05, "el": 0.01,
-                                             "ma_threshold": 0.1, "el_threshold": 0.0}]
-    matrix[2]["measured"]["r1"]["el"] = 0.0
-    assert relapses(matrix, thresholds) == []
+def test_a_relapse_is_a_forgotten_request_back_above_and_a_never_forgotten_one_is_reported_apart():
+    """§8: a relapse is an earlier request that HAD met its stop rule and is back above its thresholds; one
+    that never met it is "not forgotten" (once, with its last measurement), however often it stays above."""
+    bar = {"ma": 0.5, "el": 0.1}
+    requests = [{"name": n, "outcome": o, "thresholds": bar}
+                for n, o in [("r1", "failed"), ("r2", "success"), ("r3", "failed"), ("r4", "success")]]
+
+    def row(after, **measured):
+        return {"after": after, "measured": {n: {"ma": v[0], "el": v[1]} for n, v in measured.items()}}
+
+    matrix = [row("before", r1=(1, 1), r2=(1, 1), r3=(1, 1), r4=(1, 1)),
+              row("r1", r1=(0.8, 0.3)),  # r1 fails its own stop rule ...
+              row("r2", r1=(0.7, 0.2), r2=(0.4, 0.0)),  # ... and stays above it: never a relapse
+              row("r3", r1=(0.6, 0.2), r2=(0.6, 0.0), r3=(0.9, 0.5)),  # r2 (forgotten) back above on MA
+              row("r4", r1=(0.55, 0.2), r2=(0.3, 0.0), r3=(0.45, 0.05), r4=(0.2, 0.0)),  # failed r3 now below
+              row("r5", r1=(0.52, 0.12), r2=(0.3, 0.0), r3=(0.4, 0.2))]  # r3 back above on EL; r4's file gone
+    found = forgetting(matrix, requests)
+    assert [(r["request"], r["after"], r["ma"], r["el"]) for r in found["relapses"]] == [
+        ("r2", "r3", 0.6, 0.0), ("r3", "r5", 0.4, 0.2)]
+    assert found["not_forgotten"] == [{"after": "r5", "request": "r1", "ma": 0.52, "el": 0.12,
+                                       "ma_threshold": 0.5, "el_threshold": 0.1}]
+    # A request's own row is its outcome, not a relapse, even when it succeeded and rounding put it above.
+    assert forgetting(matrix[:2], [{**requests[0], "outcome": "success"}])["relapses"] == []
 
 
 # --------------------------------------------------------------------------- sequences on the tiny model
@@ -107,7 +121,7 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def test_stack_reproduces_the_sequential_model_and_every_request_stays_forgotten_or_is_named(stacked):
+def test_stack_reproduces_the_sequential_model_and_every_request_stays_forgotten_or_is_named(stacked, requests_root):
     result, runs = stacked
     report = result.report
     ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(7))
@@ -132,20 +146,29 @@ def test_stack_reproduces_the_sequential_model_and_every_request_stays_forgotten
     assert [r["name"] for r in report["requests"]] == ["request-01", "request-02"]
     assert report["matrix"][0]["after"] == "before"
     assert all(v["ma"] > 0.95 for v in report["matrix"][0]["measured"].values())
-    named = {(r["after"], r["request"]) for r in report["relapses"]}
     thresholds = {r["name"]: r["thresholds"] for r in report["requests"]}
-    outcomes = {r["name"]: r["outcome"] for r in report["requests"]}
-    for row in report["matrix"][1:]:
-        assert set(row["measured"]) == set(list(thresholds)[: list(thresholds).index(row["after"]) + 1])
-        for name, value in row["measured"].items():
-            below = value["ma"] <= thresholds[name]["ma"] and value["el"] <= thresholds[name]["el"]
-            own = name == row["after"]
-            assert below or (own and outcomes[name] == "failed") or (not own and (row["after"], name) in named)
+    assert [set(row["measured"]) for row in report["matrix"][1:]] == [{"request-01"}, {"request-01", "request-02"}]
+    # Request 1 after request 2, measured here with the reference metrics on the folded model (§6, §8): both
+    # requests met their stop rule, so request 1 above either threshold is a relapse, and nothing is "not
+    # forgotten". (With this seed it is: MA 1/23 against the validation set's 1/92.)
+    lines = (requests_root / "a.txt").read_text().splitlines()
+    ids = torch.tensor([result.tokenizer(t, add_special_tokens=False)["input_ids"] for t in lines])
+    folded = apply_deltas(result.original, result.deltas)
+    ma, el = (float(memorization_accuracy(folded, ids).mean()), float(extraction_likelihood_plain(folded, ids).mean()))
+    assert report["matrix"][2]["measured"]["request-01"] == pytest.approx({"ma": ma, "el": el}, abs=1e-6)
+    assert [r["outcome"] for r in report["requests"]] == ["success", "success"] and report["not_forgotten"] == []
+    above = ma > thresholds["request-01"]["ma"] or el > thresholds["request-01"]["el"]
+    assert [(r["after"], r["request"]) for r in report["relapses"]] == ([("request-02", "request-01")] if above else [])
     # Thresholds come from the model before the first request, for every request (§8).
     assert thresholds["request-01"]["ma"] == thresholds["request-02"]["ma"] == runs[0].report["before"]["val_ma"]
     # The matrix's own entry is the request's result.
     assert report["matrix"][1]["measured"]["request-01"]["ma"] == pytest.approx(runs[0].report["after"]["forget_ma"])
-    assert report["overlaps"][0]["earlier"] == "request-01" and 0 <= report["overlaps"][0]["mean"] <= 1
+    # The overlap of the two A's, from the trained A's themselves: mean over layers of ||A1 A2^T|| / (||A1|| ||A2||).
+    first, second = (d.reads for d in result.deltas)
+    by_hand = [float(torch.linalg.norm(first[k].double() @ second[k].double().T)
+                     / (torch.linalg.norm(first[k].double()) * torch.linalg.norm(second[k].double()))) for k in first]
+    assert report["overlaps"][0]["earlier"] == "request-01"
+    assert report["overlaps"][0]["mean"] == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-9)
 
 
 def test_merge_trains_what_stack_trains_and_keeps_one_model(stacked, requests_root, tmp_path):
@@ -247,7 +270,12 @@ def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_
     out = write_requests(result, cfg)
     report = json.loads((out / "report.json").read_text())
     assert report["strategy"] == "stack" and report["config"]["forget"] == cfg.forget
-    assert "Relapses" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    for line in ("Relapses", "Not forgotten"):  # each entry named with its numbers, "none" when there is none
+        entries = report["relapses"] if line == "Relapses" else report["not_forgotten"]
+        expected = "; ".join(f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})"
+                             for r in entries) or "none"
+        assert any(row.startswith(line) and row.rstrip().endswith(expected) for row in md.splitlines()), line
     base, _ = load_model(cfg.model)
     model = PeftModel.from_pretrained(base, str(out / "adapters" / "request-01"), adapter_name="request-01")
     model.load_adapter(str(out / "adapters" / "request-02"), adapter_name="request-02")
@@ -300,7 +328,10 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
                  "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-epochs", "3", "--no-progress",
                  "--ma-threshold", "0.5", "--el-threshold", "0.5", "--gate-fpr", "0.5", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert code in (0, 3) and "2 requests (orthogonal)" in printed
+    # Bars of 0.5 that this model's forget sets fall under within 3 epochs at lr 1e-2: both requests meet
+    # them and stay under (exit 0; a failed or relapsed request would be exit 3).
+    assert "2 requests (orthogonal); failed: none; relapsed: none; not forgotten: none" in printed
+    assert code == 0
     assert (out / "adapters" / "request-01").is_dir() and (out / "adapters" / "request-02").is_dir()
     assert not (tmp_path / "cli.ckpt").exists(), "the finished output supersedes the checkpoint"
     report = json.loads((out / "report.json").read_text())
@@ -346,7 +377,10 @@ def test_one_forget_with_stack_and_a_gate_is_a_sequence_of_one_request(requests_
                  "--strategy", "stack", "--rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2",
                  "--max-epochs", "2", "--no-progress", "--ma-threshold", "0.5", "--el-threshold", "0.5",
                  "--gate-fpr", "0.5", "--out", str(out)])
-    assert code in (0, 3) and "1 request (stack)" in capsys.readouterr().out
+    # 2 epochs are too few for this request (it needs 3 or more at lr 1e-2): it fails its stop rule, is
+    # reported as not forgotten (never as a relapse) and the run exits 3.
+    assert "1 request (stack); failed: request-01; relapsed: none; not forgotten: request-01" in capsys.readouterr().out
+    assert code == 3
     assert (out / "adapters" / "request-01").is_dir()
     assert set(json.loads((out / "report.json").read_text())["gate"]["true_positive_rate"]) == {"request-01"}
 
@@ -381,3 +415,20 @@ def test_a_later_request_continues_a_finished_sequence_as_if_it_had_been_in_it(s
     (prev / "sequence.json").write_text(json.dumps(record))
     with pytest.raises(ModelError, match="another base model"):
         unlearn_requests(config(requests_root, tmp_path / "z", model=str(prev), forget=[b], strategy="stack"))
+
+
+def test_a_sequence_continues_after_an_earlier_forget_file_was_deleted(requests_root, tmp_path):
+    """§8 / README: an earlier request whose forget file is gone is warned about and no longer measured; the
+    new request still trains, is measured, and the sequence finishes (it used to end in KeyError)."""
+    gone = tmp_path / "gone.txt"
+    gone.write_text((requests_root / "a.txt").read_text())
+    first_cfg = config(requests_root, tmp_path / "one", forget=[str(gone)], strategy="stack", max_epochs=3)
+    prev = write_requests(unlearn_requests(first_cfg), first_cfg)
+    gone.unlink()
+    with pytest.warns(UserWarning, match=r"gone\.txt: the forget file of an earlier request is gone"):
+        later = unlearn_requests(config(requests_root, tmp_path / "two", model=str(prev),
+                                        forget=[str(requests_root / "b.txt")], strategy="stack", max_epochs=3))
+    assert [d.name for d in later.deltas] == ["request-01", "request-02"]
+    assert set(later.report["matrix"][-1]["measured"]) == {"request-02"}, "request-01 is no longer measured"
+    out = write_requests(later, config(requests_root, tmp_path / "two", strategy="stack"))
+    assert "request-02" in (out / "report.md").read_text()

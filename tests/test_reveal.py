@@ -78,6 +78,45 @@ def test_neural_ucb_uses_the_freshness_context_to_beat_random_on_a_revealing_ban
     assert mean["NeuralUCB", True] > mean["NeuralUCB", False] + 1.0
 
 
+def test_neural_ucb_bonus_and_loss_on_a_hand_computed_network():
+    """§9, Zhou et al. (2020) Algorithm 1: bonus nu sqrt(g^T Z^-1 g / m), Z = lambda I + sum g g^T / m (diagonal),
+    loss sum (f - r)^2 / 2 + m lambda / 2 ||theta - theta_0||^2. Network m = 2, d = 2, weights set by hand:
+    W = [[1, 1], [1, -1]], w = [0.5, 2], x = [1, 2]: W x = [3, -1], relu = [3, 0], f = sqrt(2) * 1.5.
+    g: d f/d w = sqrt(2) [3, 0] (squares 18, 0); d f/d W = sqrt(2) [[0.5 * 1, 0.5 * 2], [0, 0]] (squares 0.5, 2)."""
+    sel = NeuralUCB(torch.zeros(1, 2), exploration=2.0, hidden=2, reg=1.0, steps=0)  # steps=0: theta stays put
+    sel.w1 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], requires_grad=True)
+    sel.w2 = torch.tensor([0.5, 2.0], requires_grad=True)
+    sel.start = [sel.w1.detach().clone(), sel.w2.detach().clone()]
+    x = torch.tensor([[1.0, 2.0]])
+    # Z = lambda = 1: g^T g / m = (18 + 0.5 + 2) / 2 = 10.25, bonus 2 sqrt(10.25).
+    assert sel.bonus(x[0]) == pytest.approx(2 * math.sqrt(10.25), rel=1e-6)
+    sel.select(0, x)
+    sel.update(0, 0.0)
+    # Z_i = 1 + g_i^2 / 2: 10 (for 18), 1.25 (for 0.5), 2 (for 2), 1 elsewhere (g_i = 0).
+    # g^T Z^-1 g / m = (18/10 + 0.5/1.25 + 2/2) / 2 = 1.6. (Without /m in Z: 0.974, a bonus sqrt(m) smaller
+    # for a large m, which is the defect this guards.)
+    assert sel.bonus(x[0]) == pytest.approx(2 * math.sqrt(1.6), rel=1e-6)
+    # The L2 pull: theta moved by +1 in w_1 alone: ||theta - theta_0||^2 = 1, m lambda / 2 = 1. f = sqrt(2) * 4.5,
+    # reward 0: (f - 0)^2 / 2 = 20.25. Loss 21.25.
+    with torch.no_grad():
+        sel.w2[0] += 1.0
+    assert float(sel.loss(x, torch.tensor([0.0]))) == pytest.approx(21.25, rel=1e-6)
+
+
+def test_the_documented_reward_weights_are_the_code_defaults():
+    """docs/algorithms.md §9 and README state the reward's weights; they once named others than the code's."""
+    import re
+    from pathlib import Path
+
+    w, root = RevealSettings().weights, Path(__file__).resolve().parents[1]
+    docs = " ".join((root / "docs" / "algorithms.md").read_text().split())
+    assert (f"novelty x ({w['confidence']:g} confidence + {w['similarity']:g} similarity + {w['overlap']:g} overlap)"
+            in docs)
+    readme = " ".join((root / "README.md").read_text().split())
+    assert re.search(rf"confidence in its own output \(weight {w['confidence']:g}[:)].*similarity to the request "
+                     rf"\({w['similarity']:g}\) and n-gram overlap with it \({w['overlap']:g}\)", readme)
+
+
 @pytest.fixture(scope="module")
 def memorized_model():
     torch.manual_seed(0)
@@ -110,10 +149,14 @@ def test_a_retain_text_is_never_collected(memorized_model):
     request = Request("", [" ".join(texts[0].split()[:4])])
     settings = RevealSettings(budget=6, selector="random", templates={"continue": "{fragment}"}, max_new_tokens=12,
                               temperature=0.05, min_reward=0.0)
-    retained = [" ".join(texts[0].split()[4:])]
-    result = reveal(model, tokenizer, request, settings, retain_texts=retained)
-    assert all(" ".join(i["text"].split()) not in retained for i in result["items"])
-    assert result["refused"]["retain_verbatim"] >= 1
+    # The retain text is the memorized continuation: a collected text is the fragment plus what the model
+    # continues with, so it can CONTAIN the retain text but never equal it. Containing it is what is refused.
+    retained = " ".join(texts[0].split()[4:])
+    result = reveal(model, tokenizer, request, settings, retain_texts=[retained])
+    containing = [q for q in result["history"] if retained in " ".join(q["text"].split())]
+    assert containing and all(" ".join(q["text"].split()) != retained for q in containing)
+    assert not any(retained in " ".join(i["text"].split()) for i in result["items"])
+    assert result["refused"]["retain_verbatim"] == len(containing)
 
 
 def test_bad_requests_and_settings(memorized_model, tmp_path):

@@ -224,9 +224,12 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
     report = result.report
     failed = [r["name"] for r in report["requests"] if r["outcome"] != "success"]
     relapsed = sorted({r["request"] for r in report["relapses"]})
+    kept = [r["request"] for r in report["not_forgotten"]]
     n = len(report["requests"])
     print(f"loku: {n} request{'s' if n != 1 else ''} ({report['strategy']}); failed: {', '.join(failed) or 'none'}; "
-          f"relapsed: {', '.join(relapsed) or 'none'}; results in {out}/report.md")
+          f"relapsed: {', '.join(relapsed) or 'none'}; not forgotten: {', '.join(kept) or 'none'}; "
+          f"results in {out}/report.md")
+    # Exit 3 when a request failed its own stop rule (every request not forgotten did) or relapsed.
     return 0 if not failed and not relapsed else 3
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -221,6 +221,7 @@ class UnlearnConfig:
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
+        check_targets(self.targets)
         if not all(isinstance(f, str) and f for f in self.forget_files()):
             raise ConfigError(f"--forget must be file paths, got {self.forget!r}")
         check_forget_files_distinct(self.forget_files())
@@ -285,6 +286,15 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_targets(targets: str | Sequence[str]) -> None:
+    """--targets names at least one layer: a preset or module-name suffixes. An empty value would reach
+    PEFT as an adapter on nothing (its own error, exit 1, after the model is loaded)."""
+    pieces = targets.split(",") if isinstance(targets, str) else list(targets)
+    if not any(isinstance(p, str) and p.strip() for p in pieces):
+        raise ConfigError(f"--targets {targets!r} names no layer; pass a preset (qv-ffn, attn, mlp, all-linear) or "
+                          "comma-separated module-name suffixes such as q_proj,v_proj")
 
 
 def _resolved(path: str | Path) -> Path:

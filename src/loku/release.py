@@ -9,10 +9,11 @@ thresholds from ``--validation`` on the model before the first round. The next r
 the earlier rounds left, so it reveals what they did not remove.
 
 The loop ends at ``reveal_rounds`` rounds, when a round's mean reward falls below
-``reveal_stop_reward`` (the generations stopped revealing), or after ``reveal_patience`` rounds in a
-row that collect nothing new, each with a message. A text collected again verbatim in a later round is
-left out of that round (a sequence's requests are disjoint) and counted as ``repeated``: the model
-still reproducing it word for word is reported, not hidden.
+``reveal_stop_reward`` (the generations stopped revealing: what that round did collect is unlearned
+first), or after ``reveal_patience`` rounds in a row that collect nothing new, each with a message. A
+text collected again verbatim in a later round is left out of that round (a sequence's requests are
+disjoint) and counted as ``repeated``: the model still reproducing it word for word is reported, not
+hidden.
 
 The rounds' generated sets are written to OUT.reveal/ while the loop runs and moved into the output
 (OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). A killed run is not
@@ -65,7 +66,7 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
 
     from .data import load_text_set
     from .models import load_model
-    from .requests import Previous, unlearn_requests
+    from .requests import Previous
     from .reveal import load_request, reveal, write_revealed
     from .save import check_output_dir
     from .trainer import master_dtype
@@ -100,26 +101,36 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
         rounds.append(record)
         say(f"loku: round {number}: {len(fresh)} new texts from {record['queries']} queries (mean reward "
             f"{mean_reward:.3f}, {repeated} repeated verbatim)")
+        empty = 0 if fresh else empty + 1
+        if fresh:
+            result = _unlearn_round(cfg, record, base, tokenizer, accelerator, previous)
+            previous = Previous(work, result.state, result.deltas)
+            seen |= {_normal(item["text"]) for item in fresh}
+        # The stop is decided after the round's texts are unlearned, not before: a low mean reward says the
+        # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
+        # what the model was just seen to produce, and stopping first would ship a model that still produces
+        # them. (Deciding before generating would need the reward of texts not generated yet.)
         if mean_reward < cfg.reveal_stop_reward:
             stopped = (f"round {number}: the generations stopped revealing (mean reward {mean_reward:.3f} < "
-                       f"--reveal-stop-reward {cfg.reveal_stop_reward:g})")
+                       f"--reveal-stop-reward {cfg.reveal_stop_reward:g})"
+                       + (f"; its {len(fresh)} new texts were unlearned first" if fresh else ""))
             break
-        if not fresh:
-            empty += 1
-            if empty >= cfg.reveal_patience:
-                stopped = f"rounds {number - empty + 1}-{number} collected nothing new (--reveal-patience {empty})"
-                break
-            continue
-        empty = 0
-        round_cfg = dataclasses.replace(cfg, reveal=None, forget=record["forget"], overwrite=True)
-        result = unlearn_requests(round_cfg, model=base, tokenizer=tokenizer, accelerator=accelerator,
-                                  previous=previous)
-        previous = Previous(work, result.state, result.deltas)
-        seen |= {_normal(item["text"]) for item in fresh}
-        finished = result.state["finished"][-1]
-        record.update(request=finished["name"], outcome=finished["outcome"], epochs_run=finished["epochs_run"])
+        if empty >= cfg.reveal_patience:
+            stopped = f"rounds {number - empty + 1}-{number} collected nothing new (--reveal-patience {empty})"
+            break
     say(f"loku: --reveal ended: {stopped}")
     return ReleaseResult(result, rounds, stopped)
+
+
+def _unlearn_round(cfg: UnlearnConfig, record: dict[str, Any], base, tokenizer, accelerator, previous):
+    """One round's collected texts unlearned as the next request of the rounds' sequence; ``record`` notes it."""
+    from .requests import unlearn_requests
+
+    round_cfg = dataclasses.replace(cfg, reveal=None, forget=record["forget"], overwrite=True)
+    result = unlearn_requests(round_cfg, model=base, tokenizer=tokenizer, accelerator=accelerator, previous=previous)
+    finished = result.state["finished"][-1]
+    record.update(request=finished["name"], outcome=finished["outcome"], epochs_run=finished["epochs_run"])
+    return result
 
 
 def _relocated(value: Any, old: Path, new: Path) -> Any:

@@ -2,8 +2,9 @@
 
 Each request is one run of the trainer's phases (prepare -> measure_before -> adapt ->
 [train_epoch -> decide -> save_epoch]* -> finish) on the model the earlier requests left, with its own
-stop rule. After each request every request so far is measured again; one back above its own
-thresholds is a relapse, named in the report.
+stop rule. After each request every request so far is measured again; one that had met its stop rule
+and is back above its own thresholds is a relapse, named in the report; one that never met it is "not
+forgotten", named apart (it cannot relapse).
 
 What a request leaves is a low-rank change of its target weights,
 
@@ -90,23 +91,52 @@ def request_delta_factors(a: Tensor, b: Tensor, scaling: float, a0: Tensor | Non
     return torch.cat([a, a0]).detach().float(), scaling * torch.cat([b, -b0], dim=1).detach().float()
 
 
-def relapses(matrix: Sequence[dict[str, Any]], thresholds: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Every (after request k, earlier request j < k) whose MA or EL is above request j's own thresholds.
+def _above(value: dict[str, float], limit: dict[str, float]) -> bool:
+    return value["ma"] > limit["ma"] or value["el"] > limit["el"]
 
-    ``matrix`` rows are ``{"after": name_k, "measured": {name_j: {"ma", "el"}}}`` in request order
-    (a row "before" is skipped); a request is "earlier" once a row after it has been seen.
+
+def forgetting(matrix: Sequence[dict[str, Any]], requests: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Relapses and requests not forgotten (§8), from the MA/EL matrix and each request's outcome and thresholds.
+
+    ``matrix`` rows are ``{"after": name_k, "measured": {name_j: {"ma", "el"}}}`` in request order (a row
+    "before" is skipped; a request missing from a row, its forget file deleted, is not judged there);
+    ``requests`` are ``{"name", "outcome", "thresholds": {"ma", "el"}}`` (a sequence's report rows).
+
+    A request has met its stop rule once its own run succeeded or a measurement has it at or below both
+    thresholds (the rule's condition). ``relapses``: every (after request k, earlier request j) where j had
+    met it and is back above a threshold. ``not_forgotten``: each request that never met it, with its last
+    measurement: it cannot relapse (it was never forgotten), and counting it as a relapse after every later
+    request hid that its MA may well be falling.
     """
-    found, done = [], []
+    limits = {r["name"]: r["thresholds"] for r in requests}
+    met = {r["name"] for r in requests if r["outcome"] == "success"}
+    found, last, done = [], {}, []
     for row in matrix:
         if row["after"] == "before":
             continue
-        for name in done:
-            value, limit = row["measured"][name], thresholds[name]
-            if value["ma"] > limit["ma"] or value["el"] > limit["el"]:
-                found.append({"after": row["after"], "request": name, "ma": value["ma"], "el": value["el"],
-                              "ma_threshold": limit["ma"], "el_threshold": limit["el"]})
+        for name in [*done, row["after"]]:
+            if name not in row["measured"]:
+                continue
+            value, limit = row["measured"][name], limits[name]
+            entry = {"after": row["after"], "request": name, "ma": value["ma"], "el": value["el"],
+                     "ma_threshold": limit["ma"], "el_threshold": limit["el"]}
+            last[name] = entry
+            if not _above(value, limit):
+                met.add(name)
+            elif name in met and name != row["after"]:
+                found.append(entry)
         done.append(row["after"])
-    return found
+    return {"relapses": found, "not_forgotten": [last[n] for n in done if n not in met and n in last]}
+
+
+def forgetting_lines(report: dict[str, Any]) -> list[str]:
+    """The relapses and the requests not forgotten (§8), one line each, for a report.md / results.md."""
+    def named(entries: list[dict[str, Any]]) -> str:
+        return "; ".join(f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})"
+                         for r in entries) or "none"
+
+    return [f"Relapses (met the stop rule, then back above its thresholds): {named(report['relapses'])}  ",
+            f"Not forgotten (never met the stop rule; last measured): {named(report.get('not_forgotten', []))}"]
 
 
 # --------------------------------------------------------------------------- strategies
@@ -548,14 +578,13 @@ def overlaps(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
 
 
 def sequence_report(state: dict, deltas: Sequence[Delta]) -> dict[str, Any]:
-    thresholds = {f["name"]: {"ma": f["thresholds"]["ma"], "el": f["thresholds"]["el"]} for f in state["finished"]}
     pairs = overlaps(deltas)
     means = [p["mean"] for p in pairs if p["mean"] is not None]
     return {
         "strategy": state["strategy"],
         "requests": [{k: v for k, v in f.items() if k != "run"} for f in state["finished"]],
         "matrix": state["matrix"],
-        "relapses": relapses(state["matrix"], thresholds),
+        **forgetting(state["matrix"], state["finished"]),
         "overlaps": pairs,
         "mean_overlap": sum(means) / len(means) if means else None,
         "thresholds_source": "given, or each request's validation set on the model before the first request",
@@ -696,9 +725,7 @@ def render_requests_markdown(report: dict[str, Any]) -> str:
         cells = [f"{row['measured'][n]['ma']:.3f} / {row['measured'][n]['el']:.3f}" if n in row["measured"] else ""
                  for n in names]
         lines.append(f"| {row['after']} | " + " | ".join(cells) + " |")
-    relapsed = report["relapses"]
-    lines += ["", "Relapses: " + ("none" if not relapsed else "; ".join(
-        f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})" for r in relapsed))]
+    lines += ["", *forgetting_lines(report)]
     if report.get("gate"):
         lines += gate_markdown(report["gate"])
     if report["mean_overlap"] is not None:

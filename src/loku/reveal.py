@@ -17,7 +17,7 @@ knows; what it reveals becomes the forget set.
   request nor collected yet), so echoing the request or repeating what is already there earns nothing.
 * **Selection** (registry :data:`SELECTORS`): ``neural-ucb`` (Zhou et al. 2020: a one-hidden-layer
   network on the arm's features predicts the reward; UCB bonus nu sqrt(g^T Z^-1 g / m) with g the
-  network's gradient and Z = lambda I + sum g g^T kept diagonal, as the paper's experiments do),
+  network's gradient and Z = lambda I + sum g g^T / m kept diagonal, as the paper's experiments do),
   ``ucb1`` and ``random`` to compare. Arm features (the context of each query): the template
   (one-hot), the normalised mean hidden state of the filled prompt, and two *freshness* values: the
   novelty, against what is known by now, of the latest generation of the arm itself and of any arm with
@@ -220,23 +220,27 @@ class RandomSelector(UCB1):
 
 
 class NeuralUCB:
-    """Zhou, Li & Gu (2020), with the diagonal Z of their experiments: f(x) = sqrt(m) w^T relu(W x) (m hidden
-    units), the UCB bonus nu sqrt(sum_j g_j^2 / Z_j / m) with g = grad f, Z = lambda + the sum of the squared
-    gradients of the arms pulled, and the network refitted after every observation by a few Adam steps on
-    every (features, reward) seen, with m * l2 * ||theta - theta_0||^2 keeping it near its start. ``select``
-    takes this query's features of every arm (default: the ones given at construction); the pulled arm's
-    row is what ``update`` learns from."""
+    """Zhou, Li & Gu (2020), Algorithm 1, with the diagonal Z of their experiments and code.
+
+    f(x; theta) = sqrt(m) w^T relu(W x) (m hidden units, theta = (W, w)); g = grad_theta f(x; theta).
+    Score of an arm: f(x) + nu sqrt(g^T Z^-1 g / m), with Z = lambda I + sum over the pulled arms of
+    g g^T / m, kept diagonal: Z_i = lambda + sum g_i^2 / m (the 1/m in BOTH places, as the paper has it; an
+    earlier version left it out of Z, which made the bonus sqrt(m) too small). After every observation the
+    network is refitted by a few Adam steps on every (features, reward) seen, minimising
+    sum (f(x_i) - r_i)^2 / 2 + m lambda / 2 ||theta - theta_0||^2 (the paper's loss, the same lambda).
+    ``select`` takes this query's features of every arm (default: the ones given at construction); the
+    pulled arm's row is what ``update`` learns from."""
 
     def __init__(self, features: Tensor, exploration: float = 1.0, seed: int = 0, hidden: int = 32,
-                 reg: float = 1.0, l2: float = 1e-3, steps: int = 20, lr: float = 1e-2) -> None:
+                 reg: float = 1.0, steps: int = 20, lr: float = 1e-2) -> None:
         g = torch.Generator().manual_seed(seed)
         self.x = features.float()
         d = self.x.shape[1]
-        self.m, self.nu, self.reg, self.l2, self.steps, self.lr = hidden, exploration, reg, l2, steps, lr
+        self.m, self.nu, self.reg, self.steps, self.lr = hidden, exploration, reg, steps, lr
         self.w1 = (torch.randn(hidden, d, generator=g) * math.sqrt(2.0 / d)).requires_grad_()
         self.w2 = (torch.randn(hidden, generator=g) / hidden).requires_grad_()
         self.start = [self.w1.detach().clone(), self.w2.detach().clone()]
-        self.z = [torch.full_like(self.w1, reg), torch.full_like(self.w2, reg)]
+        self.z = [torch.full_like(self.w1, reg), torch.full_like(self.w2, reg)]  # diagonal of Z
         self.context = self.x
         self.seen: list[tuple[Tensor, float]] = []
 
@@ -246,30 +250,33 @@ class NeuralUCB:
     def _grads(self, x: Tensor) -> list[Tensor]:
         return list(torch.autograd.grad(self._f(x), [self.w1, self.w2]))
 
+    def bonus(self, x: Tensor) -> float:
+        """nu sqrt(g^T Z^-1 g / m) of features ``x`` [d] (Z diagonal)."""
+        quad = sum(float((gr.pow(2) / z).sum()) for gr, z in zip(self._grads(x), self.z))
+        return self.nu * math.sqrt(quad / self.m)
+
+    def loss(self, xs: Tensor, rewards: Tensor) -> Tensor:
+        """sum (f(x_i) - r_i)^2 / 2 + m lambda / 2 ||theta - theta_0||^2: what the refit minimises."""
+        pull = sum((p - p0).pow(2).sum() for p, p0 in zip((self.w1, self.w2), self.start))
+        return (self._f(xs) - rewards).pow(2).sum() / 2 + self.m * self.reg / 2 * pull
+
     def select(self, t: int, context: Tensor | None = None) -> int:
         self.context = (self.x if context is None else context).float().clone()  # the caller reuses its tensor
-        best, best_score = 0, -math.inf
         with torch.no_grad():
             predicted = self._f(self.context)
-        for arm in range(len(self.context)):
-            grads = self._grads(self.context[arm])
-            bonus = math.sqrt(sum(float((gr.pow(2) / z).sum()) for gr, z in zip(grads, self.z)) / self.m)
-            score = float(predicted[arm]) + self.nu * bonus
-            if score > best_score:
-                best, best_score = arm, score
-        return best
+        scores = [float(predicted[arm]) + self.bonus(self.context[arm]) for arm in range(len(self.context))]
+        return max(range(len(scores)), key=scores.__getitem__)
 
     def update(self, arm: int, reward: float) -> None:
         x = self.context[arm]
         for z, gr in zip(self.z, self._grads(x)):
-            z += gr.pow(2)
+            z += gr.pow(2) / self.m
         self.seen.append((x, reward))
         xs = torch.stack([x for x, _ in self.seen])
         rewards = torch.tensor([r for _, r in self.seen])
         opt = torch.optim.Adam([self.w1, self.w2], lr=self.lr)
         for _ in range(self.steps):
-            loss = (self._f(xs) - rewards).pow(2).sum() + self.l2 * self.m * sum(
-                (p - p0).pow(2).sum() for p, p0 in zip((self.w1, self.w2), self.start))
+            loss = self.loss(xs, rewards)
             opt.zero_grad()
             loss.backward()
             opt.step()

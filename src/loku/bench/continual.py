@@ -9,7 +9,7 @@ kind that was never planted (the stop thresholds, the gate's calibration).
 Each variant (a method and a :data:`loku.requests.STRATEGIES` strategy, optionally the gate) unlearns
 the requests in order from the same planted model (:func:`loku.requests.unlearn_requests`: each
 request its own stop rule, thresholds from the planted model, every earlier request measured again
-after each one, relapses named). After each task k (task 0: the planted model) the model with
+after each one, relapses and requests not forgotten named). After each task k (task 0: the planted model) the model with
 requests 1..k applied is scored: Pile / WikiText perplexity relative to the original model,
 LAMBADA, PubMedQA, dialogue F1 (subsets, as configured). A variant with ``gate_fpr`` is also scored
 through its gate after the last request, as deployed: each forget text under the adapters its prompt
@@ -399,7 +399,8 @@ def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str,
                                       el_n=configs[0].el_n, batch_size=cfg.evals.batch_size)
     atomic_write_json(result_path, jsonable(entry))
     shutil.rmtree(checkpoint_dir(seq_out), ignore_errors=True)
-    say(f"loku bench continual: {variant}: done in {seconds:.0f} s; relapses: {len(result.report['relapses'])}")
+    say(f"loku bench continual: {variant}: done in {seconds:.0f} s; relapses: {len(result.report['relapses'])}, "
+        f"not forgotten: {len(result.report['not_forgotten'])}")
     return entry
 
 

@@ -5,6 +5,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..requests import forgetting, forgetting_lines
+
 __all__ = ["summarise", "write_outputs"]
 
 SCORES = [("ppl_pile", "Pile PPL / original", True), ("ppl_wiki", "WikiText PPL / original", True),
@@ -33,7 +35,9 @@ def summarise(shared: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]
                      "ma_all": {n: measured["measured"][n]["ma"] for n in names if n in measured["measured"]}})
     out = {"options": variant["options"], "tasks": rows,
            "requests": [{k: r[k] for k in ("name", "outcome", "epochs_run")} for r in report["requests"]],
-           "relapses": report["relapses"], "mean_overlap": report.get("mean_overlap"),
+           # judged again from the matrix (§8), so variant files written before "not forgotten" was
+           # told apart from a relapse are reported by the same rule
+           **forgetting(report["matrix"], report["requests"]), "mean_overlap": report.get("mean_overlap"),
            "seconds": variant["seconds"]}
     if variant.get("gated"):
         gated, gate = variant["gated"], report.get("gate", {})
@@ -157,10 +161,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         opts = ", ".join(f"{k} {val}" for k, val in v["options"].items())
         outcomes = ", ".join(f"{r['name']} {r['outcome']} ({r['epochs_run']})" for r in v["requests"])
         lines += ["", f"## {name} ({opts})", "", f"Requests (epochs): {outcomes}.  ",
-                  "Relapses: " + ("none" if not v["relapses"] else "; ".join(
-                      f"{r['request']} after {r['after']} (MA {r['ma']:.3f}, EL {r['el']:.3f})" for r in v["relapses"]))
-                  + (f"; mean subspace overlap of the adapters' A: {v['mean_overlap']:.4f}"
-                     if v.get("mean_overlap") is not None else ""),
+                  *forgetting_lines(v),
+                  *([f"Mean subspace overlap of the adapters' A: {v['mean_overlap']:.4f}  "]
+                    if v.get("mean_overlap") is not None else []),
                   f"Unlearning {v['seconds']['unlearn']:.0f} s, evaluation {v['seconds']['evaluation']:.0f} s.", "",
                   "| task | MA so far | EL_10 so far | " + " | ".join(label for _, label, _ in SCORES) + " |",
                   "|---:" * (3 + len(SCORES)) + "|"]
