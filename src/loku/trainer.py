@@ -28,6 +28,7 @@ from . import measure
 from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_weights, save_checkpoint,
                          trainable_state)
 from .config import UnlearnConfig
+from .initializers import lora_layers, moved_start
 from .errors import ConfigError, TrainingDiverged
 from .lm import context_length, ensure_pad_token
 from .models import check_rank, is_conv1d, load_model, resolve_targets
@@ -52,7 +53,9 @@ class RunResult:
     model: torch.nn.Module  # the unlearned model (a PeftModel for LoRA methods)
     tokenizer: Any
     report: dict[str, Any]
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced
+    # FILA/VILA's start (A0, B0) per layer, moved out of the base: the adapter saved on the ORIGINAL base is
+    # s (B A - B0 A0) (loku.adapters). None: the start stayed in the adapter (or no adapter).
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -77,7 +80,8 @@ class Run:
     optimizer: Any = None
     targets: list[str] = field(default_factory=list)
     init_stats: dict[str, Any] = field(default_factory=dict)
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced (checkpoints)
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     init_seconds: float = 0.0
     fisher_tokens: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
@@ -283,11 +287,14 @@ def adapt(run: Run) -> None:
                                               for name, batches in (("forget", fisher_forget),
                                                                     ("retain", fisher_retain))}
     if run.checkpoint is not None:
+        run.start = resumed_start(run.model, run.checkpoint)
         run.residual = restore_weights(run.model, run.checkpoint)
         run.init_stats = run.checkpoint.state["init"]
         run.init_seconds = run.checkpoint.state["init_seconds"]
     else:
         run.init_seconds = time.time() - started
+        if method.adapter == "lora":
+            run.start = moved_start(lora_layers(run.model), method.init)
     if "eps_dominated_share" in run.init_stats:
         share = run.init_stats["eps_dominated_share"]
         run.log(f"loku: {method.init} initialised {len(run.targets)} layers; eps={cfg.fisher_eps:g} dominates "
@@ -303,6 +310,16 @@ def adapt(run: Run) -> None:
         run.tokens_trained = run.checkpoint.state["tokens_trained"]
         run.optimizer_steps = run.epochs[-1].get("optimizer_steps", 0) if run.epochs else 0
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+
+
+def resumed_start(model, checkpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The adapter's start of a resumed run: the checkpoint's, or, for a checkpoint of an earlier loku that
+    kept only the residual base, factored from it (the model's base weights are still the original ones)."""
+    if checkpoint.start_saved or not checkpoint.residual:
+        return checkpoint.start
+    from .adapters import start_from_residual
+
+    return start_from_residual(lora_layers(model), checkpoint.residual)
 
 
 def fisher_retain_sample(retain: data_mod.TokenizedSet, n_forget: int, cfg: UnlearnConfig) -> data_mod.TokenizedSet:
@@ -470,7 +487,7 @@ def save_epoch(run: Run) -> None:
              "init": run.init_stats, "init_seconds": run.init_seconds}
     if run.accelerator.is_main_process:
         save_checkpoint(run.cfg.out, state=state, trainable=trainable_state(run.accelerator.unwrap_model(run.model)),
-                        residual=run.residual, optimizer=run.optimizer)
+                        residual=run.residual, optimizer=run.optimizer, start=run.start)
     run.accelerator.wait_for_everyone()
 
 
@@ -518,7 +535,7 @@ def finish(run: Run) -> RunResult:
                  for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
                                       ("validation", sets.validation, sets.validation_ids)) if s is not None},
     }
-    return RunResult(model=model, tokenizer=run.tokenizer, report=report, residual=run.residual)
+    return RunResult(model=model, tokenizer=run.tokenizer, report=report, start=run.start)
 
 
 def failpoint(name: str) -> None:
