@@ -51,11 +51,11 @@ from torch import Tensor
 from . import data as data_mod
 from . import measure
 from .adapters import request_delta_factors  # noqa: F401  (the math lives in loku.adapters)
-from .initializers import moved_start
 from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir, read_state
 from .checkpoint import load_start as _load_start, save_start as _save_start
 from .config import UnlearnConfig, check_forget_files_distinct
 from .errors import ConfigError, ModelError
+from .initializers import moved_start
 from .registry import Registry
 from .save import atomic_dir, atomic_write_json, atomic_write_text
 

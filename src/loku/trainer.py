@@ -28,8 +28,8 @@ from . import measure
 from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_weights, save_checkpoint,
                          trainable_state)
 from .config import UnlearnConfig
-from .initializers import lora_layers, moved_start
 from .errors import ConfigError, TrainingDiverged
+from .initializers import lora_layers, moved_start
 from .lm import context_length, ensure_pad_token
 from .models import check_rank, is_conv1d, load_model, resolve_targets
 from .provenance import model_fingerprint, set_seed
@@ -350,8 +350,8 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     """Wrap the model for the method: all weights trainable, or a LoRA adapter started by an initialiser.
 
     Returns (model, target names, init stats, residual base weights keyed by parameter name): the
-    residual is kept for initialisers with the trait ``replaces_base``, so the saved adapter
-    rebuilds the unlearned model on the right base.
+    residual is kept for initialisers with the trait ``replaces_base``, so a resumed run restores
+    exactly these base weights (the saved adapter needs only the start, :func:`adapt`).
     """
     method = cfg.method_spec()
     if method.adapter == "full":
