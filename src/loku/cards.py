@@ -17,10 +17,12 @@ TAGS = ["unlearning", "loku"]
 # What each folder is and how to load it, by the library the card names (huggingface_hub's library_name).
 LOADING = {
     "transformers": ("the unlearned model, every adapter merged into its weights",
-                     "AutoModelForCausalLM.from_pretrained(\"{folder}\")"),
+                     "from transformers import AutoModelForCausalLM\n\n"
+                     "model = AutoModelForCausalLM.from_pretrained(\"{folder}\")"),
     "peft": ("a standard LoRA adapter on the ORIGINAL base model (the unlearning's change of the weights, "
              "scaling folded in)",
-             "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), \"{folder}\")"),
+             "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+             "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), \"{folder}\")"),
 }
 
 
@@ -35,7 +37,7 @@ def model_card(report: dict[str, Any], body: str, *, library: str, folder: str):
     head = [f"# {cfg['method']} unlearning of {base}", "",
             f"This folder holds {what}, made by loku {_loku_version(report)} (LoKU, ICLR 2025) from the base model "
             f"`{base}` with the method `{cfg['method']}`.", "", "```python", loading.format(folder=folder, base=base),
-            "```", ""]
+            "```", "", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(head) + body)
 
 
