@@ -413,9 +413,9 @@ def test_disk_full_while_saving_leaves_nothing_half_written(memorized, tmp_path,
         Path(filename).write_bytes(b"\0" * 64)  # the part that fitted
         raise OSError(errno.ENOSPC, "No space left on device", str(filename))
 
-    monkeypatch.setattr(loku.adapters, "save_file", full)  # the adapter's residual base weights (FILA)
+    monkeypatch.setattr(loku.adapters, "save_file", full)  # the adapter's weights
     out = tmp_path / "run"
-    refused(capsys, quick(memorized, out), record, f"{out}: disk full while writing residual_base.safetensors",
+    refused(capsys, quick(memorized, out), record, f"{out}: disk full while writing adapter_model.safetensors",
             "nothing half-written was kept", f"--resume {out}")
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -54,7 +54,7 @@ def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memoriz
                         out=str(tmp_path / "run"), method="test-method", rank=4, lora_alpha=8, max_epochs=1,
                         progress=False)
     result = unlearn(cfg)
-    assert result.residual, "replaces_base=True must keep the residual base weights"
+    assert result.start, "replaces_base=True must keep the start (A0, B0) it moved out of the base"
     out = write_run(result, cfg)
     ids = torch.randint(3, VOCAB, (1, 10))
     with torch.no_grad():

@@ -284,6 +284,15 @@ def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_
     torch.testing.assert_close(logits(model, ids), logits(result.model, ids), atol=1e-6, rtol=1e-6)
     merged = type(base).from_pretrained(out / "model")
     torch.testing.assert_close(logits(merged, ids), logits(result.model, ids), atol=1e-4, rtol=1e-5)
+    # The model card names each request's forget file with its SHA-256 and outcome, and the base model.
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.base_model == cfg.model and card.data.library_name == "transformers"
+    for request, run in zip(report["requests"], result.runs):
+        assert f"`{run['data']['forget']['sha256']}`" in card.text
+        assert f"| {request['name']} | {request['outcome']} | {request['epochs_run']} |" in card.text
+    assert "## Gate" not in card.text
 
 
 # --------------------------------------------------------------------------- bad input, command line
@@ -383,6 +392,7 @@ def test_one_forget_with_stack_and_a_gate_is_a_sequence_of_one_request(requests_
     assert code == 3
     assert (out / "adapters" / "request-01").is_dir()
     assert set(json.loads((out / "report.json").read_text())["gate"]["true_positive_rate"]) == {"request-01"}
+    assert "## Gate" in (out / "model" / "README.md").read_text()  # the model card says a gate was fitted
 
 
 def test_a_later_request_continues_a_finished_sequence_as_if_it_had_been_in_it(stacked, requests_root, tmp_path):

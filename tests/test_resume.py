@@ -134,3 +134,24 @@ def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_def
     assert load_checkpoint(out, config, fingerprint).state["epochs"] == state["epochs"]
     with pytest.raises(ConfigError, match="other settings.*strategy"):
         load_checkpoint(out, {**config, "strategy": "stack"}, fingerprint)
+
+
+def test_resume_from_a_checkpoint_without_the_start_still_saves_a_standard_adapter(memorized, tmp_path):
+    """A checkpoint of an earlier loku kept FILA's residual W_res but not the start (A0, B0) the standard
+    adapter needs (docs/algorithms.md §3): it is recovered as the rank-r SVD of W - W_res, so OUT/adapter
+    on the original base with plain PEFT is still OUT/model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    crash = run(cli_args(memorized, out), LOKU_FAILPOINT="step:3")
+    assert crash.returncode == -signal.SIGKILL, crash.stderr[-2000:]
+    (checkpoint_dir(out) / "start.safetensors").unlink(missing_ok=True)  # as an earlier loku left it
+    resumed = run([sys.executable, "-m", "loku.cli", "unlearn", "--resume", str(out), "--no-progress"])
+    assert resumed.returncode in (0, 3), resumed.stderr[-2000:]
+    ids = torch.randint(3, 97, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(out / "model").eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(memorized / "base")
+        loaded = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(input_ids=ids).logits
+    assert float((loaded - expected).abs().max()) <= 1e-4

@@ -1,7 +1,7 @@
 """Per-epoch checkpoints so a killed run resumes to exactly the result of an uninterrupted one.
 
 A checkpoint folder (``OUT.ckpt``) is replaced whole after each epoch (temp name, then rename):
-the trainable tensors and the residual base weights as safetensors, the optimizer state (read back
+the trainable tensors, the residual base weights and the adapter's start (A0, B0) as safetensors, the optimizer state (read back
 with ``torch.load(weights_only=True)``, never unpickling code), RNG states and the run's records.
 """
 from __future__ import annotations
@@ -15,14 +15,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from .errors import ConfigError, ModelError
-from .save import atomic_dir, atomic_write_json
+from .save import atomic_dir, atomic_file, atomic_write_json
 
 STATE = "state.json"
 TRAINABLE = "trainable.safetensors"
 RESIDUAL = "residual.safetensors"
+START = "start.safetensors"  # FILA/VILA's (A0, B0): the saved adapter is s(BA - B0A0) on the original base
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
 BEST = "best.safetensors"  # the stop rule's chosen state so far, where it keeps one (loku.stop)
@@ -44,6 +47,8 @@ class Checkpoint:
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
     best: dict[str, torch.Tensor] = field(default_factory=dict)
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    start_saved: bool = True  # False: a checkpoint of an earlier loku, which kept only the residual
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -62,8 +67,27 @@ def _restore_rng(state: dict[str, torch.Tensor]) -> None:
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"][0]), 0, 0.0))
 
 
+def save_start(path: Path, start: dict[str, tuple[Tensor, Tensor]] | None) -> None:
+    """An adapter's start (A0, B0) per layer (an empty file: a start that stays in the adapter), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{kind}/{name}": t.detach().contiguous().cpu() for name, pair in (start or {}).items()
+               for kind, t in zip(("a0", "b0"), pair)}
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"moved_out_of_base": str(start is not None)})
+
+
+def load_start(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
+    with safe_open(str(path), framework="pt") as handle:
+        if handle.metadata()["moved_out_of_base"] != "True":
+            return None
+    tensors = load_file(str(path))
+    names = {key.split("/", 1)[1] for key in tensors}
+    return {name: (tensors[f"a0/{name}"], tensors[f"b0/{name}"]) for name in names}
+
+
 def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[str, torch.Tensor],
                     residual: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                     best: dict[str, torch.Tensor] | None = None) -> Path:
     folder = checkpoint_dir(out)
     with atomic_dir(folder) as tmp:
@@ -72,6 +96,10 @@ def save_checkpoint(out: str | Path, *, state: dict[str, Any], trainable: dict[s
             os.link(folder / RESIDUAL, tmp / RESIDUAL)  # fixed for the whole run: written once, linked after
         elif residual:
             save_file({k: v.detach().cpu().contiguous() for k, v in residual.items()}, str(tmp / RESIDUAL))
+        if (folder / START).is_file():
+            os.link(folder / START, tmp / START)  # fixed for the whole run too
+        else:
+            save_start(tmp / START, start)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         save_file(_rng_state(), str(tmp / RNG))
         if best:
@@ -111,7 +139,9 @@ def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: s
     residual = load_file(str(folder / RESIDUAL)) if (folder / RESIDUAL).is_file() else {}
     optimizer = torch.load(folder / OPTIMIZER, weights_only=True, map_location="cpu")
     best = load_file(str(folder / BEST)) if (folder / BEST).is_file() else {}
-    return Checkpoint(state, load_file(str(folder / TRAINABLE)), residual, optimizer, load_file(str(folder / RNG)), best)
+    saved = (folder / START).is_file()
+    return Checkpoint(state, load_file(str(folder / TRAINABLE)), residual, optimizer, load_file(str(folder / RNG)),
+                      best=best, start=load_start(folder / START) if saved else None, start_saved=saved)
 
 
 def restore_rng(checkpoint: Checkpoint) -> None:

@@ -1,4 +1,4 @@
-"""`loku unlearn | eval | demo`: argument parsing only; the work is done by the library."""
+"""`loku unlearn | eval | demo | convert-adapter | ...`: argument parsing only; the work is done by the library."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_eval_arguments(_add_debug(sub.add_parser("eval", help="measure a model: tdec, ppl, reasoning, dialogue, "
                                                                   "tofu, mia")))
+    convert = _add_debug(sub.add_parser(
+        "convert-adapter", help="rewrite an adapter folder of an earlier loku (LoRA + residual_base.safetensors, "
+                                "right only in loku) as a standard LoRA on the original base, which PEFT loads"))
+    convert.add_argument("old", metavar="OLD", help="the old adapter folder (OUT/adapter of an earlier loku run)")
+    convert.add_argument("new", metavar="NEW", help="the folder to write the standard adapter to")
+    convert.add_argument("--model", default=None, help="the base model [default: the one OLD names]")
+    convert.add_argument("--overwrite", action="store_true", help="replace NEW if it exists")
+    convert.add_argument("--trust-remote-code", action="store_true",
+                         help="allow custom model code from the base model folder (read it first)")
     from .finetune import add_arguments as add_finetune_arguments
     from .reveal import add_arguments as add_reveal_arguments
 
@@ -110,6 +119,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         return run_demo(data_dir=args.data_dir, out=args.out, n_sequences=args.sequences,
                         n_tokens=args.tokens, seed=args.seed)
+    if args.command == "convert-adapter":
+        return run_convert(args)
     if args.command == "eval":
         from .evaluate import run_eval_command
 
@@ -231,6 +242,17 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
           f"results in {out}/report.md")
     # Exit 3 when a request failed its own stop rule (every request not forgotten did) or relapsed.
     return 0 if not failed and not relapsed else 3
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .adapters import convert_adapter
+
+    done = convert_adapter(args.old, args.new, model=args.model, overwrite=args.overwrite,
+                           trust_remote_code=args.trust_remote_code)
+    print(f"loku: {done['old']} -> {done['new']}: a standard rank-{done['rank']} LoRA on {done['base_model']} "
+          f"(largest weight difference to the old folder's model {done['max_weight_difference']:.2g}); load it with "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"{done['new']}\")")
+    return 0
 
 
 def resumed_config(out: str, overrides: dict) -> UnlearnConfig:

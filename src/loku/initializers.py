@@ -225,6 +225,16 @@ def init_vila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
     return {**stats, "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
 
 
+def moved_start(layers: dict[str, nn.Module], init: str | None) -> dict[str, tuple[Tensor, Tensor]] | None:
+    """The adapters' start (A0, B0) per layer (``lora_layers``) when initialiser ``init`` moved it out of the
+    base weights (trait ``replaces_base``: FILA, VILA), else None. Taken right after initialising: the saved
+    adapter is s (B A - B0 A0) on the ORIGINAL base (loku.adapters)."""
+    if init is None or not INITIALIZERS.trait(init, "replaces_base"):
+        return None
+    return {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
+            for name, layer in layers.items()}
+
+
 def apply_initializer(model: nn.Module, name: str, ctx: InitContext) -> dict[str, Any]:
     """Run the named initialiser on a PEFT LoRA model in place; returns its statistics for the report."""
     stats = INITIALIZERS.get(name)(model, ctx)

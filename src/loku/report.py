@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import save_adapter
+from .cards import run_card_body, write_cards
 from .checkpoint import STATE, checkpoint_dir
 from .config import UnlearnConfig
 from .models import transformers_progress
@@ -89,7 +90,7 @@ def render_run_markdown(report: dict[str, Any]) -> str:
                                                          if k != "platform" and v),
         "",
         "Outputs: `model/` (merged, loads with `AutoModelForCausalLM.from_pretrained`), "
-        "`adapter/` (LoRA adapter + residual base weights; `loku.models.load_model(BASE, adapter=...)`).",
+        "`adapter/` (a standard LoRA on the original base: `PeftModel.from_pretrained(BASE_MODEL, \"OUT/adapter\")`).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -109,9 +110,13 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
             merged.save_pretrained(tmp / "model", safe_serialization=True)
             result.tokenizer.save_pretrained(tmp / "model")
         if isinstance(result.model, PeftModel):
-            save_adapter(result.model, tmp / "adapter", residual=result.residual,
+            from .requests import extract_delta
+
+            delta = extract_delta("adapter", cfg.forget, result.model, result.start)
+            save_adapter(tmp / "adapter", delta.a, delta.b, fan_in_fan_out=delta.fan_in_fan_out,
                          meta={"base_model": cfg.model, "base_fingerprint": report["base_fingerprint"],
                                "method": cfg.method})
+        write_cards(tmp, report, run_card_body(report), {"model": "transformers", "adapter": "peft"})
         try:
             from .plots import plot_epoch_curves
 

@@ -51,9 +51,12 @@ from torch import Tensor
 
 from . import data as data_mod
 from . import measure
+from .adapters import request_delta_factors  # noqa: F401  (the math lives in loku.adapters)
 from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir, read_state
+from .checkpoint import load_start as _load_start, save_start as _save_start
 from .config import UnlearnConfig, check_forget_files_distinct
 from .errors import ConfigError, ModelError
+from .initializers import moved_start
 from .registry import Registry
 from .save import atomic_dir, atomic_write_json, atomic_write_text
 
@@ -77,18 +80,6 @@ def subspace_overlap(a_i: Tensor, a_k: Tensor) -> float:
     a_i, a_k = a_i.double(), a_k.double()
     scale = float(torch.linalg.norm(a_i) * torch.linalg.norm(a_k))
     return float(torch.linalg.norm(a_i @ a_k.T)) / scale if scale > 0 else 0.0
-
-
-def request_delta_factors(a: Tensor, b: Tensor, scaling: float, a0: Tensor | None = None,
-                          b0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(A' [r', in], B' [out, r']) with B' A' = s (B A - B0 A0): a request's change as one LoRA of scaling 1.
-
-    Without a start that was moved out of the base (a0/b0 None: the Gaussian start, B0 = 0) the
-    factors are A and s B, rank r; with FILA's, [A; A0] and s [B, -B0], rank 2r.
-    """
-    if a0 is None or b0 is None:
-        return a.detach().float().clone(), scaling * b.detach().float()
-    return torch.cat([a, a0]).detach().float(), scaling * torch.cat([b, -b0], dim=1).detach().float()
 
 
 def _above(value: dict[str, float], limit: dict[str, float]) -> bool:
@@ -437,7 +428,7 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
         if mid_request:
             start = _load_start(start_file)
         else:
-            start = _adapter_start(layers, cfg)
+            start = moved_start(layers, cfg.method_spec().init)
             if accelerator.is_main_process:
                 _save_start(start_file, start)
         run.extra_loss = STRATEGIES.get(strategy)(deltas, layers, cfg)
@@ -518,49 +509,16 @@ def _lora_layers(model) -> dict[str, Any]:
     return lora_layers(getattr(model, "module", model))  # DDP wraps the model in .module
 
 
-def _adapter_start(layers: dict[str, Any], cfg: UnlearnConfig) -> dict[str, tuple[Tensor, Tensor]] | None:
-    """The adapter's start (A0, B0) per layer when the initialiser moved it out of the base (FILA, VILA)."""
-    from .initializers import ADAPTER, INITIALIZERS
-
-    if not INITIALIZERS.trait(cfg.method_spec().init, "replaces_base"):
-        return None
-    return {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
-            for name, layer in layers.items()}
-
-
-def _save_start(path: Path, start: dict[str, tuple[Tensor, Tensor]] | None) -> None:
-    """The adapter's start, written once before training (an empty file: a start that stays in the adapter)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{kind}/{name}": t.contiguous().cpu() for name, pair in (start or {}).items()
-               for kind, t in zip(("a0", "b0"), pair)}
-    from .save import atomic_file
-
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"moved_out_of_base": str(start is not None)})
-
-
-def _load_start(path: Path) -> dict[str, tuple[Tensor, Tensor]] | None:
-    with safe_open(str(path), framework="pt") as handle:
-        if handle.metadata()["moved_out_of_base"] != "True":
-            return None
-    tensors = load_file(str(path))
-    names = {key.split("/", 1)[1] for key in tensors}
-    return {name: (tensors[f"a0/{name}"], tensors[f"b0/{name}"]) for name in names}
-
-
 def extract_delta(name: str, forget: str, model, start: dict[str, tuple[Tensor, Tensor]] | None) -> Delta:
     """The request's change Delta W = s (B A - B0 A0) of every LoRA layer of the trained ``model``."""
+    from .adapters import standard_factors
     from .initializers import ADAPTER
 
-    a_table, b_table, reads, fan_in_fan_out = {}, {}, {}, False
-    for layer_name, layer in _lora_layers(model).items():
-        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        a0, b0 = ((t.to(a.device) for t in start[layer_name]) if start is not None else (None, None))
-        a_table[layer_name], b_table[layer_name] = request_delta_factors(a, b, layer.scaling[ADAPTER], a0, b0)
-        reads[layer_name] = a.detach().float().cpu().clone()
-        fan_in_fan_out = bool(layer.fan_in_fan_out)
-    return Delta(name, forget, {k: v.cpu() for k, v in a_table.items()}, {k: v.cpu() for k, v in b_table.items()},
-                 reads, fan_in_fan_out)
+    layers = _lora_layers(model)
+    a_table, b_table, fan_in_fan_out = standard_factors(layers, start)
+    reads = {layer_name: layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+             for layer_name, layer in layers.items()}
+    return Delta(name, forget, a_table, b_table, reads, fan_in_fan_out)
 
 
 def overlaps(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
@@ -659,6 +617,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
     """The sequence's output folder, written under a temporary name then renamed: report.json/.md,
     ``adapters/`` (one PEFT adapter per request on the original base, whatever the strategy), and
     ``model/`` (the final model, every request folded in) unless ``save_model`` is off."""
+    from .cards import requests_card_body, write_cards
     from .provenance import library_versions
     from .report import transformers_progress
     from .save import merged_copy
@@ -682,6 +641,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
             if cfg.save_model:
                 merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
                 result.tokenizer.save_pretrained(tmp / "model")
+                write_cards(tmp, report, requests_card_body(report, result.runs), {"model": "transformers"})
         for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from
             (tmp / "requests" / delta.name).mkdir(parents=True)
             _write_delta(tmp / "requests" / delta.name, delta)

@@ -29,6 +29,7 @@ from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_w
                          trainable_state)
 from .config import UnlearnConfig
 from .errors import ConfigError, TrainingDiverged
+from .initializers import lora_layers, moved_start
 from .lm import context_length, ensure_pad_token
 from .models import check_rank, is_conv1d, load_model, resolve_targets
 from .provenance import model_fingerprint, set_seed
@@ -53,7 +54,9 @@ class RunResult:
     model: torch.nn.Module  # the unlearned model (a PeftModel for LoRA methods)
     tokenizer: Any
     report: dict[str, Any]
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced
+    # FILA/VILA's start (A0, B0) per layer, moved out of the base: the adapter saved on the ORIGINAL base is
+    # s (B A - B0 A0) (loku.adapters). None: the start stayed in the adapter (or no adapter).
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -78,7 +81,8 @@ class Run:
     optimizer: Any = None
     targets: list[str] = field(default_factory=list)
     init_stats: dict[str, Any] = field(default_factory=dict)
-    residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    residual: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights FILA/VILA replaced (checkpoints)
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     init_seconds: float = 0.0
     fisher_tokens: int = 0
     epochs: list[dict[str, Any]] = field(default_factory=list)
@@ -296,11 +300,14 @@ def adapt(run: Run) -> None:
                                               for name, batches in (("forget", fisher_forget),
                                                                     ("retain", fisher_retain))}
     if run.checkpoint is not None:
+        run.start = resumed_start(run.model, run.checkpoint)
         run.residual = restore_weights(run.model, run.checkpoint)
         run.init_stats = run.checkpoint.state["init"]
         run.init_seconds = run.checkpoint.state["init_seconds"]
     else:
         run.init_seconds = time.time() - started
+        if method.adapter == "lora":
+            run.start = moved_start(lora_layers(run.model), method.init)
     if "eps_dominated_share" in run.init_stats:
         share = run.init_stats["eps_dominated_share"]
         run.log(f"loku: {method.init} initialised {len(run.targets)} layers; eps={cfg.fisher_eps:g} dominates "
@@ -316,6 +323,16 @@ def adapt(run: Run) -> None:
         run.tokens_trained = run.checkpoint.state["tokens_trained"]
         run.optimizer_steps = run.epochs[-1].get("optimizer_steps", 0) if run.epochs else 0
     run.model, run.optimizer = run.accelerator.prepare(run.model, optimizer)
+
+
+def resumed_start(model, checkpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The adapter's start of a resumed run: the checkpoint's, or, for a checkpoint of an earlier loku that
+    kept only the residual base, factored from it (the model's base weights are still the original ones)."""
+    if checkpoint.start_saved or not checkpoint.residual:
+        return checkpoint.start
+    from .adapters import start_from_residual
+
+    return start_from_residual(lora_layers(model), checkpoint.residual)
 
 
 def fisher_retain_sample(retain: data_mod.TokenizedSet, n_forget: int, cfg: UnlearnConfig) -> data_mod.TokenizedSet:
@@ -346,8 +363,8 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     """Wrap the model for the method: all weights trainable, or a LoRA adapter started by an initialiser.
 
     Returns (model, target names, init stats, residual base weights keyed by parameter name): the
-    residual is kept for initialisers with the trait ``replaces_base``, so the saved adapter
-    rebuilds the unlearned model on the right base.
+    residual is kept for initialisers with the trait ``replaces_base``, so a resumed run restores
+    exactly these base weights (the saved adapter needs only the start, :func:`adapt`).
     """
     method = cfg.method_spec()
     if method.adapter == "full":
@@ -488,7 +505,8 @@ def save_epoch(run: Run) -> None:
         state["stop"] = stop
     if run.accelerator.is_main_process:
         save_checkpoint(run.cfg.out, state=state, trainable=trainable_state(run.accelerator.unwrap_model(run.model)),
-                        residual=run.residual, optimizer=run.optimizer, best=run.stop_rule.best_weights())
+                        residual=run.residual, optimizer=run.optimizer, start=run.start,
+                        best=run.stop_rule.best_weights())
     run.accelerator.wait_for_everyone()
 
 
@@ -538,7 +556,7 @@ def finish(run: Run) -> RunResult:
     }
     if (stop := run.stop_rule.report()) is not None:  # the two-sided rule: bands, checks, the state kept
         report["stop"] = stop
-    return RunResult(model=model, tokenizer=run.tokenizer, report=report, residual=run.residual)
+    return RunResult(model=model, tokenizer=run.tokenizer, report=report, start=run.start)
 
 
 def failpoint(name: str) -> None:
