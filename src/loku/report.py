@@ -11,6 +11,7 @@ from .config import UnlearnConfig
 from .models import transformers_progress
 from .provenance import library_versions
 from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy
+from .tracking import move_into_output
 
 
 def _fmt(value: Any) -> str:
@@ -124,4 +125,5 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_run_markdown(report))
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the complete output supersedes it
+    move_into_output(cfg, out)  # the --report-to logs, staged beside OUT while it trained
     return out
