@@ -217,7 +217,7 @@ def write_finetuned(result: FinetuneResult, cfg: FinetuneConfig) -> Path:
 
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        result.model.save_pretrained(tmp, safe_serialization=True)
+        result.model.save_pretrained(tmp)
         result.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", result.report)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

@@ -107,7 +107,7 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
     with atomic_dir(out, disk_full_hint=hint) as tmp, transformers_progress(cfg.progress):
         if cfg.save_model:
             merged = merged_copy(result.model)
-            merged.save_pretrained(tmp / "model", safe_serialization=True)
+            merged.save_pretrained(tmp / "model")
             result.tokenizer.save_pretrained(tmp / "model")
         if isinstance(result.model, PeftModel):
             save_adapter(result.model, tmp / "adapter", residual=result.residual,

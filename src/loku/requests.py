@@ -680,7 +680,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
                 save_gate(result.gate, tmp / GATE_DIR, adapter_fingerprints(stacked, result.gate.names),
                           report.get("gate"))
             if cfg.save_model:
-                merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
+                merged_copy(result.model).save_pretrained(tmp / "model")
                 result.tokenizer.save_pretrained(tmp / "model")
         for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from
             (tmp / "requests" / delta.name).mkdir(parents=True)

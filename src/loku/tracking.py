@@ -46,9 +46,9 @@ def check_report_to(report_to: str | Iterable[str] | None) -> list[str]:
             raise ConfigError(f"--report-to {name}: unknown tracker; choose from {', '.join(TRACKERS.names())} "
                               f"or {NONE} (comma-separated for several)")
         if importlib.util.find_spec(TRACKERS.trait(name, "module")) is None:
-            package = TRACKERS.trait(name, "package")
+            package, extra = TRACKERS.trait(name, "package"), TRACKERS.trait(name, "extra")
             raise ConfigError(f"--report-to {name} needs the {package} package, which is not installed: "
-                              f"pip install {package} (or pip install 'loku[tracking]')")
+                              f"pip install {package}" + (f" (or pip install 'loku[{extra}]')" if extra else ""))
     return names
 
 
@@ -85,7 +85,7 @@ class Tracker:
         self.flush()
 
 
-@TRACKERS.register("tensorboard", module="tensorboard", package="tensorboard")
+@TRACKERS.register("tensorboard", module="tensorboard", package="tensorboard", extra="tracking")
 class TensorBoardTracker(Tracker):
     def __init__(self, folder: Path, config: dict[str, Any], resume_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
