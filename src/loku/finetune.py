@@ -170,7 +170,8 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
         epochs, step = ckpt.state["epochs"], ckpt.state["step"]
         start_epoch = len(epochs) + 1
     started = time.time()
-    tracked = open_tracking(cfg.report_to, cfg.logging_dir, cfg.out, cfg.to_dict(), resume_step=step + 1 if resume else None)
+    tracked = open_tracking(cfg.report_to, cfg.logging_dir, cfg.out, cfg.to_dict(),
+                            resume_step=step + 1 if resume else None)
     for epoch in range(start_epoch, cfg.epochs + 1):
         batches = data_mod.make_batches(tokenized, cfg.batch_size, pad, shuffle=True, seed=cfg.seed * 1000 + epoch)
         total_nll, total_tokens, t0 = 0.0, 0, time.time()

@@ -63,7 +63,7 @@ def log_dir(logging_dir: str | None, out: str | None) -> Path:
 
 
 def move_into_output(cfg: Any, folder: Path) -> None:
-    """The staged logs become ``folder/runs`` (``folder``: the output being written) when --logging-dir was not given."""
+    """The staged logs become ``folder/runs`` (the finished output) when --logging-dir was not given."""
     staged = staging_dir(cfg.out)
     if tracker_names(cfg.report_to) and not cfg.logging_dir and staged.is_dir():
         shutil.move(str(staged), str(folder / "runs"))

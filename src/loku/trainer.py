@@ -426,11 +426,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             if weight:  # weight 0: a padding pass that keeps the processes in step
                 micro_batches += 1
                 for key, value in parts.items():
+                    sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + float(value)
                     step_sums[f"loss_{key}"] = step_sums.get(f"loss_{key}", 0.0) + float(value)
                 run.tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
             failpoint("step")
-        for key, value in step_sums.items():
-            sums[key] = sums.get(key, 0.0) + value
         run.tracking.log_step(run.optimizer_steps + 1, step_sums, sum(w > 0 for _, w in share), model, run.optimizer)
         run.optimizer.step()
         run.optimizer_steps += 1
