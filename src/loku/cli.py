@@ -10,6 +10,7 @@ import typing
 from .config import UnlearnConfig, config_fields, load_config
 from .errors import LokuError
 from .options import add_arguments
+from .tracking import refuse_sequence
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -205,6 +206,8 @@ def run_unlearn(args: argparse.Namespace) -> int:
     if cfg.reveal is not None:  # the forget sets are generated, round by round (docs/algorithms.md §9)
         from .release import run_release
 
+        refuse_sequence(cfg)
+
         if overrides.get("strategy") is None:
             cfg = dataclasses.replace(cfg, strategy="orthogonal")
         return run_release(cfg, accelerator)
@@ -228,6 +231,7 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
     """Several --forget files: deletion requests one after another (docs/algorithms.md §8)."""
     from .requests import unlearn_requests, write_requests
 
+    refuse_sequence(cfg)
     result = unlearn_requests(cfg, accelerator=accelerator, resume=resume)
     if not accelerator.is_main_process:
         return 0

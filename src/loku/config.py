@@ -149,6 +149,11 @@ class UnlearnConfig:
         "help": "allow custom model code named by a local model's config (off by default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     progress: bool = field(default=True, metadata={"help": "hide progress bars"})
+    report_to: str | list[str] | None = field(default="none", metadata={
+        "action": "append", "help": "log step-level loss terms, lr and grad norm and each epoch's metrics to "
+                                    "tensorboard, wandb or trackio (comma-separated or repeated; default none)"})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "--report-to: folder of the logs (default: OUT/runs, written beside OUT while training)"})
     save_model: bool = field(default=True, metadata={
         "help": "do not save the merged model (the adapter and the report are saved)"})
     strategy: str = field(default="merge", metadata={
@@ -263,6 +268,9 @@ class UnlearnConfig:
                                   "LOKU_DATA_DIR")
         check_validation_apart(self)
         check_output_apart(self)
+        from .tracking import check_tracking
+
+        check_tracking(self)
         return self
 
     def _validate_reveal(self) -> "UnlearnConfig":

@@ -61,6 +61,11 @@ class FinetuneConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code (off: safe)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out"})
+    report_to: list[str] = field(default_factory=list, metadata={
+        "action": "append", "help": "log each step's loss, lr and grad norm and each epoch's loss to tensorboard, "
+                                    "wandb or trackio (comma-separated or repeated; default none)"})
+    logging_dir: str | None = field(default=None, metadata={"help": "--report-to: folder of the logs "
+                                                                    "(default: OUT/runs)"})
 
     def validate(self) -> "FinetuneConfig":
         if not self.data:
@@ -70,6 +75,9 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
+        from .tracking import check_tracking
+
+        check_tracking(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +134,7 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     from .models import load_model
     from .provenance import library_versions, model_fingerprint
     from .save import check_output_dir
+    from .tracking import open_tracking
 
     cfg.validate()
     text_set, record = training_set(cfg)
@@ -145,7 +154,8 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tokenized) / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    identity = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "overwrite", "out")}
+    identity = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("progress", "overwrite", "out", "report_to", "logging_dir")}
     identity["data_sha256"] = text_set.sha256
     epochs: list[dict[str, Any]] = []
     start_epoch, step = 1, 0
@@ -160,6 +170,8 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
         epochs, step = ckpt.state["epochs"], ckpt.state["step"]
         start_epoch = len(epochs) + 1
     started = time.time()
+    tracked = open_tracking(cfg.report_to, cfg.logging_dir, cfg.out, cfg.to_dict(),
+                            resume_step=step + 1 if resume else None)
     for epoch in range(start_epoch, cfg.epochs + 1):
         batches = data_mod.make_batches(tokenized, cfg.batch_size, pad, shuffle=True, seed=cfg.seed * 1000 + epoch)
         total_nll, total_tokens, t0 = 0.0, 0, time.time()
@@ -175,15 +187,18 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
                 raise ConfigError(f"non-finite loss at epoch {epoch}, step {step + 1}: lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            tracked.log_step(step + 1, {"loss": float(loss.detach())}, 1, model, optimizer)
             optimizer.step()
             step += 1
             total_nll, total_tokens = total_nll + float(nll.detach().double().sum()), total_tokens + tokens
         epochs.append({"epoch": epoch, "loss": total_nll / max(total_tokens, 1), "steps": step,
                        "seconds": time.time() - t0})
+        tracked.log_epoch(epochs[-1], step)
         save_checkpoint(cfg.out, state={"config": identity, "base_fingerprint": fingerprint, "epochs": epochs,
                                         "step": step}, trainable=trainable_state(model), residual={},
                         optimizer=optimizer)
         _failpoint("epoch")
+    tracked.close()
     model.eval()
     report = {"config": cfg.to_dict(), "base_fingerprint": fingerprint, **record,
               "template": tokenized.template, "steps": step, "warmup_steps": warmup, "epochs": epochs,
@@ -199,13 +214,15 @@ def write_finetuned(result: FinetuneResult, cfg: FinetuneConfig) -> Path:
     """The fine-tuned model folder (safetensors, tokenizer, finetune.json), atomically; the checkpoint goes."""
     from .checkpoint import checkpoint_dir
     from .save import atomic_dir, atomic_write_json
+    from .tracking import move_into_output
 
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        result.model.save_pretrained(tmp, safe_serialization=True)
+        result.model.save_pretrained(tmp)
         result.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", result.report)
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    move_into_output(cfg, out)
     return out
 
 

@@ -64,6 +64,9 @@ def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
     target = builtin_model_folder(name)
     if (target / "config.json").is_file():
         return target
+    from .extras import require
+
+    require("gguf", "gguf", f"the built-in model {name!r} (its weights are a GGUF file)")
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
         raise ModelError(
@@ -85,7 +88,7 @@ def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(gguf_model.state_dict())
     with atomic_dir(target) as tmp:
-        plain.save_pretrained(tmp, safe_serialization=True)
+        plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 

@@ -24,8 +24,9 @@ _PANELS = (
 
 
 def _pyplot():
-    import matplotlib
+    from loku.extras import require
 
+    matplotlib = require("matplotlib", "plots", "plotting")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -12,6 +12,7 @@ from .config import UnlearnConfig
 from .models import transformers_progress
 from .provenance import library_versions
 from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy
+from .tracking import move_into_output
 
 
 def _fmt(value: Any) -> str:
@@ -107,7 +108,7 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
     with atomic_dir(out, disk_full_hint=hint) as tmp, transformers_progress(cfg.progress):
         if cfg.save_model:
             merged = merged_copy(result.model)
-            merged.save_pretrained(tmp / "model", safe_serialization=True)
+            merged.save_pretrained(tmp / "model")
             result.tokenizer.save_pretrained(tmp / "model")
         if isinstance(result.model, PeftModel):
             from .requests import extract_delta
@@ -129,4 +130,5 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_run_markdown(report))
     shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the complete output supersedes it
+    move_into_output(cfg, out)  # the --report-to logs, staged beside OUT while it trained
     return out

@@ -639,7 +639,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
                 save_gate(result.gate, tmp / GATE_DIR, adapter_fingerprints(stacked, result.gate.names),
                           report.get("gate"))
             if cfg.save_model:
-                merged_copy(result.model).save_pretrained(tmp / "model", safe_serialization=True)
+                merged_copy(result.model).save_pretrained(tmp / "model")
                 result.tokenizer.save_pretrained(tmp / "model")
                 write_cards(tmp, report, requests_card_body(report, result.runs), {"model": "transformers"})
         for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist
 from . import measure
+from . import tracking
 from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_weights, save_checkpoint,
                          trainable_state)
 from .config import UnlearnConfig
@@ -92,6 +93,7 @@ class Run:
     # its value is logged as loss_extra. None: the loss is the method's alone.
     extra_loss: Callable[[Any], torch.Tensor] | None = None
     stop_rule: Any = None  # loku.stop.StopRule: when to stop, which state to keep
+    tracking: tracking.Tracking = field(default_factory=tracking.Tracking)  # --report-to (main process only)
 
     @property
     def pad(self) -> int:
@@ -177,9 +179,13 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     model.to(accelerator.device).eval()
     eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
                     "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}
+    # A resumed run re-logs the steps after its checkpoint: the killed run's later events are purged.
+    resume_step = checkpoint.state["epochs"][-1].get("optimizer_steps", 0) + 1 if checkpoint is not None else None
     return Run(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, sets=sets,
                eval_batches=eval_batches, base_fingerprint=fingerprint, checkpoint=checkpoint, resumed=resume,
-               stop_rule=make_stop_rule(cfg))
+               stop_rule=make_stop_rule(cfg),
+               tracking=tracking.open_tracking(cfg.report_to, cfg.logging_dir, cfg.out, cfg.to_dict(),
+                                               is_main_process=accelerator.is_main_process, resume_step=resume_step))
 
 
 def guard_output(cfg: UnlearnConfig) -> None:
@@ -420,6 +426,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
     for share in steps:
         run.optimizer.zero_grad(set_to_none=True)
+        step_sums: dict[str, float] = {}
         for i, ((fb, rb), weight) in enumerate(share, start=1):
             fb = {k: v.to(accelerator.device) for k, v in fb.items()}
             rb = {k: v.to(accelerator.device) for k, v in rb.items()} if rb is not None and with_retain else None
@@ -437,8 +444,10 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
                 micro_batches += 1
                 for key, value in parts.items():
                     sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + float(value)
+                    step_sums[f"loss_{key}"] = step_sums.get(f"loss_{key}", 0.0) + float(value)
                 run.tokens_trained += int(fb["attention_mask"].sum()) + (int(rb["attention_mask"].sum()) if rb else 0)
             failpoint("step")
+        run.tracking.log_step(run.optimizer_steps + 1, step_sums, sum(w > 0 for _, w in share), model, run.optimizer)
         run.optimizer.step()
         run.optimizer_steps += 1
         if run.stop_rule.after_step(run):  # the two-sided rule's checks between epochs' ends
@@ -492,6 +501,7 @@ def decide(run: Run, record: dict[str, Any]) -> None:
     run.stop_rule.after_epoch(run, record)
     record["seconds"] += time.time() - started
     run.epochs.append(record)
+    run.tracking.log_epoch(record, run.optimizer_steps)
 
 
 def save_epoch(run: Run) -> None:
@@ -556,6 +566,7 @@ def finish(run: Run) -> RunResult:
     }
     if (stop := run.stop_rule.report()) is not None:  # the two-sided rule: bands, checks, the state kept
         report["stop"] = stop
+    run.tracking.close()
     return RunResult(model=model, tokenizer=run.tokenizer, report=report, start=run.start)
 
 

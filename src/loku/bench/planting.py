@@ -299,7 +299,7 @@ def save_planted(folder: str | Path, model, meta: dict[str, Any], tokenizer=None
 
     meta = {**meta, "planted_fingerprint": model_fingerprint(model)}
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / META, meta)
