@@ -286,6 +286,60 @@ def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_
     torch.testing.assert_close(logits(merged, ids), logits(result.model, ids), atol=1e-4, rtol=1e-5)
 
 
+def _hand_kl(ref_logits, logits, labels) -> float:
+    """KL(p_ref || p) per unmasked next-token position, averaged, written out from the definition."""
+    ref_logits, logits, labels = ref_logits[:, :-1].double(), logits[:, :-1].double(), labels[:, 1:]
+    keep = labels != -100
+    log_ref, log_p = ref_logits[keep].log_softmax(-1), logits[keep].log_softmax(-1)
+    return float((log_ref.exp() * (log_ref - log_p)).sum() / keep.sum())
+
+
+def _spy_first_step(monkeypatch, forget_file: str, seen: dict) -> None:
+    """Record, at the first micro-batch of the request on ``forget_file``, the model's and the reference's
+    logits on its forget and retain batches and the loss parts the trainer computed (before any step)."""
+    import loku.trainer as trainer
+
+    real = trainer.batch_loss
+
+    def spy(model, reference, loss, forget, retain, cfg):
+        out = real(model, reference, loss, forget, retain, cfg)
+        if cfg.forget == forget_file and not seen:
+            seen.update(forget=forget, retain=retain, parts=out[1], model_retain=logits(model, retain["input_ids"]),
+                        reference=reference, ref_forget=logits(reference, forget["input_ids"]),
+                        ref_retain=logits(reference, retain["input_ids"]))
+        return out
+
+    monkeypatch.setattr(trainer, "batch_loss", spy)
+
+
+@pytest.mark.parametrize("how", ["sequence", "continued"])
+def test_a_later_request_is_anchored_to_the_model_before_the_first(requests_root, tmp_path, monkeypatch, how):
+    """§8/§12 (ALGORITHMS.md §8, §12): request 2's reference is the model before request 1, not the model
+    request 1 left: its KL retain term at its first step is KL(original || model) computed by hand (> 0: request
+    1 moved the model; anchored to the previous model it is ~0, FILA's start being the previous model), UNDIAL's
+    z_0 are the original's logits, and the two-sided rule's band is the original's held-out level. The same for
+    a request continuing a finished sequence (`--model OUT --forget next`)."""
+    a, b = str(requests_root / "a.txt"), str(requests_root / "b.txt")
+    options = dict(method="fila-undial", retain_term="kl", stop_rule="two-sided", max_epochs=3, strategy="stack")
+    seen: dict = {}
+    _spy_first_step(monkeypatch, b, seen)
+    if how == "sequence":
+        result = unlearn_requests(config(requests_root, tmp_path / "out", **options))
+    else:
+        first_cfg = config(requests_root, tmp_path / "one", forget=[a], **options)
+        prev = write_requests(unlearn_requests(first_cfg), first_cfg)
+        result = unlearn_requests(config(requests_root, tmp_path / "two", model=str(prev), forget=[b], **options))
+    original, _ = load_model(str(requests_root / "base"))
+    for side in ("forget", "retain"):
+        torch.testing.assert_close(seen[f"ref_{side}"], logits(original, seen[side]["input_ids"]), atol=0, rtol=0)
+    by_hand = _hand_kl(logits(original, seen["retain"]["input_ids"]), seen["model_retain"], seen["retain"]["labels"])
+    assert by_hand > 1e-3, "request 1 moved the model on retain text (else the check below proves nothing)"
+    assert seen["parts"]["retain"] == pytest.approx(by_hand, rel=1e-4)
+    runs = result.runs
+    assert runs[1]["stop"]["bands"] == runs[0]["stop"]["bands"]  # same held-out set and size: the same level
+    assert seen["reference"] is result.original  # the sequence's one frozen copy: no copy more
+
+
 # --------------------------------------------------------------------------- bad input, command line
 
 
