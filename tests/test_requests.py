@@ -377,11 +377,54 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
     assert report["strategy"] == "orthogonal" and len(report["matrix"]) == 3
     gate = report["gate"]  # calibrated on validation rows 1 and 3, reported on rows 2 and 4
     assert (gate["calibrated_on"], gate["reported_on"]) == (2, 2)
-    assert set(gate["true_positive_rate"]) == {"request-01", "request-02"}
-    assert all(0 <= v <= 1 for v in [*gate["true_positive_rate"].values(), *gate["false_positive_rate"].values()])
+    assert gate == {**gate, **_gate_rates_recomputed(out, requests_root)}
     assert "Gate (target false-positive rate 0.5" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="--gate-fpr .* use --strategy stack or orthogonal"):
         config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1).validate()
+
+
+def _gate_rates_recomputed(out, root) -> dict:
+    """The honest rates of the gate saved in ``out`` (§8, ALGORITHMS.md §8), recomputed here from its texts:
+    thresholds calibrated on validation rows 1 and 3 (its saved Gaussians are the forget texts'), the
+    false-positive rate of the saved gate on rows 2 and 4, each request's true-positive rate with each of its
+    texts held out of a gate fitted on the rest (whole text, and its first window alone)."""
+    from loku.data import load_text_set
+    from loku.gate import GatedModel, calibrate_threshold, fit_gate, text_features
+    from loku.lm import ensure_pad_token
+    from loku.requests import request_batches
+
+    gated = GatedModel.from_pretrained(out)
+    gate, base = gated.gate, gated.get_base_model()
+    _, tokenizer = load_model(str(root / "base"))
+    cfg, pad = config(root, out), ensure_pad_token(tokenizer)
+
+    def features(path, role):
+        batches = request_batches(cfg, tokenizer, base, load_text_set(str(path), role), pad)
+        return text_features(gated.model, batches, window=gate.window, stride=gate.stride)
+
+    forget = {"request-01": features(root / "a.txt", "forget"), "request-02": features(root / "b.txt", "forget")}
+    heldout = features(root / "validation.txt", "validation")
+    calibration, others = heldout[0::2], heldout[1::2]
+    fit = dict(fpr=gate.fpr, shrinkage=gate.shrinkage, window=gate.window, stride=gate.stride)
+    refit = fit_gate(forget, calibration, **fit)
+    torch.testing.assert_close(gate.means, refit.means, atol=1e-10, rtol=1e-10)
+    scores = gate.scores(calibration)
+    torch.testing.assert_close(gate.thresholds, torch.tensor([calibrate_threshold(scores[:, k], gate.fpr)
+                                                              for k in range(len(gate.names))], dtype=torch.float64))
+    on = gate.decide(others).double()
+    found = {"false_positive_rate": {**{n: float(on[:, k].mean()) for k, n in enumerate(gate.names)},
+                                     "any": float(on.amax(dim=1).mean())},
+             "true_positive_rate": {}, "true_positive_rate_prompts": {}}
+    for k, name in enumerate(gate.names):
+        texts = forget[name]
+        whole = first = 0
+        for held in range(len(texts)):  # 2 texts: each its own fold
+            fitted = fit_gate({**forget, name: [t for i, t in enumerate(texts) if i != held]}, calibration, **fit)
+            whole += bool(fitted.decide([texts[held]])[0, k])
+            first += bool(fitted.decide([texts[held][:1]])[0, k])
+        found["true_positive_rate"][name] = whole / len(texts)
+        found["true_positive_rate_prompts"][name] = first / len(texts)
+    return found
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
