@@ -184,6 +184,9 @@ def test_bad_reveal_options(memorized, request_file, tmp_path):
         config(memorized, tmp_path / "missing.json", tmp_path / "o").validate()
     with pytest.raises(ConfigError, match="reveal_budget|--reveal-budget"):
         config(memorized, request_file, tmp_path / "o", reveal_budget=0).validate()
+    for bad in (0.0, 1.5):  # no novelty, or more than all of a text's n-grams, can tell news apart
+        with pytest.raises(ConfigError, match=r"--reveal-min-novelty must lie in \(0, 1\]"):
+            config(memorized, request_file, tmp_path / "o", reveal_min_novelty=bad).validate()
     (tmp_path / "empty.txt").write_text("\n")
     code = main(["unlearn", "--reveal", str(tmp_path / "empty.txt"), "--model", str(memorized / "base"),
                  "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),

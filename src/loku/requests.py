@@ -738,8 +738,9 @@ def render_requests_markdown(report: dict[str, Any]) -> str:
         lines.append(f"Mean subspace overlap of the adapters' A: {report['mean_overlap']:.4f}")
     if report.get("reveal"):
         lines += ["", f"Reveal-and-Release rounds ({report['reveal']['request']}): {report['reveal']['stopped']}", "",
-                  "| round | queries | collected | repeated | mean reward | request | outcome |", "|---" * 7 + "|"]
+                  "| round | queries | collected | repeated | new (enough new n-grams) | mean reward | request | outcome |",
+                  "|---" * 8 + "|"]
         for r in report["reveal"]["rounds"]:
-            lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | "
+            lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | {r.get('novel', '-')} | "
                          f"{r['mean_reward']:.3f} | {r.get('request', '-')} | {r.get('outcome', 'not unlearned')} |")
     return "\n".join(lines) + "\n"
