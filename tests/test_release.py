@@ -12,8 +12,9 @@ from loku.config import UnlearnConfig
 from loku.errors import ConfigError
 from loku.metrics import memorization_accuracy
 from loku.models import load_model
-from loku.release import _relocated, reveal_and_release, work_dir, write_release
+from loku.release import _relocated, reveal_and_release, round_news, work_dir, write_release
 from loku.reveal import RevealSettings
+from tiny_models import VOCAB, spy_first_step, texts_of
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rounds_that_collect_nothing_end_the_loop_with_a_message(memorized, requ
     release = reveal_and_release(cfg, settings=lambda n: RevealSettings(budget=2, min_reward=5.0, seed=n),
                                  say=messages.append)
     assert release.requests is None and len(release.rounds) == 2
-    assert "collected nothing new" in release.stopped and any("--reveal ended" in m for m in messages)
+    assert "revealed nothing new" in release.stopped and any("--reveal ended" in m for m in messages)
 
 
 def test_a_round_below_the_stop_reward_ends_the_loop_after_unlearning_what_it_revealed(memorized, request_file,
@@ -106,6 +107,76 @@ def test_a_round_below_the_stop_reward_ends_the_loop_after_unlearning_what_it_re
     assert ma[0] > 0.95 and ma[1] < 0.5 * ma[0], ma  # the real text, revealed in that one round, is forgotten
 
 
+def test_round_news_counts_texts_with_enough_new_ngrams():
+    """§9: news is new n-grams against the request and the earlier rounds, per collected text."""
+    known = {(1, 2), (2, 3), (3, 4)}
+    items = [{"ids": [1, 2, 3, 4, 5]}, {"ids": [7, 8, 9]}, {"ids": [2, 3, 4]}]  # new share 1/4, 2/2, 0/2
+    assert round_news(items, known, 2, 0.25) == {"novel": 2, "new_ngram_share": 3 / 6}
+    assert round_news(items, known, 2, 0.5)["novel"] == 1
+    assert round_news([], known, 2, 0.5) == {"novel": 0, "new_ngram_share": None}
+
+
+def _scripted_reveal(rounds: dict[int, list[str]], tokenizer):
+    """A stand-in for loku.reveal.reveal: round k (its settings' seed) collects the texts ``rounds[k]``."""
+    def fake(model, tok, request, settings, retain_texts=(), progress=False):
+        texts = rounds[settings.seed]
+        items = [{"text": t, "reward": 1.0, "ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+        return {"items": items, "history": [{"reward": 1.0}] * len(texts), "refused": {}, "seconds": 0.0}
+
+    return fake
+
+
+def test_a_round_that_reveals_nothing_new_ends_the_loop_without_unlearning(memorized, request_file, tmp_path,
+                                                                           monkeypatch):
+    """§9 (ALGORITHMS.md §9, §12): round 2 collects round 1's texts with one word changed: not verbatim, but
+    all but one of their n-grams known. It reveals nothing new: it is not unlearned and (patience 1) ends the
+    loop; confident text is not news. Genuinely new text in round 2 is unlearned as the next request."""
+    import loku.reveal
+
+    model, tokenizer = load_model(str(memorized / "base"))
+    first = (memorized / "forget.txt").read_text().splitlines()[:2]
+    again = [" ".join(t.split()[:-1] + ["w3" if t.split()[-1] != "w3" else "w4"]) for t in first]
+    new = texts_of(torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(11)))
+    cfg = config(memorized, request_file, tmp_path / "out", reveal_rounds=3, reveal_patience=1, max_epochs=2)
+    monkeypatch.setattr(loku.reveal, "reveal", _scripted_reveal({1: first, 2: again, 3: new}, tokenizer))
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=lambda n: RevealSettings(seed=n),
+                                 say=lambda m: None)
+    assert [r.get("request") for r in release.rounds] == ["request-01", None]
+    assert release.rounds[1]["collected"] == 2 and release.rounds[1]["novel"] == 0
+    assert release.stopped.startswith("round 2 revealed nothing new")
+    assert [d.name for d in release.requests.deltas] == ["request-01"]
+
+    monkeypatch.setattr(loku.reveal, "reveal", _scripted_reveal({1: first, 2: new}, tokenizer))
+    cfg = config(memorized, request_file, tmp_path / "new", reveal_rounds=2, reveal_patience=1, max_epochs=2)
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=lambda n: RevealSettings(seed=n),
+                                 say=lambda m: None)
+    assert [r.get("request") for r in release.rounds] == ["request-01", "request-02"]
+    assert release.rounds[1]["novel"] == 2 and release.rounds[1]["new_ngram_share"] == 1.0
+
+
+def test_every_round_is_anchored_to_the_model_before_the_first(memorized, request_file, tmp_path, monkeypatch):
+    """§9 with §8: round 2's KL retain term compares against the model before round 1, not the one round 1 left."""
+    import loku.reveal
+
+    model, tokenizer = load_model(str(memorized / "base"))
+    first = (memorized / "forget.txt").read_text().splitlines()[:2]
+    new = texts_of(torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(11)))
+    monkeypatch.setattr(loku.reveal, "reveal", _scripted_reveal({1: first, 2: new}, tokenizer))
+    cfg = config(memorized, request_file, tmp_path / "out", retain_term="kl", max_epochs=3)
+    seen: dict = {}
+    spy_first_step(monkeypatch, str(work_dir(cfg.out) / "round-02" / "forget.jsonl"), seen)
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=lambda n: RevealSettings(seed=n),
+                                 say=lambda m: None)
+    assert [r.get("request") for r in release.rounds] == ["request-01", "request-02"]
+    retain = seen["retain"]
+    with torch.no_grad():
+        before = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
+        after_round_1 = seen["model_retain"]
+    torch.testing.assert_close(seen["ref_retain"], before, atol=0, rtol=0)
+    assert not torch.allclose(after_round_1, before, atol=1e-2), "round 1 moved the model (else this proves nothing)"
+    assert seen["parts"]["retain"] > 1e-3  # KL(before || after round 1) > 0; anchored to round 1's model it is ~0
+
+
 def test_bad_reveal_options(memorized, request_file, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         config(memorized, request_file, tmp_path / "o", forget=str(memorized / "forget.txt")).validate()
@@ -113,6 +184,9 @@ def test_bad_reveal_options(memorized, request_file, tmp_path):
         config(memorized, tmp_path / "missing.json", tmp_path / "o").validate()
     with pytest.raises(ConfigError, match="reveal_budget|--reveal-budget"):
         config(memorized, request_file, tmp_path / "o", reveal_budget=0).validate()
+    for bad in (0.0, 1.5):  # no novelty, or more than all of a text's n-grams, can tell news apart
+        with pytest.raises(ConfigError, match=r"--reveal-min-novelty must lie in \(0, 1\]"):
+            config(memorized, request_file, tmp_path / "o", reveal_min_novelty=bad).validate()
     (tmp_path / "empty.txt").write_text("\n")
     code = main(["unlearn", "--reveal", str(tmp_path / "empty.txt"), "--model", str(memorized / "base"),
                  "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),

@@ -14,7 +14,7 @@ from loku.metrics import extraction_likelihood_plain, memorization_accuracy
 from loku.models import load_model
 from loku.requests import (apply_deltas, forgetting, orthogonal_penalty, request_delta_factors, subspace_overlap,
                            unlearn_requests, write_requests)
-from tiny_models import VOCAB, texts_of
+from tiny_models import VOCAB, spy_first_step, texts_of
 
 # --------------------------------------------------------------------------- the math
 
@@ -295,6 +295,45 @@ def test_saved_output_keeps_one_adapter_per_request(stacked, requests_root, tmp_
     assert "## Gate" not in card.text
 
 
+def _hand_kl(ref_logits, logits, labels) -> float:
+    """KL(p_ref || p) per unmasked next-token position, averaged, written out from the definition."""
+    ref_logits, logits, labels = ref_logits[:, :-1].double(), logits[:, :-1].double(), labels[:, 1:]
+    keep = labels != -100
+    log_ref, log_p = ref_logits[keep].log_softmax(-1), logits[keep].log_softmax(-1)
+    return float((log_ref.exp() * (log_ref - log_p)).sum() / keep.sum())
+
+
+@pytest.mark.parametrize("how", ["sequence", "continued"])
+def test_a_later_request_is_anchored_to_the_model_before_the_first(requests_root, tmp_path, monkeypatch, how):
+    """§8/§12 (ALGORITHMS.md §8, §12): request 2's reference is the model before request 1, not the model
+    request 1 left: its KL retain term at its first step is KL(original || model) computed by hand (> 0: request
+    1 moved the model; anchored to the previous model it is ~0, FILA's start being the previous model), UNDIAL's
+    z_0 are the original's logits, and the two-sided rule's band is the original's held-out level. The same for
+    a request continuing a finished sequence (`--model OUT --forget next`)."""
+    a, b = str(requests_root / "a.txt"), str(requests_root / "b.txt")
+    options = dict(method="fila-undial", retain_term="kl", stop_rule="two-sided", max_epochs=3, strategy="stack")
+    seen: dict = {}
+    spy_first_step(monkeypatch, b, seen)
+    if how == "sequence":
+        result = unlearn_requests(config(requests_root, tmp_path / "out", **options))
+    else:
+        first_cfg = config(requests_root, tmp_path / "one", forget=[a], **options)
+        prev = write_requests(unlearn_requests(first_cfg), first_cfg)
+        result = unlearn_requests(config(requests_root, tmp_path / "two", model=str(prev), forget=[b], **options))
+    original, _ = load_model(str(requests_root / "base"))
+    with torch.no_grad():
+        on_original = {side: original(input_ids=seen[side]["input_ids"],
+                                      attention_mask=seen[side]["attention_mask"]).logits for side in ("forget", "retain")}
+    for side, expected in on_original.items():
+        torch.testing.assert_close(seen[f"ref_{side}"], expected, atol=0, rtol=0)
+    by_hand = _hand_kl(on_original["retain"], seen["model_retain"], seen["retain"]["labels"])
+    assert by_hand > 1e-3, "request 1 moved the model on retain text (else the check below proves nothing)"
+    assert seen["parts"]["retain"] == pytest.approx(by_hand, rel=1e-4)
+    runs = result.runs
+    assert runs[1]["stop"]["bands"] == runs[0]["stop"]["bands"]  # same held-out set and size: the same level
+    assert seen["reference"] is result.original  # the sequence's one frozen copy: no copy more
+
+
 # --------------------------------------------------------------------------- bad input, command line
 
 
@@ -347,11 +386,54 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
     assert report["strategy"] == "orthogonal" and len(report["matrix"]) == 3
     gate = report["gate"]  # calibrated on validation rows 1 and 3, reported on rows 2 and 4
     assert (gate["calibrated_on"], gate["reported_on"]) == (2, 2)
-    assert set(gate["true_positive_rate"]) == {"request-01", "request-02"}
-    assert all(0 <= v <= 1 for v in [*gate["true_positive_rate"].values(), *gate["false_positive_rate"].values()])
+    assert gate == {**gate, **_gate_rates_recomputed(out, requests_root)}
     assert "Gate (target false-positive rate 0.5" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="--gate-fpr .* use --strategy stack or orthogonal"):
         config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1).validate()
+
+
+def _gate_rates_recomputed(out, root) -> dict:
+    """The honest rates of the gate saved in ``out`` (§8, ALGORITHMS.md §8), recomputed here from its texts:
+    thresholds calibrated on validation rows 1 and 3 (its saved Gaussians are the forget texts'), the
+    false-positive rate of the saved gate on rows 2 and 4, each request's true-positive rate with each of its
+    texts held out of a gate fitted on the rest (whole text, and its first window alone)."""
+    from loku.data import load_text_set
+    from loku.gate import GatedModel, calibrate_threshold, fit_gate, text_features
+    from loku.lm import ensure_pad_token
+    from loku.requests import request_batches
+
+    gated = GatedModel.from_pretrained(out)
+    gate, base = gated.gate, gated.get_base_model()
+    _, tokenizer = load_model(str(root / "base"))
+    cfg, pad = config(root, out), ensure_pad_token(tokenizer)
+
+    def features(path, role):
+        batches = request_batches(cfg, tokenizer, base, load_text_set(str(path), role), pad)
+        return text_features(gated.model, batches, window=gate.window, stride=gate.stride)
+
+    forget = {"request-01": features(root / "a.txt", "forget"), "request-02": features(root / "b.txt", "forget")}
+    heldout = features(root / "validation.txt", "validation")
+    calibration, others = heldout[0::2], heldout[1::2]
+    fit = dict(fpr=gate.fpr, shrinkage=gate.shrinkage, window=gate.window, stride=gate.stride)
+    refit = fit_gate(forget, calibration, **fit)
+    torch.testing.assert_close(gate.means, refit.means, atol=1e-10, rtol=1e-10)
+    scores = gate.scores(calibration)
+    torch.testing.assert_close(gate.thresholds, torch.tensor([calibrate_threshold(scores[:, k], gate.fpr)
+                                                              for k in range(len(gate.names))], dtype=torch.float64))
+    on = gate.decide(others).double()
+    found = {"false_positive_rate": {**{n: float(on[:, k].mean()) for k, n in enumerate(gate.names)},
+                                     "any": float(on.amax(dim=1).mean())},
+             "true_positive_rate": {}, "true_positive_rate_prompts": {}}
+    for k, name in enumerate(gate.names):
+        texts = forget[name]
+        whole = first = 0
+        for held in range(len(texts)):  # 2 texts: each its own fold
+            fitted = fit_gate({**forget, name: [t for i, t in enumerate(texts) if i != held]}, calibration, **fit)
+            whole += bool(fitted.decide([texts[held]])[0, k])
+            first += bool(fitted.decide([texts[held][:1]])[0, k])
+        found["true_positive_rate"][name] = whole / len(texts)
+        found["true_positive_rate_prompts"][name] = first / len(texts)
+    return found
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -91,3 +91,25 @@ def write_csv(path, header: list[str], rows) -> None:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def spy_first_step(monkeypatch, forget_file: str, seen: dict) -> None:
+    """Record, at the first micro-batch of the request on ``forget_file``, the model's and the reference's
+    logits on its forget and retain batches and the loss parts the trainer computed (before any step)."""
+    import loku.trainer as trainer
+
+    real = trainer.batch_loss
+
+    def ids(batch):
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def spy(model, reference, loss, forget, retain, cfg):
+        out = real(model, reference, loss, forget, retain, cfg)
+        if cfg.forget == forget_file and not seen:
+            with torch.no_grad():
+                seen.update(forget=forget, retain=retain, parts=out[1], model_retain=model(**ids(retain)).logits,
+                            reference=reference, ref_forget=reference(**ids(forget)).logits,
+                            ref_retain=reference(**ids(retain)).logits)
+        return out
+
+    monkeypatch.setattr(trainer, "batch_loss", spy)

@@ -192,7 +192,13 @@ class UnlearnConfig:
         "help": "--reveal: stop once a round's mean reward is below this (the generations stopped revealing)",
         "range": ">= 0"})
     reveal_patience: int = field(default=2, metadata={
-        "help": "--reveal: stop after this many rounds in a row that collect nothing new", "range": ">= 1"})
+        "help": "--reveal: stop after this many rounds in a row that reveal nothing new (see --reveal-min-novelty)",
+        "range": ">= 1"})
+    reveal_min_novelty: float = field(default=0.5, metadata={
+        "help": "--reveal: a round reveals something new when one of its collected texts has at least this share of "
+                "its n-grams in neither the request nor an earlier round's texts; a round that reveals nothing new "
+                "is not unlearned (it would push the earlier rounds' text down again) and counts towards "
+                "--reveal-patience", "range": "(0, 1]"})
 
     def __post_init__(self) -> None:
         # One --forget (the flag appends) is the single run it always was: the field holds a path.

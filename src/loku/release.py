@@ -8,12 +8,18 @@ generated text on the model the earlier rounds left, the O-LoRA penalty between 
 thresholds from ``--validation`` on the model before the first round. The next round asks the model
 the earlier rounds left, so it reveals what they did not remove.
 
+Every round is anchored to the model before the first round (the sequence's original, §8): its KL retain
+term (and NPO's or UNDIAL's reference) compares against that model, not against the one the earlier rounds
+left, so the rounds' drift does not compound.
+
 The loop ends at ``reveal_rounds`` rounds, when a round's mean reward falls below
 ``reveal_stop_reward`` (the generations stopped revealing: what that round did collect is unlearned
-first), or after ``reveal_patience`` rounds in a row that collect nothing new, each with a message. A
-text collected again verbatim in a later round is left out of that round (a sequence's requests are
-disjoint) and counted as ``repeated``: the model still reproducing it word for word is reported, not
-hidden.
+first), or after ``reveal_patience`` rounds in a row that reveal nothing new, each with a message. A round
+reveals something new when one of its collected texts has at least ``reveal_min_novelty`` of its n-grams
+(the reward's n) in neither the request nor an earlier unlearned round's texts (:func:`round_news`);
+confidence alone is not news. A round that reveals nothing new is not unlearned. A text collected again
+verbatim in a later round is left out of that round (a sequence's requests are disjoint) and counted as
+``repeated``: the model still reproducing it word for word is reported, not hidden.
 
 The rounds' generated sets are written to OUT.reveal/ while the loop runs and moved into the output
 (OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). A killed run is not
@@ -67,7 +73,7 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
     from .data import load_text_set
     from .models import load_model
     from .requests import Previous
-    from .reveal import load_request, reveal, write_revealed
+    from .reveal import load_request, ngrams, request_ngrams, reveal, write_revealed
     from .save import check_output_dir
     from .trainer import master_dtype
 
@@ -85,27 +91,36 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
     base = copy.deepcopy(model).eval()
     retain = load_text_set(cfg.retain, "retain").texts if cfg.retain else []
     settings = settings or (lambda r: reveal_settings(cfg, r))
-    result, previous, rounds, seen = None, None, [], set()
+    result, previous, rounds, seen, unlearned = None, None, [], set(), []
     stopped, empty = f"the round budget ({cfg.reveal_rounds}) is spent", 0
     for number in range(1, cfg.reveal_rounds + 1):
         current = result.model if result is not None else base
-        revealed = reveal(current, tokenizer, request, settings(number), retain_texts=retain, progress=cfg.progress)
+        round_settings = settings(number)
+        n = round_settings.n  # what is not news: the request's own n-grams and every unlearned round's texts
+        known = request_ngrams(tokenizer, request, n).union(*(ngrams(ids, n) for ids in unlearned))
+        revealed = reveal(current, tokenizer, request, round_settings, retain_texts=retain, progress=cfg.progress)
         fresh = [item for item in revealed["items"] if _normal(item["text"]) not in seen]
         repeated = len(revealed["items"]) - len(fresh)
         revealed["items"] = fresh
+        news = round_news(fresh, known, n, cfg.reveal_min_novelty)
         mean_reward = sum(q["reward"] for q in revealed["history"]) / len(revealed["history"])
         folder = write_revealed(revealed, work / f"round-{number:02d}")
         record = {"round": number, "queries": len(revealed["history"]), "collected": len(fresh),
-                  "repeated": repeated, "mean_reward": mean_reward, "refused": revealed["refused"],
+                  "repeated": repeated, **news, "mean_reward": mean_reward, "refused": revealed["refused"],
                   "seconds_reveal": revealed["seconds"], "forget": str(folder / "forget.jsonl")}
         rounds.append(record)
         say(f"loku: round {number}: {len(fresh)} new texts from {record['queries']} queries (mean reward "
-            f"{mean_reward:.3f}, {repeated} repeated verbatim)")
-        empty = 0 if fresh else empty + 1
-        if fresh:
+            f"{mean_reward:.3f}, {repeated} repeated verbatim, {news['novel']} with >= {cfg.reveal_min_novelty:g} "
+            "of their n-grams new)")
+        # Nothing new (no collected text with enough n-grams unseen in the request and the earlier rounds) is
+        # not unlearned: its text was already a request of these rounds, and unlearning it again pushes the
+        # same content further down on every round (the compounding §9 and §12 warn about).
+        empty = 0 if news["novel"] else empty + 1
+        if news["novel"]:
             result = _unlearn_round(cfg, record, base, tokenizer, accelerator, previous)
             previous = Previous(work, result.state, result.deltas)
             seen |= {_normal(item["text"]) for item in fresh}
+            unlearned += [item["ids"] for item in fresh]
         # The stop is decided after the round's texts are unlearned, not before: a low mean reward says the
         # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
         # what the model was just seen to produce, and stopping first would ship a model that still produces
@@ -113,13 +128,27 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
         if mean_reward < cfg.reveal_stop_reward:
             stopped = (f"round {number}: the generations stopped revealing (mean reward {mean_reward:.3f} < "
                        f"--reveal-stop-reward {cfg.reveal_stop_reward:g})"
-                       + (f"; its {len(fresh)} new texts were unlearned first" if fresh else ""))
+                       + (f"; its {len(fresh)} new texts were unlearned first" if news["novel"] else ""))
             break
         if empty >= cfg.reveal_patience:
-            stopped = f"rounds {number - empty + 1}-{number} collected nothing new (--reveal-patience {empty})"
+            which = f"round {number}" if empty == 1 else f"rounds {number - empty + 1}-{number}"
+            stopped = (f"{which} revealed nothing new (no collected text with >= "
+                       f"{cfg.reveal_min_novelty:g} of its n-grams new; --reveal-patience {empty})")
             break
     say(f"loku: --reveal ended: {stopped}")
     return ReleaseResult(result, rounds, stopped)
+
+
+def round_news(items: list[dict[str, Any]], known: set, n: int, min_novelty: float) -> dict[str, Any]:
+    """What a round's collected ``items`` (each with its generated token ``ids``) reveal beyond ``known``
+    (the request's and the earlier unlearned rounds' n-grams): ``novel``, the items with at least
+    ``min_novelty`` of their n-grams new, and ``new_ngram_share``, the share of all their n-grams that is new
+    (None without any). A round with no novel item revealed nothing new, however confident its texts."""
+    from .reveal import ngrams, novelty
+
+    grams = set().union(*(ngrams(item["ids"], n) for item in items)) if items else set()
+    return {"novel": sum(novelty(item["ids"], known, n) >= min_novelty for item in items),
+            "new_ngram_share": len(grams - known) / len(grams) if grams else None}
 
 
 def _unlearn_round(cfg: UnlearnConfig, record: dict[str, Any], base, tokenizer, accelerator, previous):

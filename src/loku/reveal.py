@@ -49,7 +49,8 @@ from .errors import ConfigError, DataError
 from .registry import Registry
 
 __all__ = ["BUILTIN_TEMPLATES", "NeuralUCB", "REWARDS", "RevealSettings", "Request", "SELECTORS", "UCB1",
-           "add_arguments", "load_request", "ngram_recall", "reveal", "run", "write_revealed"]
+           "add_arguments", "load_request", "ngram_recall", "novelty", "request_ngrams", "reveal", "run",
+           "write_revealed"]
 
 BUILTIN_TEMPLATES = {
     "continue": "{fragment}",
@@ -182,6 +183,13 @@ def _similarity(x: RewardInputs) -> float:
 def novelty(ids: Sequence[int], collected: set, n: int) -> float:
     grams = ngrams(ids, n)
     return len(grams - collected) / len(grams) if grams else 0.0
+
+
+def request_ngrams(tokenizer, request: Request, n: int) -> set:
+    """The n-grams of the request's own texts (description, fragments): echoing them reveals nothing."""
+    from .lm import encode
+
+    return set().union(*(ngrams(encode(tokenizer, t, special=False), n) for t in request.texts()))
 
 
 # --------------------------------------------------------------------------- instruction selection (registry)
@@ -364,12 +372,12 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     latest: dict[Any, list[int]] = {}  # arm index and group -> its latest generation
     selector = SELECTORS.get(settings.selector)(features, exploration=settings.exploration, seed=settings.seed)
     request_ids = [encode(tokenizer, t, special=False) for t in request.texts()]
-    request_ngrams = set().union(*(ngrams(ids, settings.n) for ids in request_ids))
+    asked = request_ngrams(tokenizer, request, settings.n)
     request_hidden = torch.stack([_mean_hidden(model, ids) for ids in request_ids if ids]).mean(0)
     retain = {" ".join(t.split()) for t in retain_texts if t.strip()}
     eos = set(eos_token_ids(model, tokenizer))
     generator = torch.Generator().manual_seed(settings.seed)
-    known = set(request_ngrams)  # the request's own text and what is collected: echoing either reveals nothing
+    known = set(asked)  # the request's own text and what is collected: echoing either reveals nothing
     items, history, refused = [], [], {"retain_verbatim": 0, "below_min_reward": 0, "empty": 0}
     started = time.time()
     for t in progress_bar(range(settings.budget), total=settings.budget, desc="revealing", enabled=progress):
@@ -378,7 +386,7 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
         arm = selector.select(t, features)
         gen = _sample(model, prompts[arm], settings, generator, eos)
         latest[arm] = latest[groups[arm]] = gen.ids
-        x = RewardInputs(gen, request_ngrams, request_hidden, settings.n)
+        x = RewardInputs(gen, asked, request_hidden, settings.n)
         parts = {name: REWARDS.get(name)(x) for name in settings.weights} if gen.ids else {}
         new = novelty(gen.ids, known, settings.n)
         reward = new * sum(settings.weights[k] * v for k, v in parts.items()) if gen.ids else 0.0

@@ -37,7 +37,8 @@ class StopRule:
         self.cfg = cfg
 
     def calibrate(self, run) -> None:
-        """On the model before unlearning (``run.model`` before the adapter): the rule's targets."""
+        """On the model before unlearning (``run.original``, else ``run.model`` before the adapter): the rule's
+        targets."""
 
     def restore(self, state: dict[str, Any] | None, best: dict[str, Tensor]) -> None:
         """Resuming: the targets and the best state so far, from the checkpoint (:meth:`state`, :meth:`best_weights`)."""
@@ -178,8 +179,12 @@ class TwoSidedRule(StopRule):
     # ---- targets
 
     def calibrate(self, run) -> None:
+        # The held-out level of the model the run is anchored to (a sequence: the model before its first
+        # request, so a later request is not held to the level the earlier ones drifted to).
+        anchor = run.original if run.original is not None else run.model
+
         def measure() -> dict[str, Any]:
-            ma, nll = sequence_scores(run.model, run.eval_batches["validation"])
+            ma, nll = sequence_scores(anchor, run.eval_batches["validation"])
             draws, seed = len(run.sets.forget_ids), self.cfg.seed + BOOTSTRAP_SEED_OFFSET
             return {"forget_ma": asdict(bootstrap_band(ma, draws, self.cfg.stop_interval, seed, +1)),
                     "forget_nll": asdict(bootstrap_band(nll, draws, self.cfg.stop_interval, seed + 1, -1))}

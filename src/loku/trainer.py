@@ -78,7 +78,11 @@ class Run:
     suites_before: dict | None = None
     ma_threshold: float = 0.0
     el_threshold: float = 0.0
-    reference: Any = None  # frozen copy of the original model, for losses that compare against it
+    # The model the run is anchored to when it is not the run's own start: a sequence of requests
+    # (loku.requests) sets the model before its FIRST request. The reference logits of every term with the
+    # trait needs_reference and the two-sided rule's bands come from it; None: the run's own start.
+    original: Any = None
+    reference: Any = None  # frozen model the losses compare against (the original, else a copy of the start)
     optimizer: Any = None
     targets: list[str] = field(default_factory=list)
     init_stats: dict[str, Any] = field(default_factory=dict)
@@ -290,7 +294,10 @@ def adapt(run: Run) -> None:
 
     cfg, method = run.cfg, run.cfg.method_spec()
     if needs_reference(method.loss, cfg.retain_term):
-        run.reference = copy.deepcopy(run.model).eval().requires_grad_(False)
+        # One reference for both sides (docs/algorithms.md §8, §12): in a sequence the model before the first
+        # request, shared, not copied; anchoring to the run's start instead keeps every earlier request's drift.
+        run.reference = (run.original if run.original is not None
+                         else copy.deepcopy(run.model).eval().requires_grad_(False))
     # Each process takes its share of the Fisher batches; fisher.py all-reduces sums and counts.
     fisher_batch = cfg.fisher_batch_size or cfg.batch_size
     fisher_forget = data_mod.make_batches(run.sets.forget_ids, fisher_batch, run.pad)[: cfg.fisher_batches]
