@@ -28,6 +28,9 @@ def test_smoke_reveal_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # noq
     rounds = arms["self-generated"]["rounds"]
     assert 1 <= len(rounds) <= 2 and all(0.0 <= r["coverage_so_far"] <= 1.0 for r in rounds)
     assert all(r["retain_verbatim"] == 0 for r in rounds)
+    # §9/§12: a round is unlearned only when it revealed something new, and says how much
+    assert all(0 <= r["novel"] <= r["collected"] and 0.0 <= r["new_ngram_share"] <= 1.0 for r in rounds)
+    assert all((r["outcome"] is not None) == (r["novel"] > 0) for r in rounds)
     if arms["self-generated"]["forget_texts"]:  # the lower bound trains as long as the rounds did
         assert arms["random-text"]["epochs_run"] == max(1, arms["self-generated"]["epochs_run"])
         assert arms["random-text"]["forget_texts"] == arms["self-generated"]["forget_texts"]

@@ -229,8 +229,8 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
     for k, record in enumerate(release.rounds):
         texts = [json.loads(line)["text"] for line in Path(record["forget"]).read_text(encoding="utf-8").splitlines()]
         collected += texts
-        entry = {**{key: record[key] for key in ("round", "queries", "collected", "repeated", "mean_reward",
-                                                  "refused", "seconds_reveal")},
+        entry = {**{key: record[key] for key in ("round", "queries", "collected", "repeated", "novel", "new_ngram_share",
+                                                  "mean_reward", "refused", "seconds_reveal")},
                  "outcome": record.get("outcome"), "epochs_run": record.get("epochs_run", 0),
                  "coverage": coverage(tokenizer, texts, shared["hidden"]) if texts else 0.0,
                  "coverage_so_far": coverage(tokenizer, collected, shared["hidden"]) if collected else 0.0,

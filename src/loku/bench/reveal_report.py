@@ -131,12 +131,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if gen:
         lines += ["", f"Self-generated rounds ({gen['stopped']}; mean subspace overlap of the rounds' A: "
                       f"{_f(gen.get('mean_overlap'), 4)}):", "",
-                  "| round | queries | collected | repeated | mean reward | hidden 4-gram recall (round / so far) | "
-                  "retain texts inside | outcome (epochs) | MA / EL_10 real text after |", "|---:" * 9 + "|"]
+                  "| round | queries | collected | repeated | texts with new n-grams (share new) | mean reward | "
+                  "hidden 4-gram recall (round / so far) | retain texts inside | outcome (epochs) | "
+                  "MA / EL_10 real text after |", "|---:" * 10 + "|"]
         for r in gen["rounds"]:
             s = r.get("scores")
             lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | "
-                         f"{_f(r['mean_reward'])} | {_f(r['coverage'])} / {_f(r['coverage_so_far'])} | "
+                         f"{r.get('novel', '–')} ({_f(r.get('new_ngram_share'))}) | {_f(r['mean_reward'])} | {_f(r['coverage'])} / {_f(r['coverage_so_far'])} | "
                          f"{r['retain_verbatim']} | {r['outcome'] or 'not unlearned'} ({r['epochs_run']}) | "
                          + (f"{_f(s['ma'])} / {_f(s['el'])}" if s else "–") + " |")
     cov = summary.get("coverage")
