@@ -111,8 +111,9 @@ class EvalOptions:
 
         path = Path(path)
         if not (path.is_file() or is_dataset_source(path)):
-            raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
-                            f"(or set LOKU_DATA_DIR), or --forget FILE")
+            hint = "check --forget" if role == "forget" and self.forget_path is not None else (
+                "pass --data-dir pointing at the shared data folder (or set LOKU_DATA_DIR)")
+            raise DataError(f"{path}: {role} file not found; {hint}")
         self.files[str(path)] = role
         return path
 

@@ -48,11 +48,11 @@ from typing import Any, Sequence
 
 import torch
 
+from loku.data import is_dataset_source, source_sha256
 from loku.errors import ConfigError, DataError
 from loku.eval_options import ALL_SUITES, DEFAULT_FORGET, EXTRA_SUITES, EvalCommand, EvalOptions
 from loku.lm import context_length, ensure_pad_token, per_sequence
 from loku.options import add_arguments, cli_fields, values_from
-from loku.data import is_dataset_source, source_sha256
 from loku.provenance import default_data_dir, jsonable, library_versions, model_device, set_seed
 from loku.registry import Registry
 from loku.save import atomic_write_text

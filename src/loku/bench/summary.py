@@ -334,16 +334,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
-    if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
-        return []  # a folder from before the attacks were measured
-    a = cfg.get("attacks") or {}
+def _reference_rows(result: dict[str, Any]) -> dict[str, dict]:
+    """The original's and the planted model's rows, shown above the methods of a forget-set table."""
     extra = {}
     if result.get("original_attacks"):
         extra["original (never saw the text)"] = result["original_attacks"]
     if result.get("planted"):
         extra["planted (before unlearning)"] = result["planted"]
+    return extra
+
+
+def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
+    if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
+        return []  # a folder from before the attacks were measured
+    a = cfg.get("attacks") or {}
+    extra = _reference_rows(result)
     return ["### Attacks: quantization and prefix probing (forget set, mean ± std over splits)", "",
             *_table(result["table"], ATTACKS, extra), "",
             "MA / EL_10: the model as it is; int8: every Linear weight (not lm_head) rounded to 8 bits with one "
@@ -359,11 +365,7 @@ def _openunlearning_section(result: dict[str, Any]) -> list[str]:
     """OpenUnlearning's forget-set metrics under their key names (§14), for comparison with its tables."""
     if not any(stats.get("extraction_strength", {}).get("n") for stats in result["table"].values()):
         return []  # a folder from before they were measured
-    extra = {}
-    if result.get("original_attacks"):
-        extra["original (never saw the text)"] = result["original_attacks"]
-    if result.get("planted"):
-        extra["planted (before unlearning)"] = result["planted"]
+    extra = _reference_rows(result)
     return ["### OpenUnlearning's metrics (forget set, mean ± std over splits)", "",
             *_table(result["table"], OPENUNLEARNING, extra), "",
             "Key names as in OpenUnlearning's summaries. exact_memorization: share of tokens whose teacher-forced "
