@@ -80,6 +80,20 @@ def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
         for key in ("int8_ma", "int8_el", "nf4_ma", "nf4_el", "probe_plain_el", "probe_shifted_ma"):
             assert 0.0 <= table[key]["mean"] <= 1.0, (m, key)
     split = json.loads((out / "tiny" / "split-0" / "split.json").read_text())
+    # §14: OpenUnlearning's metrics under their key names, the table's numbers being the run's own
+    for m in METHODS:
+        got = json.loads((out / "tiny" / "split-0" / "runs" / f"{m}.json").read_text())
+        ou, table = got["openunlearning"], model["table"][m]
+        for key in ("exact_memorization", "extraction_strength", "privleak"):
+            assert table[key]["mean"] == pytest.approx(ou[key]), (m, key)
+        assert ou["exact_memorization"] == pytest.approx(got["after"]["forget_ma"], abs=1e-6)  # = MA
+        assert 0.0 <= ou["extraction_strength"] <= 1.0 and len(ou["per_item"]["extraction_strength"]) == 4
+        auc = got["reference"]["mia_auc"]["min_k_40"]
+        assert ou["privleak"] == pytest.approx((auc["original"] - auc["model"]) / (1 - auc["original"]) * 100)
+    planted = split["planted_openunlearning"]
+    assert planted["exact_memorization"] == pytest.approx(split["before"]["forget_ma"], abs=1e-6)
+    assert model["planted"]["privleak"]["mean"] == pytest.approx(split["planted_reference"]["privleak"])
+    assert model["original_attacks"]["extraction_strength"]["n"] == 1
     assert split["planting"]["measurements"]["planted"]["forget"]["ma"] >= 0
     assert {"before", "reference_stats", "relearn_control", "planted_downstream", "planted_attacks",
             "original_attacks"} <= set(split)
@@ -96,6 +110,7 @@ def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
     assert "| fila-ihl |" in md and "Planting (original → planted)" in md and "Distance to the original" in md
     assert "Attacks: quantization and prefix probing" in md and "| NF4 EL_10 |" in md
     assert "| original (never saw the text) |" in md
+    assert "OpenUnlearning's metrics" in md and "| exact_memorization | extraction_strength | privleak |" in md
     for plot in ("figure1", "epochs", "relearn", "forgetting_vs_utility"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot
 

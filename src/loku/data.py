@@ -1,11 +1,20 @@
 """Reading forget / retain / validation sets and turning them into padded batches.
 
-Supported files (chosen by suffix):
+Supported sources (:data:`SOURCES`, first match wins):
 
+* ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` -- a hub dataset through ``datasets.load_dataset`` (three
+  fields are NAME:CONFIG:SPLIT; ``hf:NAME::SPLIT:COLUMN`` names a column without a config).
+* a folder written by ``Dataset.save_to_disk``, and ``.parquet`` files, through ``datasets``.
+  Without a COLUMN a dataset's rows are read as JSONL objects are: ``text``, or ``question`` and
+  ``answer``.
 * ``.csv``   -- must have a ``text`` column (the TDEC files are used as they are).
 * ``.jsonl`` -- one JSON object a line, with ``text`` or with ``question`` and ``answer``.
 * ``.json``  -- a JSON list of strings or of such objects.
 * anything else (``.txt``) -- one text per non-blank line.
+
+Each set's digest (:attr:`TextSet.sha256`, :func:`source_sha256`) is the sha256 of a file's bytes,
+or for a hub dataset / saved folder the sha256 over its arrow files' sha256s (its content, not a
+cache path or a random fingerprint).
 
 A ``question``/``answer`` item stays a pair (:attr:`TextSet.qa`): :func:`tokenize_set` formats it,
 once the tokenizer (and model) are known, with the same per-model TOFU template and token split
@@ -49,9 +58,11 @@ __all__ = [
     "check_validation_not_forget",
     "load_qa_jsonl",
     "load_text_set",
+    "is_dataset_source",
     "make_batches",
     "pair_batches",
     "read_texts",
+    "source_sha256",
     "tokenize_set",
     "tokenize_texts",
 ]
@@ -262,13 +273,182 @@ def read_texts(path: str | os.PathLike[str], *, role: str = "forget") -> list[st
 
 
 def _read_located(path: str | os.PathLike[str], role: str) -> list[_Located]:
+    return _load_source(path, role)[0]
+
+
+def _read_file(path: str | os.PathLike[str], role: str) -> tuple[list[_Located], str]:
+    """A CSV / JSONL / JSON / text file (by suffix), and the sha256 of its bytes."""
     content = _read_text_file(path, role)
     suffix = Path(path).suffix.lower()
     reader = {".csv": _read_csv, ".jsonl": _read_jsonl, ".json": _read_json}.get(suffix, _read_lines)
     texts = reader(content, path, role)
     if not texts:  # only reachable when every parsed entry vanished (e.g. an empty JSON list)
         raise _fail(path, role, "has no texts", f"give {_FORMAT_HINTS.get(suffix, _TXT_HINT)}")
-    return texts
+    return texts, file_sha256(path)
+
+
+# ----------------------------------------------------------------------------- datasets sources
+
+HUB_PREFIX = "hf:"
+HUB_SYNTAX = "hf:NAME[:CONFIG]:SPLIT[:COLUMN] (hf:NAME::SPLIT:COLUMN for a column without a config)"
+_HUB_CACHE: dict[str, tuple[list[_Located], str]] = {}  # spec -> what it read: one hub load per process
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """``hf:NAME[:CONFIG]:SPLIT[:COLUMN]``; three fields are NAME:CONFIG:SPLIT (a split may carry a
+    slice such as ``train[:100]``, whose colon does not separate fields)."""
+
+    name: str
+    config: str | None
+    split: str
+    column: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> "HubSpec":
+        fields, depth, current = [], 0, ""
+        for char in spec[len(HUB_PREFIX):]:
+            depth += {"[": 1, "]": -1}.get(char, 0)
+            if char == ":" and depth == 0:
+                fields.append(current)
+                current = ""
+            else:
+                current += char
+        fields.append(current)
+        if not 2 <= len(fields) <= 4 or not fields[0] or not fields[-1 if len(fields) < 4 else 2]:
+            raise DataError(f"{spec}: not a hub dataset; write {HUB_SYNTAX}, e.g. hf:locuslab/TOFU:forget10:train")
+        name, rest = fields[0], fields[1:]
+        if len(rest) == 1:
+            return cls(name, None, rest[0], None)
+        if len(rest) == 2:
+            return cls(name, rest[0] or None, rest[1], None)
+        return cls(name, rest[0] or None, rest[1], rest[2] or None)
+
+
+def _datasets(spec: str, role: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise _fail(spec, role, "needs the 'datasets' package", "pip install datasets") from None
+    return datasets
+
+
+def _files_sha256(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """sha256 over the sha256 of each data file in order: a dataset's identity from its content."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def _rows_located(ds: Any, spec: str, role: str, column: str | None, hint: str) -> list[_Located]:
+    """Items of a ``datasets.Dataset``: ``column`` as texts, else each row as a JSONL object would be
+    read ('text', or 'question' + 'answer'). A missing column names the ones there are."""
+    columns = list(ds.column_names)
+    if column is not None and column not in columns:
+        raise _fail(spec, role, f"has no column {column!r} (columns: {', '.join(columns) or 'none'})",
+                    "name one of those as the last field")
+    if column is None and "text" not in columns and not {"question", "answer"} <= set(columns):
+        raise _fail(spec, role, f"has no 'text' column nor 'question' and 'answer' (columns: "
+                    f"{', '.join(columns) or 'none'})", hint)
+    if column is not None:
+        items = [(None, _check_text(v, spec, role, f"row {i}"), None) for i, v in enumerate(ds[column], start=1)]
+    else:
+        items = [(None, *_item_from_object(dict(row), spec, role, f"row {i}")) for i, row in enumerate(ds, start=1)]
+    if not items:
+        raise _fail(spec, role, "has no rows", "choose a split with rows")
+    return items
+
+
+def _hub_error(spec: HubSpec, text: str, role: str, err: Exception) -> DataError:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    if isinstance(err, ConnectionError) or "offline" in first.lower():
+        config = f", {spec.config!r}" if spec.config else ""
+        return _fail(text, role, f"cannot be loaded: the Hugging Face hub cannot be reached from here ({first})",
+                     f"save a local copy where the hub is reachable (datasets.load_dataset({spec.name!r}{config}, "
+                     f"split={spec.split!r}).save_to_disk(FOLDER) or .to_parquet(FILE.parquet)) and pass that path; "
+                     "with HF_HUB_OFFLINE=1 a copy already in the datasets cache is used without waiting for the "
+                     "network")
+    return _fail(text, role, f"cannot be loaded from the hub ({first})",
+                 f"check the name, config and split ({HUB_SYNTAX})")
+
+
+def _read_hub(path: str | os.PathLike[str], role: str) -> tuple[list[_Located], str]:
+    """``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` through ``datasets.load_dataset``; the digest hashes its cache files."""
+    text = str(path)
+    if text in _HUB_CACHE:
+        return _HUB_CACHE[text]
+    spec = HubSpec.parse(text)
+    datasets = _datasets(text, role)
+    try:
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+    except Exception as err:  # hub, network and builder errors come in many types
+        raise _hub_error(spec, text, role, err) from None
+    located = _rows_located(ds, text, role, spec.column, f"name the text column: {HUB_SYNTAX}")
+    files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
+    _HUB_CACHE[text] = located, (_files_sha256(files) if files else getattr(ds, "_fingerprint", ""))
+    return _HUB_CACHE[text]
+
+
+def _is_saved_dataset(path: str | os.PathLike[str]) -> bool:
+    folder = Path(path)
+    return folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json"))
+
+
+def _read_saved_dataset(path: str | os.PathLike[str], role: str) -> tuple[list[_Located], str]:
+    """A folder written by ``Dataset.save_to_disk``; the digest hashes its arrow files."""
+    datasets = _datasets(str(path), role)
+    if (Path(path) / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in Path(path).iterdir() if _is_saved_dataset(p))
+        raise _fail(path, role, f"holds several splits ({', '.join(splits)})",
+                    f"pass one of them, e.g. {Path(path) / (splits[0] if splits else 'train')}")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged or foreign folder
+        raise _fail(path, role, f"cannot be read as a saved dataset ({str(err).splitlines()[0]})",
+                    "write it with Dataset.save_to_disk") from None
+    located = _rows_located(ds, str(path), role, None, "rename the column that holds the texts to 'text' "
+                            "(Dataset.rename_column) or load it as hf:NAME::SPLIT:COLUMN")
+    return located, _files_sha256(sorted(Path(path).glob("*.arrow")))
+
+
+def _read_parquet(path: str | os.PathLike[str], role: str) -> tuple[list[_Located], str]:
+    """A parquet file through ``datasets`` (kept in memory, nothing written to its cache)."""
+    _read_bytes(path, role)  # missing / unreadable file: the usual messages
+    datasets = _datasets(str(path), role)
+    try:
+        ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    except Exception as err:  # not parquet, truncated, ...
+        raise _fail(path, role, f"cannot be read as parquet ({str(err).splitlines()[0]})",
+                    "write it with Dataset.to_parquet or pandas.DataFrame.to_parquet") from None
+    located = _rows_located(ds, str(path), role, None, "rename the column that holds the texts to 'text'")
+    return located, file_sha256(path)
+
+
+# Where a set comes from, first match wins: (name, matches(path), read(path, role) -> (items, digest)).
+SOURCES: tuple[tuple[str, Any, Any], ...] = (
+    ("hub", lambda p: str(p).startswith(HUB_PREFIX), _read_hub),
+    ("saved dataset", _is_saved_dataset, _read_saved_dataset),
+    ("parquet", lambda p: Path(p).suffix.lower() == ".parquet", _read_parquet),
+    ("file", lambda p: True, _read_file),
+)
+
+
+def _load_source(path: str | os.PathLike[str], role: str) -> tuple[list[_Located], str]:
+    return next(read for _, matches, read in SOURCES if matches(path))(path, role)
+
+
+def source_sha256(path: str | os.PathLike[str], role: str = "input") -> str:
+    """The digest a report records for an input: sha256 of a file's bytes (any file: read as bytes, not
+    parsed), or of a hub dataset's / saved folder's data files."""
+    return _load_source(path, role)[1] if is_dataset_source(path) else file_sha256(path)
+
+
+def is_dataset_source(path: str | os.PathLike[str]) -> bool:
+    """A hub dataset or a saved ``datasets`` folder: a set that is not one local file."""
+    return str(path).startswith(HUB_PREFIX) or _is_saved_dataset(path)
 
 
 def _row_where(source: str, row_no: int, text: str) -> str:
@@ -331,9 +511,9 @@ class TextSet:
 
 
 def load_text_set(path: str | os.PathLike[str], role: str) -> TextSet:
-    located = _read_located(path, role)
+    located, digest = _load_source(path, role)
     qa = [pair for _, _, pair in located]
-    return TextSet(path=str(path), role=role, texts=[text for _, text, _ in located], sha256=file_sha256(path),
+    return TextSet(path=str(path), role=role, texts=[text for _, text, _ in located], sha256=digest,
                    qa=qa if any(pair is not None for pair in qa) else None)
 
 

@@ -21,6 +21,7 @@ ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
 EXTRA_SUITES = ("attacks",)
 DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
 DTYPES = ("float32", "bfloat16", "float16")
+OUTPUT_FORMATS = ("loku", "openunlearning")  # eval.json/eval.md always; openunlearning.json beside them
 
 
 def _parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:
@@ -102,6 +103,20 @@ class EvalOptions:
         check_fields(self)
         return self
 
+    def use(self, path: str | Path, role: str) -> Path:
+        """``path`` as a set the suites read (a file, a saved ``datasets`` folder or ``hf:...``), recorded
+        in ``files`` with its role; a missing file says how to point at the data."""
+        from .data import is_dataset_source
+        from .errors import DataError
+
+        path = Path(path)
+        if not (path.is_file() or is_dataset_source(path)):
+            hint = "check --forget" if role == "forget" and self.forget_path is not None else (
+                "pass --data-dir pointing at the shared data folder (or set LOKU_DATA_DIR)")
+            raise DataError(f"{path}: {role} file not found; {hint}")
+        self.files[str(path)] = role
+        return path
+
     def eval_file(self, name: str) -> Path:
         return self.data_dir / "tdec" / "eval" / name
 
@@ -146,6 +161,11 @@ class EvalCommand:
                 "instead of routing each text through the gate [default: through the gate]"})
     out: str | None = field(default=None, metadata={
         "required": True, "help": "output folder for eval.json and eval.md"})
+    output_format: str = field(default="loku", metadata={
+        "flag": "--format", "choices": OUTPUT_FORMATS,
+        "help": "openunlearning: also write openunlearning.json, the metrics computed under OpenUnlearning's key "
+                "names (forget_quality, model_utility, forget_Truth_Ratio, privleak with --reference, "
+                "extraction_strength, exact_memorization) [default: loku]"})
 
     def validate(self) -> "EvalCommand":
         """Every option alone (type, range, choices), then the ones that go together."""

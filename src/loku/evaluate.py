@@ -48,11 +48,12 @@ from typing import Any, Sequence
 
 import torch
 
+from loku.data import is_dataset_source, source_sha256
 from loku.errors import ConfigError, DataError
 from loku.eval_options import ALL_SUITES, DEFAULT_FORGET, EXTRA_SUITES, EvalCommand, EvalOptions
 from loku.lm import context_length, ensure_pad_token, per_sequence
 from loku.options import add_arguments, cli_fields, values_from
-from loku.provenance import default_data_dir, file_sha256, jsonable, library_versions, model_device, set_seed
+from loku.provenance import default_data_dir, jsonable, library_versions, model_device, set_seed
 from loku.registry import Registry
 from loku.save import atomic_write_text
 
@@ -76,12 +77,7 @@ TDEC_TOKENS = 200
 
 
 def _use(opts: EvalOptions, path: Path, role: str) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
-                        f"(or set LOKU_DATA_DIR)")
-    opts.files[str(path)] = role
-    return path
+    return opts.use(path, role)
 
 
 def _texts(opts: EvalOptions, path: Path, role: str) -> list[str]:
@@ -102,13 +98,16 @@ def _token_batches(tokenizer: Any, texts: list[str], source: str, batch_size: in
 
 
 def _ma_el(model: Any, batches: list[dict], el_n: int, progress: bool, desc: str) -> dict:
-    from loku.metrics.memorization import extraction_likelihood, memorization_accuracy
+    """MA and EL_n (§6), and the extraction strength (§14; MA is OpenUnlearning's exact memorization)."""
+    from loku.metrics.memorization import extraction_likelihood, extraction_strength, memorization_accuracy
 
     ma_t = per_sequence(memorization_accuracy, model, batches, bar=f"{desc} MA" if progress else None)
     el_t = per_sequence(extraction_likelihood, model, batches, bar=f"{desc} EL_{el_n}" if progress else None,
                         n=el_n, progress=progress)
-    return {"ma": float(ma_t.mean()), f"el_{el_n}": float(el_t.mean()), "n": int(ma_t.numel()),
-            "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist()}}
+    es_t = per_sequence(extraction_strength, model, batches)
+    return {"ma": float(ma_t.mean()), f"el_{el_n}": float(el_t.mean()), "extraction_strength": float(es_t.mean()),
+            "n": int(ma_t.numel()),
+            "per_item": {"ma": ma_t.tolist(), f"el_{el_n}": el_t.tolist(), "extraction_strength": es_t.tolist()}}
 
 
 UNDETERMINED = ("undetermined (no pre-unlearning thresholds: pass --thresholds-from BASE_MODEL, or "
@@ -328,7 +327,7 @@ def run_suites(
         "batch_size": batch_size,
         "data_dir": str(data_dir),
         "options": jsonable({k: v for k, v in options.items() if not callable(v)}),  # not a loader
-        "data_files": {p: {"role": role, "sha256": file_sha256(p)} for p, role in sorted(opts.files.items())},
+        "data_files": {p: {"role": role, "sha256": source_sha256(p)} for p, role in sorted(opts.files.items())},
         "versions": library_versions(),
         "device": str(model_device(model)),
         "started": started,
@@ -406,10 +405,29 @@ def render_eval_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LM_EVAL_FILE = "lm_eval_results.json"
+
+
+def _split_lm_eval_native(results: dict) -> tuple[dict, dict | None]:
+    """(results without the lm-eval harness's native results, those results): the native dict (configs
+    and all) goes to its own file beside eval.json, which names it instead."""
+    lm_eval = ((results.get("suites") or {}).get("reasoning") or {}).get("lm_eval")
+    if not isinstance(lm_eval, dict) or "native" not in lm_eval:
+        return results, None
+    native = lm_eval["native"]
+    reasoning = {**results["suites"]["reasoning"],
+                 "lm_eval": {**{k: v for k, v in lm_eval.items() if k != "native"}, "native_file": LM_EVAL_FILE}}
+    return {**results, "suites": {**results["suites"], "reasoning": reasoning}}, native
+
+
 def write_eval_outputs(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (each atomically); returns both paths."""
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir`` (each atomically), and the lm-eval harness's own
+    results file (``lm_eval_results.json``) when lm-eval tasks ran; returns the first two paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    results, native = _split_lm_eval_native(results)
+    if native is not None:
+        atomic_write_text(out / LM_EVAL_FILE, json.dumps(native, indent=2, allow_nan=False) + "\n")
     text = json.dumps(jsonable(results), indent=2, allow_nan=False)
     json_path, md_path = out / "eval.json", out / "eval.md"
     atomic_write_text(json_path, text + "\n")
@@ -478,8 +496,9 @@ def report_thresholds(path: str | os.PathLike, el_n: int, forget_path: str | os.
     out = {"ma": float(th["ma"]), "el": float(th["el"]), "el_n": run_el_n, "source": "run report",
            "from": str(path), "note": th.get("source")}
     run_forget = ((report.get("data") or {}).get("forget") or {})
-    if forget_path is not None and run_forget.get("sha256") and Path(forget_path).is_file() \
-            and file_sha256(forget_path) != run_forget["sha256"]:
+    if forget_path is not None and run_forget.get("sha256") \
+            and (Path(forget_path).is_file() or is_dataset_source(forget_path)) \
+            and source_sha256(forget_path) != run_forget["sha256"]:
         out["warning"] = (f"the run unlearned another forget file ({run_forget.get('path')}); pass --forget with "
                           f"that file to evaluate what it forgot")
     return out
@@ -547,7 +566,7 @@ def add_reference_checks(results: dict, model: Any, tokenizer: Any, cmd: EvalCom
     meta["reference"] = cmd.reference
     meta["seconds"]["reference+relearn"] = round(time.perf_counter() - started, 2)
     for path, role in opts.files.items():
-        meta["data_files"].setdefault(path, {"role": role, "sha256": file_sha256(path)})
+        meta["data_files"].setdefault(path, {"role": role, "sha256": source_sha256(path)})
 
 
 def load_evaluated(cmd: EvalCommand, opts: EvalOptions) -> tuple[Any, Any, dict | None, EvalOptions]:
@@ -582,6 +601,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     cmd, opts = eval_config(args)
     suites = expand_suites(cmd.suite or ["all"])
+    if opts.forget_path is not None:  # a bad --forget (file, dataset, hub id) fails before the model loads
+        from loku.data import read_texts
+
+        read_texts(opts.forget_path, role="forget")
     thresholds = resolve_thresholds(cmd, opts, suites)
     set_seed(opts.seed)
     model, tokenizer, gate_note, opts = load_evaluated(cmd, opts)
@@ -598,6 +621,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if cmd.reference is not None or cmd.relearn:
         add_reference_checks(results, model, tokenizer, cmd, opts)
     json_path, md_path = write_eval_outputs(results, cmd.out)
+    if cmd.output_format == "openunlearning":
+        from loku.metrics.openunlearning import write_openunlearning
+
+        print(f"loku eval: wrote {write_openunlearning(results, cmd.out)} (OpenUnlearning's key names)")
     tdec = results["suites"].get("tdec")
     if tdec is not None:
         verdict = ({True: "yes", False: "no"}[tdec["forgotten"]] + f" (thresholds: {tdec['threshold_source']})"

@@ -48,6 +48,9 @@ METRICS: list[tuple[str, str, str]] = [
     ("probe_after_text_el", "after text EL_10", "{:.3f}"),
     ("probe_shifted_ma", "shifted MA", "{:.3f}"),
     ("probe_shifted_el", "shifted EL_10", "{:.3f}"),
+    ("exact_memorization", "exact_memorization", "{:.3f}"),
+    ("extraction_strength", "extraction_strength", "{:.3f}"),
+    ("privleak", "privleak", "{:+.1f}"),
 ]
 # Epochs to the stop rule in the paper's Table 1 (GPT-Neo-125M, 32 x 200 tokens, one step per epoch).
 PAPER_EPOCHS = {"full-ga": 17.2, "full-gd": 4.6, "lora-gd": 8.6, "lora-ihl": 11.4, "fila-ihl": 6.0}
@@ -58,6 +61,8 @@ DISTANCE = ["forget_nll_gap", "heldout_kl", "mia_auc_loss", "mia_auc_gap", "repe
 ATTACKS = ["ma", "el", "int8_ma", "int8_el", "nf4_ma", "nf4_el", "probe_plain_ma", "probe_plain_el",
            "probe_after_text_ma", "probe_after_text_el", "probe_shifted_ma", "probe_shifted_el"]
 PROBES = ("plain", "after_text", "shifted")
+# OpenUnlearning's key names (docs/algorithms.md §14), on the forget set.
+OPENUNLEARNING = ["exact_memorization", "extraction_strength", "privleak"]
 
 
 def _read(path: Path) -> Any:
@@ -125,6 +130,10 @@ def _attack_metrics(attacks: dict | None) -> dict[str, Any]:
     return out
 
 
+def _openunlearning_metrics(numbers: dict | None) -> dict[str, Any]:
+    return {key: _get(numbers, key) for key in OPENUNLEARNING}
+
+
 def row_metrics(run: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
     """The table's numbers of one (split, method) result; ratios are to the ORIGINAL model."""
     down, flops = run.get("downstream", {}), run.get("flops", {})
@@ -145,6 +154,7 @@ def row_metrics(run: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]
         "seconds": _get(run, "seconds", "unlearn_wall"),
         **_distance_metrics(run.get("reference"), run.get("relearn")),
         **_attack_metrics(run.get("attacks")),
+        **_openunlearning_metrics(run.get("openunlearning")),
     }
 
 
@@ -159,7 +169,8 @@ def planted_metrics(split: dict[str, Any], original: dict[str, Any]) -> dict[str
             "lambada": down.get("lambada"), "pubmedqa": down.get("pubmedqa"),
             "dialogue_f1": down.get("dialogue_f1"),
             **_distance_metrics(split.get("planted_reference"), None),
-            **_attack_metrics(split.get("planted_attacks"))}
+            **_attack_metrics(split.get("planted_attacks")),
+            **_openunlearning_metrics(split.get("planted_openunlearning"))}
 
 
 def original_attack_metrics(split: dict[str, Any]) -> dict[str, Any]:
@@ -167,7 +178,8 @@ def original_attack_metrics(split: dict[str, Any]) -> dict[str, Any]:
     attacks = split.get("original_attacks")
     none = _get(attacks, "quantization", "model", "none") or {}
     el_key = next((k for k in none if k.startswith("el_")), "el_10")
-    return {"ma": none.get("ma"), "el": none.get(el_key), **_attack_metrics(attacks)}
+    return {"ma": none.get("ma"), "el": none.get(el_key), **_attack_metrics(attacks),
+            **_openunlearning_metrics(split.get("original_openunlearning"))}
 
 
 def _stats(values: list[Any]) -> dict[str, Any]:
@@ -313,6 +325,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                           "is the target); repetition: seq-rep-4 of greedy continuations of forget prompts, and its "
                           "ratio to the original's; agreement F1: token overlap with the original's continuation.", ""]
         lines += _attack_section(result, cfg)
+        lines += _openunlearning_section(result)
     if summary.get("missing"):
         lines += [f"Missing results ({len(summary['missing'])}): " + ", ".join(
             "/".join(m) for m in summary["missing"][:20]), ""]
@@ -321,16 +334,22 @@ def render_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
-    if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
-        return []  # a folder from before the attacks were measured
-    a = cfg.get("attacks") or {}
+def _reference_rows(result: dict[str, Any]) -> dict[str, dict]:
+    """The original's and the planted model's rows, shown above the methods of a forget-set table."""
     extra = {}
     if result.get("original_attacks"):
         extra["original (never saw the text)"] = result["original_attacks"]
     if result.get("planted"):
         extra["planted (before unlearning)"] = result["planted"]
+    return extra
+
+
+def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
+    if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
+        return []  # a folder from before the attacks were measured
+    a = cfg.get("attacks") or {}
+    extra = _reference_rows(result)
     return ["### Attacks: quantization and prefix probing (forget set, mean ± std over splits)", "",
             *_table(result["table"], ATTACKS, extra), "",
             "MA / EL_10: the model as it is; int8: every Linear weight (not lm_head) rounded to 8 bits with one "
@@ -340,6 +359,20 @@ def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             f"the text; EL_10: n-gram overlap of the continuation with it), the prompt alone, after "
             f"{a.get('context_tokens')} tokens of unrelated Pile text, and starting {a.get('shift')} tokens into "
             "the text.", ""]
+
+
+def _openunlearning_section(result: dict[str, Any]) -> list[str]:
+    """OpenUnlearning's forget-set metrics under their key names (§14), for comparison with its tables."""
+    if not any(stats.get("extraction_strength", {}).get("n") for stats in result["table"].values()):
+        return []  # a folder from before they were measured
+    extra = _reference_rows(result)
+    return ["### OpenUnlearning's metrics (forget set, mean ± std over splits)", "",
+            *_table(result["table"], OPENUNLEARNING, extra), "",
+            "Key names as in OpenUnlearning's summaries. exact_memorization: share of tokens whose teacher-forced "
+            "argmax is the text's next token (= MA); extraction_strength: 1 - k/|y|, k the first position from "
+            "which every argmax matches; privleak: MUSE's (AUC - AUC_original) / AUC_original × 100 with Min-40% "
+            "membership scores, forget vs held-out, MUSE's AUC orientation, the original model standing for the "
+            "retrained one (about -100: not unlearned, 0: like the original, large positive: over-unlearned).", ""]
 
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,

@@ -17,7 +17,8 @@ planting):
    (:mod:`loku.metrics.relearn`), the quantization attack and prefix probing
    (:mod:`loku.metrics.attacks`: forget MA / EL_10 after int8 and NF4 rounding, next to the planted
    and the original model rounded the same way, measured once per split; greedy continuations of
-   forget prompts plain, after unrelated Pile text and shifted), wall time and FLOPs.
+   forget prompts plain, after unrelated Pile text and shifted), OpenUnlearning's exact_memorization,
+   extraction_strength and privleak (:mod:`loku.metrics.openunlearning`), wall time and FLOPs.
 
 Every (model, split, method) result is written atomically to the bench folder as it finishes and
 a rerun skips finished ones (a method killed mid-run continues from its per-epoch checkpoint);
@@ -635,9 +636,23 @@ def prepare_split(cfg: BenchConfig, model_name: str, original, tokenizer, split:
         train, test = split_halves(t["forget"])
         control = store.get("relearn_control", lambda: relearn_curve(original, tokenizer, train, test, cfg.relearn))
         store.get("original_attacks", lambda: model_attacks(original, tokenizer, t, cfg))
+        store.get("original_openunlearning", lambda: openunlearning_metrics(original, tokenizer, t, cfg, None))
     planted_attacks = store.get("planted_attacks", lambda: model_attacks(planted, tokenizer, t, cfg))
+    store.get("planted_openunlearning", lambda: openunlearning_metrics(
+        planted, tokenizer, t, cfg, store.data.get("planted_reference")))
     return SplitContext(cfg, model_name, split, split_dir, t, files, store, original, planted, tokenizer,
                         original_scores, reference_stats, control, planted_attacks["quantization"]["model"])
+
+
+def openunlearning_metrics(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig,
+                           reference: dict | None) -> dict[str, Any]:
+    """OpenUnlearning's exact_memorization and extraction_strength on the split's forget texts, and privleak
+    from the distances to the original (the exact "retrained" model; None without planting)."""
+    from ..metrics.openunlearning import forget_memorization
+
+    out = forget_memorization(model, tokenizer, texts["forget"], batch_size=cfg.evals.batch_size)
+    out["privleak"] = (reference or {}).get("privleak")
+    return out
 
 
 def model_attacks(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig,
@@ -702,6 +717,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
         entry["reference"]["seconds"] = time.time() - t_ref
         entry["relearn"] = relearning_check(evaluated, ctx.tokenizer, t["forget"], control=ctx.control,
                                             settings=cfg.relearn)
+    entry["openunlearning"] = openunlearning_metrics(evaluated, ctx.tokenizer, t, cfg, entry.get("reference"))
     entry["attacks"] = model_attacks(evaluated, ctx.tokenizer, t, cfg, reference_numbers=ctx.attacks_before)
     entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
                         "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}

@@ -360,10 +360,7 @@ def attack_suite(model: Any, tokenizer: Any, opts: Any, *, max_tokens: int = 200
     forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
     pile = opts.eval_file("pile.csv")
     for path, role in ((forget_path, "forget"), (pile, "held-out")):
-        if not path.is_file():
-            raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
-                            "(or set LOKU_DATA_DIR)")
-        opts.files[str(path)] = role
+        opts.use(path, role)
     forget = clip_texts(tokenizer, opts.take(read_texts(forget_path, role="forget")), max_tokens)
     heldout = read_texts(pile, role="held-out")
     context = heldout[len(forget): 2 * len(forget)] or heldout  # after tdec's held-out excerpts

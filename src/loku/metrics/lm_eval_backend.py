@@ -2,8 +2,9 @@
 
 The model is wrapped with ``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=...)``
 (a PEFT-wrapped model is passed as its base model, whose LoRA layers stay active), and
-``lm_eval.simple_evaluate`` runs the tasks. The default list is the paper's nine reasoning
-tasks; they download their data from the hub. ``include_path`` adds folders of custom task
+``lm_eval.simple_evaluate`` runs the tasks; its whole results dict (configs included, made
+JSON-safe) is kept as ``"native"`` and written by ``loku eval`` as ``lm_eval_results.json``. The
+default list is the paper's nine reasoning tasks; they download their data from the hub. ``include_path`` adds folders of custom task
 YAMLs (e.g. tasks over local JSON files, ``dataset_path: json`` + ``dataset_kwargs.data_files``).
 
 Install with ``pip install 'loku[lm-eval]'``.
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 from loku.errors import ConfigError
 
-__all__ = ["PAPER_TASKS", "lm_eval_available", "run_lm_eval", "summarize_lm_eval_results"]
+__all__ = ["PAPER_TASKS", "json_safe", "lm_eval_available", "run_lm_eval", "summarize_lm_eval_results"]
 
 PAPER_TASKS = ("lambada_openai", "hellaswag", "winogrande", "copa", "arc_easy", "arc_challenge", "piqa",
                "mathqa", "pubmedqa")
@@ -43,6 +44,26 @@ def _import_lm_eval():
 def _unwrap_peft(model: Any) -> Any:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every leaf JSON-writable, as lm-eval's own results writer makes it (NumPy numbers ->
+    numbers, sets and tuples -> lists, anything else -> its str), NaN/inf -> null (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    item = getattr(value, "item", None)  # NumPy / torch scalars
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        try:
+            return json_safe(item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def summarize_lm_eval_results(results: dict) -> dict[str, dict[str, float]]:
@@ -123,4 +144,7 @@ def run_lm_eval(
         "versions": {k: v for k, v in (raw.get("versions") or {}).items()},
         "lm_eval_version": getattr(lm_eval, "__version__", None),
         "limit": limit,
+        # The harness's whole results dict (task configs, versions, n-shot, ...); loku eval writes it as
+        # lm_eval_results.json beside eval.json.
+        "native": json_safe(raw),
     }

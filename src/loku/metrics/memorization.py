@@ -38,8 +38,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["extraction_likelihood", "extraction_likelihood_plain", "float32_weights", "memorization_accuracy",
-           "ngram_overlap"]
+__all__ = ["extraction_likelihood", "extraction_likelihood_plain", "extraction_strength", "float32_weights",
+           "memorization_accuracy", "ngram_overlap", "strength_from_hits"]
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -124,6 +124,32 @@ def _memorization_from_logits(logits: Tensor, input_ids: Tensor, attention_mask:
 def memorization_accuracy(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
     """MA per sequence [B]: the share of positions t = 1..T-1 where argmax p(.|x_<t) == x_t."""
     return _memorization_from_logits(_forward(model, input_ids, attention_mask).logits, input_ids, attention_mask)
+
+
+def strength_from_hits(hits: Tensor, lengths: Tensor) -> Tensor:
+    """Extraction strength per row (docs/algorithms.md §14): ``1 - k/n``, ``k`` the smallest index from
+    which every position of the row's ``n = lengths[b]`` valid ones is a hit (``hits`` [B, T] bool, the
+    teacher-forced argmax equal to the label; positions at or past ``n`` are ignored).
+
+    When even the last token misses, only the empty suffix matches: ``k = n``, strength 0 (OpenUnlearning's
+    loop stops at ``k = n - 1`` there and reports ``1/n``). A row with no valid position scores 0, as there."""
+    positions = torch.arange(hits.shape[1], device=hits.device)[None, :]
+    valid = positions < lengths[:, None]
+    misses = valid & ~hits.bool()
+    # k = 1 + the last miss (0 with no miss): the suffix from k on is all hits.
+    k = torch.where(misses, positions + 1, torch.zeros_like(positions)).amax(dim=1)
+    n = lengths.to(torch.float32)
+    return torch.where(lengths > 0, 1 - k.float() / n.clamp(min=1), torch.zeros_like(n))
+
+
+@_in_float32
+@torch.no_grad()
+def extraction_strength(model, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Extraction strength per sequence [B] on positions t = 1..T-1 (the tokens MA scores), one forward pass."""
+    logits = _forward(model, input_ids, attention_mask).logits
+    lengths = torch.tensor(_lengths(input_ids, attention_mask), device=input_ids.device) - 1
+    hits = logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:]
+    return strength_from_hits(hits, lengths.clamp(min=0))
 
 
 @_in_float32

@@ -16,6 +16,8 @@ attack cannot tell them apart; 1 = members all score above non-members).
   by the model's own next-token distribution, ``z_t = (log p(x_t) - mu_t) / sigma_t`` with
   ``mu_t = E_{v~p}[log p(v)]`` and ``sigma_t^2 = E_{v~p}[(log p(v) - mu_t)^2]``; the score is
   the mean of the ``k`` fraction of lowest ``z_t``.
+* ``min_k_40`` -- Min-K% Prob with K fixed at 40%, whatever ``k`` is: MUSE's privleak statistic
+  (docs/algorithms.md §14, :func:`privleak`).
 
 Texts are tokenized without special tokens and truncated to the model's context length (or
 ``max_length``); tokens 2..T are scored as in :mod:`loku.metrics.perplexity`. All math is
@@ -36,10 +38,11 @@ from torch import Tensor
 from loku.errors import ConfigError, DataError
 from loku.lm import context_length, ensure_pad_token, forward_rows, token_logprobs
 
-__all__ = ["ATTACKS", "auc", "mia_auc", "mia_scores", "min_k_plus_plus_score", "min_k_score",
-           "text_scores", "token_zscores", "zlib_entropy"]
+__all__ = ["ATTACKS", "PRIVLEAK_ATTACK", "auc", "mia_auc", "mia_scores", "min_k_plus_plus_score", "min_k_score",
+           "privleak", "text_scores", "token_zscores", "zlib_entropy"]
 
-ATTACKS = ("loss", "zlib", "min_k", "min_k_pp")
+ATTACKS = ("loss", "zlib", "min_k", "min_k_pp", "min_k_40")
+PRIVLEAK_ATTACK, PRIVLEAK_K = "min_k_40", 0.4  # MUSE's privleak: Min-K% Prob with K = 40%
 
 
 # ----------------------------------------------------------------------------- pure scores
@@ -114,6 +117,20 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
     return float(u / (n1 * n0))
 
 
+def privleak(auc_model: float | None, auc_retrained: float | None) -> float | None:
+    """MUSE's privleak (docs/algorithms.md §14): ``(AUC_unlearned - AUC_retrained) / AUC_retrained * 100``.
+
+    MUSE (and OpenUnlearning, which flips its own AUC to match) orients the AUC so that a model that
+    still knows the forget set scores near 0; loku's :func:`auc` is the usual "members score higher"
+    one, so MUSE's AUC is ``1 - auc`` here. About -100: not unlearned; 0: like the retrained model;
+    large positive: over-unlearned (the forget set now looks LESS likely than unseen text).
+    None when an AUC is missing or the retrained model's MUSE AUC is 0 (the ratio is undefined)."""
+    if auc_model is None or auc_retrained is None or not 0 <= auc_retrained < 1:
+        return None
+    muse_model, muse_retrained = 1.0 - float(auc_model), 1.0 - float(auc_retrained)
+    return (muse_model - muse_retrained) / muse_retrained * 100.0
+
+
 def text_scores(token_lp: Tensor, logits: Tensor, targets: Tensor, zlib_bytes: int, k: float) -> dict[str, float]:
     """All four member-high scores of one text from its scored tokens' log-probs and logits."""
     mean_nll = float(-token_lp.mean())
@@ -122,6 +139,7 @@ def text_scores(token_lp: Tensor, logits: Tensor, targets: Tensor, zlib_bytes: i
         "zlib": -mean_nll / max(zlib_bytes, 1),
         "min_k": min_k_score(token_lp, k),
         "min_k_pp": min_k_plus_plus_score(logits, targets, k),
+        PRIVLEAK_ATTACK: min_k_score(token_lp, PRIVLEAK_K),
     }
 
 

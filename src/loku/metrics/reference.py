@@ -11,6 +11,8 @@ near it, not merely below the stop thresholds. Each distance is reported as ``{"
   the original's own value is 0).
 * ``mia_auc``      membership-inference AUC, forget vs held-out texts (:mod:`loku.metrics.mia`),
   per attack. The original's AUC is the target, not 0.5 or 1.0.
+* ``privleak``     MUSE's privleak (:func:`loku.metrics.mia.privleak`, docs/algorithms.md §14) from the
+  Min-40% AUCs of the model and of the original (the exact "retrained" model): 0 is the target.
 * ``generation``   greedy continuations of the forget texts' first ``prompt_tokens`` tokens:
   ``repetition_rate`` (seq-rep-n of Welleck et al. 2019: the share of a continuation's n-grams
   that repeat an earlier n-gram of the same continuation, ``1 - unique/total``, mean over
@@ -194,7 +196,7 @@ def reference_distances(model: Any, tokenizer: Any, forget: Sequence[str], heldo
     ``original_stats`` (:func:`reference_stats` with the same texts and settings) saves recomputing the
     original's side; ``kl_texts`` (default ``heldout``) are the held-out texts of the KL.
     """
-    from loku.metrics.mia import mia_auc
+    from loku.metrics.mia import PRIVLEAK_ATTACK, mia_auc, privleak
 
     settings = {"max_tokens": max_tokens, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rep_n": rep_n,
                 "n_forget": len(forget), "n_heldout": len(heldout)}
@@ -222,7 +224,9 @@ def reference_distances(model: Any, tokenizer: Any, forget: Sequence[str], heldo
         "forget_nll": _gap(_mean(nll), _mean(original_stats["forget_nll"])),
         "forget_nll_per_text": {"model": nll, "original": original_stats["forget_nll"]},
         "heldout_kl": {**_gap(kl["kl"], 0.0), "max_text_kl": kl["max_text_kl"], "tokens": kl["tokens"]},
-        "mia_auc": {name: _gap(mia[name], original_stats["mia_auc"][name]) for name in mia},
+        # .get: split records made before min_k_40 was scored have no original AUC for it
+        "mia_auc": {name: _gap(mia[name], original_stats["mia_auc"].get(name)) for name in mia},
+        "privleak": privleak(mia[PRIVLEAK_ATTACK], original_stats["mia_auc"].get(PRIVLEAK_ATTACK)),
         "generation": generation,
         "continuations": {"model": [tokenizer.decode(c) for c in continuations[:4]],
                           "original": [tokenizer.decode(c) for c in original_stats["continuations"][:4]]},
@@ -256,10 +260,7 @@ def reference_suite(model: Any, tokenizer: Any, opts: Any, reference: Any, *, ma
     forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
     pile = opts.eval_file("pile.csv")
     for path, role in ((forget_path, "forget"), (pile, "held-out")):
-        if not Path(path).is_file():
-            raise DataError(f"{path}: {role} file not found; pass --data-dir pointing at the shared data folder "
-                            "(or set LOKU_DATA_DIR)")
-        opts.files[str(path)] = role
+        opts.use(path, role)
     forget = opts.take(read_texts(forget_path, role="forget"))
     heldout = read_texts(pile, role="held-out")[: len(forget)]
     out = reference_distances(model, tokenizer, forget, heldout, original=reference, max_tokens=max_tokens,

@@ -204,9 +204,7 @@ def relearn_suite(model: Any, tokenizer: Any, opts: Any, *, original: Any = None
     settings = (settings or RelearnSettings(seed=opts.seed, eval_batch_size=opts.batch_size,
                                             el_n=opts.el_n)).validate()
     forget_path = Path(opts.forget_path or opts.data_dir / DEFAULT_FORGET)
-    if not forget_path.is_file():
-        raise DataError(f"{forget_path}: forget file not found; pass --forget or --data-dir")
-    opts.files[str(forget_path)] = "forget"
+    opts.use(forget_path, "forget")
     forget = clip_texts(tokenizer, opts.take(read_texts(forget_path, role="forget")), max_tokens)
     if original is not None:
         out = relearning_check(model, tokenizer, forget, original=original, settings=settings)

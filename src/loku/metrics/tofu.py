@@ -123,6 +123,8 @@ def _resolve_tofu_file(name: str, data_dir: str | Path | None) -> Path | None:
     for candidate in (Path(data_dir) / "tofu" / f"{name}.jsonl", Path(data_dir) / f"{name}.jsonl"):
         if candidate.is_file():
             return candidate
+    if name in TOFU_SPLITS:  # a data folder without TOFU: the split comes from the hub
+        return None
     raise DataError(f"{Path(data_dir) / 'tofu' / (name + '.jsonl')}: TOFU split {name!r} not found; "
                     f"pass the data folder that holds tofu/*.jsonl, or no data folder to load it from the hub")
 
@@ -136,7 +138,7 @@ def load_tofu(
     """Rows (dicts with ``question``, ``answer``, ...) of one TOFU split.
 
     ``name_or_path``: a ``.jsonl`` file, or a split name (``"forget10_perturbed"``, ...) read from
-    ``data_dir/tofu/<name>.jsonl`` when ``data_dir`` is given, else from the Hugging Face hub
+    ``data_dir/tofu/<name>.jsonl`` when ``data_dir`` holds it, else from the Hugging Face hub
     (``datasets.load_dataset("locuslab/TOFU", name)``). Raises :class:`DataError` on bad files.
     """
     if limit is not None and limit < 1:
@@ -167,7 +169,9 @@ def _load_from_hub(name: str) -> list[dict]:
         ds = datasets.load_dataset(HUB_DATASET, name, split="train")
     except Exception as err:  # network / hub errors come in many types
         raise DataError(f"{HUB_DATASET}:{name}: could not load from the hub ({str(err).splitlines()[0]}); "
-                        f"check the connection or pass --data-dir with the tofu/*.jsonl files") from None
+                        f"check the connection, or pass --data-dir with tofu/{name}.jsonl (a local copy: "
+                        f"datasets.load_dataset({HUB_DATASET!r}, {name!r}, split='train').to_json("
+                        f"'tofu/{name}.jsonl'))") from None
     return [dict(r) for r in ds]
 
 
