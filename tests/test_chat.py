@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import loku.data as D
-from loku.chat import Conversation
 from loku.errors import DataError
 from loku.metrics import tofu as T
 from tiny_models import WORDS, make_tiny_model, word_tokenizer
@@ -59,6 +58,8 @@ CHAT_ROWS = [
 
 
 def test_llama3_masks_cover_exactly_the_last_assistant_turn(tmp_path):
+    from loku.chat import Conversation
+
     tok = llama3_tokenizer()
     ts = D.load_text_set(jsonl(tmp_path / "forget.jsonl", CHAT_ROWS), "forget")
     assert isinstance(ts.qa[0], Conversation) and ts.qa[1] == ("w20 w21", "w22 w23") and ts.qa[3] is None
@@ -225,3 +226,15 @@ def test_reveal_asks_instruct_models_in_their_chat_template(tmp_path, monkeypatc
                  "--budget", "1", "--only-templates", "continue", "--max-new-tokens", "6", "--template", "none",
                  "--no-progress"]) in (0, 3)
     assert asked == [tok("w5 w6 w7")["input_ids"]]
+
+
+@pytest.mark.parametrize("config", ["cpu", "paper"])
+def test_bench_tofu_keeps_tofus_strings(config):
+    """bench tofu reproduces TOFU: its fine-tuning, unlearning and scoring all use ``template: tofu`` (ChatML for
+    SmolLM2, as before chat templates), not the default chat template."""
+    from loku.bench.tofu import load_tofu_bench_config
+
+    cfg = load_tofu_bench_config(config)
+    assert cfg.template == "tofu"
+    assert cfg.finetune_config("t.jsonl", "out").template == "tofu"
+    assert cfg.unlearn_config("fila-ihl", 8, "f.jsonl", "r.jsonl", "out").template == "tofu"
