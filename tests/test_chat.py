@@ -238,3 +238,11 @@ def test_bench_tofu_keeps_tofus_strings(config):
     assert cfg.template == "tofu"
     assert cfg.finetune_config("t.jsonl", "out").template == "tofu"
     assert cfg.unlearn_config("fila-ihl", 8, "f.jsonl", "r.jsonl", "out").template == "tofu"
+
+
+def test_unlearn_template_is_the_tofu_suites_template():
+    """`loku unlearn --template X --eval-suites tofu` scores TOFU in the format it unlearned in."""
+    from loku.config import UnlearnConfig
+
+    assert UnlearnConfig(template="tofu").eval_options()["tofu_template"] == "tofu"
+    assert UnlearnConfig().eval_options()["tofu_template"] is None  # chat when the tokenizer has one

@@ -51,7 +51,7 @@ def test_unlearn_eval_options_are_the_suite_options():
         assert mine.default == theirs.default and mine.metadata.get("range") == theirs.metadata.get("range")
         assert theirs.metadata["help"] in mine.metadata["help"] and flag_of(mine) == f"--eval-{name.replace('_', '-')}"
     cfg = UnlearnConfig(eval_limit=3, eval_batch_size=2, eval_data_dir="d")
-    assert cfg.eval_options() == {"batch_size": 2, "data_dir": "d", "limit": 3}
+    assert cfg.eval_options() == {"batch_size": 2, "data_dir": "d", "limit": 3, "tofu_template": None}
 
 
 def test_add_eval_arguments_parses_into_the_dataclasses(tmp_path):

@@ -140,7 +140,9 @@ class UnlearnConfig:
     template: str | None = field(default=None, metadata={
         "help": "how question/answer, prompt/completion and messages items become tokens: chat (the tokenizer's "
                 "chat template; default when it has one), tofu (TOFU's strings; the default otherwise), none (as "
-                "given), or a TOFU template name (chatml, llama2, phi, generic); only the answer is unlearned"})
+                "given), or a TOFU template name (chatml, llama2, phi, generic); only the answer is unlearned; "
+                "--eval-suites tofu scores with it too",
+        "suite_option": "tofu_template"})  # scored in the format it was unlearned in
     eval_batch_size: int = suite_option("batch_size")
     eval_suites: str | None = field(default=None, metadata={
         "help": "loku eval suites run before and after unlearning, e.g. ppl,reasoning"})
