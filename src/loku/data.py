@@ -32,7 +32,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -64,7 +64,8 @@ __all__ = [
 #: with the model's TOFU template.
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
-QAPair = tuple[str, str]  # (question, answer); a Conversation where the item is a chat
+QAPair = tuple[str, str]  # (question, answer)
+QAItem = Union[QAPair, Conversation]  # what TextSet.qa holds for a structured item
 
 _FORMAT_HINTS = {
     ".csv": "a CSV file with a 'text' column",
@@ -142,7 +143,7 @@ def _check_text(text: Any, path: str | os.PathLike[str], role: str, where: str) 
 
 
 def _item_from_object(obj: Any, path: str | os.PathLike[str], role: str,
-                      where: str) -> tuple[str, QAPair | None]:
+                      where: str) -> tuple[str, QAItem | None]:
     """``(text, (question, answer) or None)``: a ``text`` field wins; otherwise ``question`` +
     ``answer`` (rendered with :data:`QA_TEMPLATE` as the text)."""
     if isinstance(obj, str):
@@ -165,7 +166,7 @@ def _item_from_object(obj: Any, path: str | os.PathLike[str], role: str,
 
 
 def _chat_item(obj: dict, path: str | os.PathLike[str], role: str,
-               where: str) -> tuple[str, QAPair | Conversation] | None:
+               where: str) -> tuple[str, QAItem] | None:
     """A ``prompt``/``completion`` pair (TRL's format: the completion is trained) or a ``messages`` chat
     (OpenAI/HF format: the last, assistant, turn is trained); None when ``obj`` is neither."""
     if "prompt" in obj and "completion" in obj:
@@ -205,7 +206,7 @@ def _raise_csv_field_limit() -> None:
 
 # Each reader returns (line number or None, text, (question, answer) or None) triples, so later
 # checks can name the line.
-_Located = tuple[Optional[int], str, Optional[QAPair]]
+_Located = tuple[Optional[int], str, Optional[QAItem]]
 
 
 def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
@@ -356,7 +357,7 @@ class TextSet:
     role: str
     texts: list[str]
     sha256: str
-    qa: list[QAPair | None] | None = None
+    qa: list[QAItem | None] | None = None
 
     @property
     def has_qa(self) -> bool:
