@@ -41,6 +41,19 @@ def test_saved_folder_and_parquet_read_like_jsonl(tmp_path):
     assert data.source_sha256(tmp_path / "other") != saved.sha256
 
 
+def test_chat_datasets_read_like_jsonl(tmp_path):
+    """prompt/completion and messages rows of a dataset become pairs / conversations, as in JSONL."""
+    datasets.Dataset.from_dict({"prompt": ["Who?"], "completion": ["Her."]}).to_parquet(str(tmp_path / "pc.parquet"))
+    chat = [[{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Her."}]]
+    datasets.Dataset.from_dict({"messages": chat}).to_parquet(str(tmp_path / "chat.parquet"))
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "Who?"}, '
+                                         '{"role": "assistant", "content": "Her."}]}\n')
+    assert data.load_text_set(tmp_path / "pc.parquet", "forget").qa == [("Who?", "Her.")]
+    from_parquet = data.load_text_set(tmp_path / "chat.parquet", "forget")
+    from_jsonl = data.load_text_set(tmp_path / "chat.jsonl", "forget")
+    assert from_parquet.qa == from_jsonl.qa and from_parquet.texts == from_jsonl.texts
+
+
 def test_hub_syntax_with_config_split_and_column(tmp_path):
     folder = tmp_path / "mydata"
     folder.mkdir()
@@ -60,7 +73,7 @@ def test_bad_dataset_inputs_say_what_to_do(tmp_path):
         data.read_texts(f"hf:{folder}::train:body", role="forget")
     datasets.Dataset.from_dict({"body": ["x"], "id": [1]}).to_parquet(str(tmp_path / "nobody.parquet"))
     with pytest.raises(DataError, match=r"nobody\.parquet: forget set has no 'text' column nor 'question' and "
-                                        r"'answer' \(columns: body, id\)"):
+                                        r"'answer', 'prompt' and 'completion' or 'messages' \(columns: body, id\)"):
         data.read_texts(tmp_path / "nobody.parquet", role="forget")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"holds several splits \(train\); pass one of them, e.g. .*dd/train"):

@@ -51,7 +51,7 @@ def test_unlearn_eval_options_are_the_suite_options():
         assert mine.default == theirs.default and mine.metadata.get("range") == theirs.metadata.get("range")
         assert theirs.metadata["help"] in mine.metadata["help"] and flag_of(mine) == f"--eval-{name.replace('_', '-')}"
     cfg = UnlearnConfig(eval_limit=3, eval_batch_size=2, eval_data_dir="d")
-    assert cfg.eval_options() == {"batch_size": 2, "data_dir": "d", "limit": 3}
+    assert cfg.eval_options() == {"batch_size": 2, "data_dir": "d", "limit": 3, "tofu_template": None}
 
 
 def test_add_eval_arguments_parses_into_the_dataclasses(tmp_path):
@@ -64,7 +64,7 @@ def test_add_eval_arguments_parses_into_the_dataclasses(tmp_path):
     assert (cmd.model, cmd.out, cmd.suite) == ("m", "o", ["ppl", "mia"])
     assert opts.data_dir == tmp_path and str(opts.forget_path) == "f.csv" and opts.tofu_forget_split == "forget01"
     assert opts.lm_eval_tasks == ["a", "b"] and opts.lm_eval_include_path == "inc" and opts.progress is False
-    with pytest.raises(ConfigError, match=r"--tofu-template must be one of llama2, phi, chatml, generic, got 'x'"):
+    with pytest.raises(ConfigError, match=r"--tofu-template must be one of chat, tofu, none, llama2, phi, chatml, generic, got 'x'"):
         EvalOptions(tofu_template="x").validate()
 
 

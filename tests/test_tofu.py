@@ -119,9 +119,12 @@ def test_template_choice(gpt2_tok):
     assert T.choose_template(make_tiny_model("llama"), gpt2_tok).name == "llama2"
     chatml = types.SimpleNamespace(chat_template="{% for m in messages %}<|im_start|>{{m}}{% endfor %}",
                                    get_vocab=lambda: {})
-    assert T.choose_template(make_tiny_model("llama"), chatml).name == "chatml"
+    assert T.choose_template(make_tiny_model("llama"), chatml, "tofu").name == "chatml"
     inst = types.SimpleNamespace(chat_template="[INST] {{ x }} [/INST]", get_vocab=lambda: {})
-    assert T.choose_template(make_tiny_model("gpt2"), inst).name == "llama2"
+    assert T.choose_template(make_tiny_model("gpt2"), inst, "tofu").name == "llama2"
+    # by default a tokenizer's own chat template is used (loku.chat); TOFU's strings are --template tofu
+    assert T.choose_template(make_tiny_model("llama"), chatml).name == "chat"
+    assert T.choose_template(make_tiny_model("gpt2"), gpt2_tok, "none").format_full("Q?", " A") == "Q? A"
     with pytest.raises(ConfigError):
         T.choose_template(None, gpt2_tok, "vicuna")
 

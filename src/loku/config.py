@@ -137,6 +137,12 @@ class UnlearnConfig:
         "range": ">= 2"})
     truncate: bool = field(default=False, metadata={
         "help": "truncate sequences longer than the context (default: refuse them)"})
+    template: str | None = field(default=None, metadata={
+        "help": "how question/answer, prompt/completion and messages items become tokens: chat (the tokenizer's "
+                "chat template; default when it has one), tofu (TOFU's strings; the default otherwise), none (as "
+                "given), or a TOFU template name (chatml, llama2, phi, generic); only the answer is unlearned; "
+                "--eval-suites tofu scores with it too",
+        "suite_option": "tofu_template"})  # scored in the format it was unlearned in
     eval_batch_size: int = suite_option("batch_size")
     eval_suites: str | None = field(default=None, metadata={
         "help": "loku eval suites run before and after unlearning, e.g. ppl,reasoning"})
@@ -233,6 +239,9 @@ class UnlearnConfig:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
         check_targets(self.targets)
+        from .chat import check_template
+
+        check_template(self.template)
         if not all(isinstance(f, str) and f for f in self.forget_files()):
             raise ConfigError(f"--forget must be file paths, got {self.forget!r}")
         check_forget_files_distinct(self.forget_files())

@@ -8,7 +8,8 @@ Supported sources (:data:`SOURCES`, first match wins):
   Without a COLUMN a dataset's rows are read as JSONL objects are: ``text``, or ``question`` and
   ``answer``.
 * ``.csv``   -- must have a ``text`` column (the TDEC files are used as they are).
-* ``.jsonl`` -- one JSON object a line, with ``text`` or with ``question`` and ``answer``.
+* ``.jsonl`` -- one JSON object a line, with ``text``, with ``question`` and ``answer``, with ``prompt`` and
+  ``completion``, or with ``messages`` (a chat: a list of ``{"role", "content"}``, the assistant reply last).
 * ``.json``  -- a JSON list of strings or of such objects.
 * anything else (``.txt``) -- one text per non-blank line.
 
@@ -16,13 +17,14 @@ Each set's digest (:attr:`TextSet.sha256`, :func:`source_sha256`) is the sha256 
 or for a hub dataset / saved folder the sha256 over its arrow files' sha256s (its content, not a
 cache path or a random fingerprint).
 
-A ``question``/``answer`` item stays a pair (:attr:`TextSet.qa`): :func:`tokenize_set` formats it,
-once the tokenizer (and model) are known, with the same per-model TOFU template and token split
-that :mod:`loku.metrics.tofu` scores (:func:`loku.metrics.tofu.qa_token_pair`), and records how
+A ``question``/``answer`` (or ``prompt``/``completion``) item stays a pair, a ``messages`` item a
+:class:`loku.chat.Conversation` (:attr:`TextSet.qa`): :func:`tokenize_set` formats it, once the tokenizer
+(and model) are known, with ``--template`` (:func:`loku.metrics.tofu.choose_template`: the chat template, TOFU's
+strings or none) and the same token split :mod:`loku.metrics.tofu` scores, and records how
 many leading tokens are prompt; :func:`make_batches` sets those tokens' labels to
-:data:`IGNORE_INDEX`, so losses push only the answer (and its EOS) down, as TOFU does. Plain
+:data:`IGNORE_INDEX`, so losses push only the answer (the assistant reply) down, as TOFU does. Plain
 texts keep every token as a label. :attr:`TextSet.texts` holds a readable rendering of each
-pair (:data:`QA_TEMPLATE`) for messages, overlap checks and text-level metrics.
+pair (:data:`QA_TEMPLATE`) or conversation for messages, overlap checks and text-level metrics.
 
 Texts are kept verbatim (TDEC excerpts start with a space that matters to the tokenizer);
 every problem a user can fix raises :class:`~loku.errors.DataError` with one line that starts
@@ -39,10 +41,11 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor
 
+from loku.chat import Conversation
 from loku.errors import ConfigError, DataError, LokuError
 from loku.lm import IGNORE_INDEX, pad_sequences
 from loku.lm import ensure_pad_token  # noqa: F401  (lives in loku.lm; trainer.py still calls it from here)
@@ -73,10 +76,12 @@ __all__ = [
 QA_TEMPLATE = "Question: {question}\nAnswer: {answer}"
 
 QAPair = tuple[str, str]  # (question, answer)
+QAItem = Union[QAPair, Conversation]  # what TextSet.qa holds for a structured item
 
 _FORMAT_HINTS = {
     ".csv": "a CSV file with a 'text' column",
-    ".jsonl": "one JSON object per line with 'text' (or 'question' and 'answer')",
+    ".jsonl": "one JSON object per line with 'text' (or 'question' and 'answer', 'prompt' and 'completion', "
+              "or 'messages')",
     ".json": "a JSON list of strings or of objects with 'text' (or 'question' and 'answer')",
 }
 _TXT_HINT = "a text file with one text per line"
@@ -149,7 +154,7 @@ def _check_text(text: Any, path: str | os.PathLike[str], role: str, where: str) 
 
 
 def _item_from_object(obj: Any, path: str | os.PathLike[str], role: str,
-                      where: str) -> tuple[str, QAPair | None]:
+                      where: str) -> tuple[str, QAItem | None]:
     """``(text, (question, answer) or None)``: a ``text`` field wins; otherwise ``question`` +
     ``answer`` (rendered with :data:`QA_TEMPLATE` as the text)."""
     if isinstance(obj, str):
@@ -163,9 +168,38 @@ def _item_from_object(obj: Any, path: str | os.PathLike[str], role: str,
         q = _check_text(obj["question"], path, role, f"{where} ('question')")
         a = _check_text(obj["answer"], path, role, f"{where} ('answer')")
         return QA_TEMPLATE.format(question=q, answer=a), (q, a)
+    chat = _chat_item(obj, path, role, where)
+    if chat is not None:
+        return chat
     keys = ", ".join(map(str, obj)) or "none"
-    raise _fail(path, role, f"{where} has neither 'text' nor 'question'+'answer' (keys found: {keys})",
-                "add a 'text' field or both 'question' and 'answer'")
+    raise _fail(path, role, f"{where} has neither 'text' nor 'question'+'answer', 'prompt'+'completion' or "
+                f"'messages' (keys found: {keys})", "add a 'text' field or both 'question' and 'answer'")
+
+
+def _chat_item(obj: dict, path: str | os.PathLike[str], role: str,
+               where: str) -> tuple[str, QAItem] | None:
+    """A ``prompt``/``completion`` pair (TRL's format: the completion is trained) or a ``messages`` chat
+    (OpenAI/HF format: the last, assistant, turn is trained); None when ``obj`` is neither."""
+    if "prompt" in obj and "completion" in obj:
+        p = _check_text(obj["prompt"], path, role, f"{where} ('prompt')")
+        c = _check_text(obj["completion"], path, role, f"{where} ('completion')")
+        return p + c, (p, c)
+    if "messages" not in obj:
+        return None
+    messages = obj["messages"]
+    fix = 'write it as [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]'
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise _fail(path, role, f"{where} has 'messages' that is not a list of at least two turns", fix)
+    turns = []
+    for i, m in enumerate(messages, start=1):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise _fail(path, role, f"{where} has message {i} without a 'role' and 'content'", fix)
+        turns.append((m["role"], _check_text(m["content"], path, role, f"{where} (message {i})")))
+    if turns[-1][0] != "assistant":
+        raise _fail(path, role, f"{where} ends with a {turns[-1][0]!r} message",
+                    "end each conversation with the assistant reply to train on (the earlier turns are its context)")
+    chat = Conversation(turns)
+    return chat.text(), chat
 
 
 # ----------------------------------------------------------------------------- formats
@@ -183,7 +217,7 @@ def _raise_csv_field_limit() -> None:
 
 # Each reader returns (line number or None, text, (question, answer) or None) triples, so later
 # checks can name the line.
-_Located = tuple[Optional[int], str, Optional[QAPair]]
+_Located = tuple[Optional[int], str, Optional[QAItem]]
 
 
 def _read_csv(content: str, path: str | os.PathLike[str], role: str) -> list[_Located]:
@@ -345,14 +379,16 @@ def _files_sha256(paths: Sequence[str | os.PathLike[str]]) -> str:
 
 def _rows_located(ds: Any, spec: str, role: str, column: str | None, hint: str) -> list[_Located]:
     """Items of a ``datasets.Dataset``: ``column`` as texts, else each row as a JSONL object would be
-    read ('text', or 'question' + 'answer'). A missing column names the ones there are."""
+    read ('text', 'question' + 'answer', 'prompt' + 'completion' or 'messages'). A missing column names
+    the ones there are."""
     columns = list(ds.column_names)
     if column is not None and column not in columns:
         raise _fail(spec, role, f"has no column {column!r} (columns: {', '.join(columns) or 'none'})",
                     "name one of those as the last field")
-    if column is None and "text" not in columns and not {"question", "answer"} <= set(columns):
-        raise _fail(spec, role, f"has no 'text' column nor 'question' and 'answer' (columns: "
-                    f"{', '.join(columns) or 'none'})", hint)
+    readable = ({"text"}, {"question", "answer"}, {"prompt", "completion"}, {"messages"})
+    if column is None and not any(need <= set(columns) for need in readable):
+        raise _fail(spec, role, f"has no 'text' column nor 'question' and 'answer', 'prompt' and 'completion' "
+                    f"or 'messages' (columns: {', '.join(columns) or 'none'})", hint)
     if column is not None:
         items = [(None, _check_text(v, spec, role, f"row {i}"), None) for i, v in enumerate(ds[column], start=1)]
     else:
@@ -495,15 +531,15 @@ class TextSet:
     """The items of one set plus where they came from.
 
     ``texts[i]`` is item i as text; ``qa[i]`` is ``(question, answer)`` when item i is a
-    question/answer pair (its text is then only the :data:`QA_TEMPLATE` rendering), else None.
-    ``qa`` None means no item is a pair.
+    question/answer (prompt/completion) pair (its text is then only the :data:`QA_TEMPLATE` rendering),
+    a :class:`loku.chat.Conversation` when it is a chat, else None. ``qa`` None means no item is either.
     """
 
     path: str
     role: str
     texts: list[str]
     sha256: str
-    qa: list[QAPair | None] | None = None
+    qa: list[QAItem | None] | None = None
 
     @property
     def has_qa(self) -> bool:
@@ -635,12 +671,13 @@ def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overf
     """Tokenize a :class:`TextSet` for training: plain texts as :func:`tokenize_texts` does, question/
     answer pairs as TOFU evaluation scores them, with their prompt tokens to be masked.
 
-    Each pair is formatted with :func:`loku.metrics.tofu.choose_template` ``(model, tokenizer,
-    template)`` -- the template :func:`loku.metrics.tofu.evaluate_tofu` picks for the same model,
-    tokenizer and ``template`` name -- and split by :func:`loku.metrics.tofu.qa_token_pair`: the
-    prompt tokens (with the tokenizer's special tokens, e.g. BOS; ``add_bos`` applies to plain
-    texts only) are counted in ``prompt_lengths``; the answer tokens and EOS are labels. So a
-    question/answer forget set trains on exactly the token sequences TOFU evaluation scores.
+    Each pair or conversation is formatted with :func:`loku.metrics.tofu.choose_template` ``(model,
+    tokenizer, template)`` -- the template :func:`loku.metrics.tofu.evaluate_tofu` picks for the same
+    model, tokenizer and ``template`` name (``chat``, ``tofu``, ``none`` or a TOFU template name) -- and split
+    by its ``token_pair``: the prompt tokens (TOFU's strings: with the tokenizer's special tokens, e.g. BOS;
+    ``add_bos`` applies to plain texts only) are counted in ``prompt_lengths``; the answer tokens (TOFU's
+    strings: and EOS; the chat template: the assistant turn as rendered) are labels. So a question/answer
+    forget set trains on exactly the token sequences TOFU evaluation scores.
     A pair longer than ``max_length`` is an error, or (``on_overflow="truncate"``) cut on the
     right like TOFU does, which must leave at least one answer token.
     """
@@ -648,7 +685,7 @@ def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overf
         ids = tokenize_texts(tokenizer, text_set.texts, max_length=max_length, source=text_set.path,
                              on_overflow=on_overflow, add_bos=add_bos, model_context=model_context)
         return TokenizedSet(ids=ids, prompt_lengths=[0] * len(ids))
-    from loku.metrics.tofu import choose_template, qa_token_pair
+    from loku.metrics.tofu import choose_template
 
     _check_tokenize_args(max_length, on_overflow)
     source = text_set.path
@@ -668,7 +705,7 @@ def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overf
             continue
         where = _LazyWhere(source, i + 1, text)
         try:
-            prompt_ids, answer_ids = qa_token_pair(tokenizer, tmpl, *pair)
+            prompt_ids, answer_ids = tmpl.token_pair(tokenizer, pair)
         except DataError as err:
             raise DataError(f"{source}: {where}: {err}") from None
         seq, cut = _fit_length(prompt_ids + answer_ids, max_length, where=where, source=source,

@@ -63,8 +63,9 @@ class EvalOptions:
     tofu_legacy_300: bool = field(default=False, metadata={
         "help": "truncate TOFU eval sets to 300 items like the original pipeline"})
     tofu_template: str | None = field(default=None, metadata={
-        "help": "TOFU prompt template [default: chosen from the tokenizer / model type]",
-        "choices": ("llama2", "phi", "chatml", "generic")})
+        "help": "TOFU prompt template: chat (the tokenizer's chat template), tofu (TOFU's strings, by tokenizer / "
+                "model type), none, or one of TOFU's by name [default: chat when the tokenizer has one, else tofu]",
+        "choices": ("chat", "tofu", "none", "llama2", "phi", "chatml", "generic")})
     tofu_max_new_tokens: int = field(default=128, metadata={
         "help": "longest TOFU answer generated for ROUGE-L", "range": ">= 1"})
     lm_eval_tasks: Sequence[str] | None = field(default=None, metadata={

@@ -2,10 +2,11 @@
 
 What TOFU's benchmark needs before anything can be unlearned (docs/algorithms.md §7): a model that
 learned the fictitious authors (the target) and one that learned all but the forget authors (the
-reference, ``--exclude`` the forget split). Question/answer items are formatted with the template
-TOFU evaluation uses for the model (:func:`loku.metrics.tofu.choose_template`: the chat template's
-ChatML for SmolLM2), so training and scoring see the same tokens; the prompt tokens are masked, the
-answer and EOS are trained. Plain texts train on every token.
+reference, ``--exclude`` the forget split). Question/answer, prompt/completion and ``messages`` items are
+formatted with ``--template`` as TOFU evaluation formats them (:func:`loku.metrics.tofu.choose_template`: the
+tokenizer's chat template by default; ``--template tofu`` for TOFU's strings, ChatML for SmolLM2), so
+training and scoring see the same tokens; the prompt tokens are masked, the answer (the assistant turn) is
+trained. Plain texts train on every token.
 
 The recipe is TOFU's (``finetune.py`` of locuslab/tofu): AdamW, weight decay 0.01, a linear warm-up
 over the first epoch then linear decay to 0, 5 epochs; TOFU's lr 1e-5 is for 7B-class models, small
@@ -55,8 +56,10 @@ class FinetuneConfig:
                                                                 "decay to 0 (TOFU: 1)"})
     batch_size: int = field(default=8, metadata={"help": "items per optimizer step"})
     max_length: int = field(default=512, metadata={"help": "tokens per item; longer items are an error"})
-    template: str | None = field(default=None, metadata={"help": "question/answer template (chatml, llama2, phi, "
-                                                                 "generic) [default: chosen from the tokenizer]"})
+    template: str | None = field(default=None, metadata={
+        "help": "how question/answer and messages items become tokens: chat (the tokenizer's chat template), tofu "
+                "(TOFU's strings), none (as given), or a TOFU template name (chatml, llama2, phi, generic) "
+                "[default: chat when the tokenizer has a chat template, else tofu]"})
     seed: int = field(default=0, metadata={"help": "seed of the data order"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's own code (off: safe)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -75,8 +78,10 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ConfigError("--lr must be > 0, --weight-decay and --warmup-epochs >= 0")
+        from .chat import check_template
         from .tracking import check_tracking
 
+        check_template(self.template)
         check_tracking(self)
         return self
 

@@ -27,6 +27,11 @@ knows; what it reveals becomes the forget set.
   value keeps a fragment open to other templates when one template only echoed it. Freshness is known
   before the query, so it is a context in NeuralUCB's sense (x_{t,a} may change with t).
 
+Instruct models are asked as they are served (``chat``, the command's default when the tokenizer has a
+chat template): each filled instruction is one user turn of the chat template, generation prompt added,
+and the revealed text is the reply. ``none`` sends the instruction as raw text (base models; the library's
+default, which the benches use).
+
 The collected generations (reward above ``min_reward``, new, never a retain text verbatim) are the
 forget set, written as JSONL with their scores and the query history; seeds and settings recorded. The
 text of an item whose prompt ends with its fragment is the fragment and its continuation (the memorized
@@ -101,6 +106,9 @@ def load_request(path: str | Path) -> Request:
     return request
 
 
+PROMPT_FORMATS = ("chat", "none")  # how instructions reach the model (loku.chat: no TOFU strings here)
+
+
 @dataclass
 class RevealSettings:
     budget: int = 64  # queries (one sampled generation each)
@@ -117,6 +125,16 @@ class RevealSettings:
     min_reward: float = 0.05  # generations below it are not collected
     exploration: float = 1.0  # UCB's nu (neural-ucb) or c (ucb1)
     seed: int = 0
+    prompt_format: str = "none"  # "chat": each instruction a user turn of the chat template; "none": raw text
+
+    def prompt_ids(self, tokenizer: Any, instruction: str) -> list[int]:
+        """The tokens the model is asked with: the instruction as a chat turn, or as raw text."""
+        from .chat import chat_template_of
+        from .lm import encode
+
+        if self.prompt_format == "chat":
+            return chat_template_of(tokenizer).prompt_ids(tokenizer, instruction)
+        return encode(tokenizer, instruction, special=True)
 
     def validate(self) -> "RevealSettings":
         if self.budget < 1:
@@ -127,6 +145,9 @@ class RevealSettings:
         if unknown or not self.weights:
             raise ConfigError(f"unknown reward(s) {', '.join(unknown) or '(none)'}; choose from "
                               f"{', '.join(REWARDS.names())}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"--template must be {' or '.join(PROMPT_FORMATS)} (or NAME=TEXT, an instruction), "
+                              f"got {self.prompt_format!r}")
         if self.max_new_tokens < self.n or self.temperature <= 0 or self.top_k < 1:
             raise ConfigError("max_new_tokens must be >= n, temperature > 0, top_k >= 1")
         return self
@@ -362,7 +383,7 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
                             f"{len(encode(tokenizer, text, special=True))} tokens plus {settings.max_new_tokens} "
                             f"new tokens is longer than the model's context ({ctx}); shorten it")
     arms = _arms(request, settings.templates)
-    prompts = [encode(tokenizer, prompt, special=True) for _, _, prompt in arms]
+    prompts = [settings.prompt_ids(tokenizer, prompt) for _, _, prompt in arms]
     names = list(settings.templates)
     onehot = torch.eye(len(names))[[names.index(name) for name, _, _ in arms]]
     hidden = torch.stack([_mean_hidden(model, p) for p in prompts])
@@ -395,7 +416,9 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
         generated = tokenizer.decode(gen.ids, skip_special_tokens=True)
         # A prompt that ends with the fragment is answered by the text after it: the revealed text is the
         # fragment and its continuation, as the model would reproduce the memorized text (what EL/MA test).
-        text = (fragment + generated if fragment and prompt.endswith(fragment) else generated).strip()
+        # A chat reply starts a new turn: it is the revealed text on its own.
+        continues = fragment and prompt.endswith(fragment) and settings.prompt_format == "none"
+        text = (fragment + generated if continues else generated).strip()
         record = {"query": t, "arm": arm, "template": template, "fragment": fragment, "reward": reward,
                   "novelty": new, **parts, "text": text}
         history.append(record)
@@ -440,7 +463,9 @@ def add_arguments(parser) -> Any:
     parser.add_argument("--selector", default="neural-ucb", help=f"instruction selection: {', '.join(SELECTORS.names())}"
                                                                   " [default: neural-ucb]")
     parser.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
-                        help="an instruction of your own ({fragment} and {description} are filled); repeatable")
+                        help="an instruction of your own ({fragment} and {description} are filled); repeatable. "
+                             "--template chat or none: ask with the tokenizer's chat template (the instruction a "
+                             "user turn; default when the tokenizer has one) or raw text")
     parser.add_argument("--only-templates", default=None, help="keep only these templates (comma-separated names)")
     parser.add_argument("--retain", default=None, help="texts never to collect verbatim (any loku data file)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per generation [default: 48]")
@@ -459,11 +484,12 @@ def run(args) -> int:
 
     request = load_request(args.request)
     templates = dict(BUILTIN_TEMPLATES)
-    for given in args.template:
+    formats = [given for given in args.template if given in PROMPT_FORMATS]
+    for given in (g for g in args.template if g not in PROMPT_FORMATS):
         name, sep, text = given.partition("=")
         if not sep or not name or not text:
             raise ConfigError(f"--template {given!r}: write it NAME=TEXT, e.g. --template 'cite=As written in "
-                              "{description}:'")
+                              "{description}:', or give chat or none (how the model is asked)")
         templates[name] = text
     if args.only_templates:
         keep = [n.strip() for n in args.only_templates.split(",") if n.strip()]
@@ -471,12 +497,19 @@ def run(args) -> int:
         if unknown:
             raise ConfigError(f"--only-templates: unknown template(s) {', '.join(unknown)}; have {', '.join(templates)}")
         templates = {n: templates[n] for n in keep}
+    if len(set(formats)) > 1:
+        raise ConfigError("--template chat and --template none: give one of them")
     settings = RevealSettings(budget=args.budget, selector=args.selector, templates=templates,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              min_reward=args.min_reward, seed=args.seed).validate()
+                              min_reward=args.min_reward, seed=args.seed,
+                              prompt_format=formats[0] if formats else "none").validate()
     retain = load_text_set(args.retain, "retain").texts if args.retain else []
     check_output_dir(args.out, False)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress)
+    if not formats:  # instruct models are asked as they are served
+        from .chat import has_chat_template
+
+        settings.prompt_format = "chat" if has_chat_template(tokenizer) else "none"
     result = reveal(model, tokenizer, request, settings, retain_texts=retain, progress=args.progress)
     out = write_revealed(result, args.out)
     print(f"loku: {len(result['items'])} generations collected from {settings.budget} queries over "

@@ -225,14 +225,16 @@ def model_context(model, cfg: UnlearnConfig) -> int:
 
 
 def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, model=None) -> Sets:
-    """Token ids of each set; question/answer items get the model's TOFU template, the question masked."""
+    """Token ids of each set; question/answer and chat items get ``--template`` (the chat template by default),
+    the prompt masked."""
     overflow = "truncate" if cfg.truncate else "error"
 
     def tok(text_set):
         if text_set is None:
             return data_mod.TokenizedSet([], [])
         return data_mod.tokenize_set(tokenizer, text_set, max_length=context, on_overflow=overflow,
-                                     model_context=not cfg.max_length, model=model)
+                                     model_context=not cfg.max_length, model=model,
+                                     template=cfg.template)
 
     return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation))
 

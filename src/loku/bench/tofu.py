@@ -71,7 +71,7 @@ class TofuBenchConfig:
     methods: list[str] = field(default_factory=lambda: ["lora-ga", "lora-gd", "lora-npo", "lora-ihl", "fila-ihl",
                                                         "full-ga", "full-gd", "npo"])
     ranks: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
-    template: str | None = None
+    template: str | None = "tofu"  # TOFU's own strings (loku.chat): the benchmark reproduces TOFU
     seed: int = 0
     finetune: dict[str, Any] = field(default_factory=dict)  # loku finetune options of target and reference
     unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options of every run
@@ -129,7 +129,7 @@ class TofuBenchConfig:
         from ..config import load_config
 
         values = {**self.unlearn, **self.method_options.get(method, {}), "method": method, "forget": forget,
-                  "retain": retain, "out": out, "model": model, "seed": self.seed,
+                  "retain": retain, "out": out, "model": model, "seed": self.seed, "template": self.template,
                   # TOFU runs a fixed number of epochs: run_one's loop ignores the stop rule; given thresholds
                   # only spare the held-out set it would need
                   "ma_threshold": 0.0, "el_threshold": 0.0}

@@ -10,7 +10,9 @@ family as in TOFU's ``config/model_config.yaml``: ``llama2`` ``"[INST] "``, ``" 
 ``""``; ``phi`` (and ``generic``, TOFU's tags for phi / stablelm / pythia) ``"Question: "``,
 ``"\\n"``, ``"Answer: "`` -- so ``"Answer: "`` is part of the scored answer there, as in TOFU.
 ``chatml`` (SmolLM2, Qwen) is loku's own choice; TOFU had no such model. Greedy generation starts
-from the prompt text encoded on its own, as TOFU's ``run_generation`` does.
+from the prompt text encoded on its own, as TOFU's ``run_generation`` does. ``chat`` (the default when
+the tokenizer has a chat template) scores the items in the model's own chat format instead
+(:class:`loku.chat.ChatTemplate`); ``none`` writes question and answer as given.
 
 Definitions, per QA item, scoring only the answer tokens (the prompt is context):
 
@@ -42,13 +44,16 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from loku.errors import ConfigError, DataError
 from loku.save import atomic_write_text
+
+if TYPE_CHECKING:
+    from loku.chat import ChatTemplate
 
 __all__ = [
     "HUB_DATASET",
@@ -201,6 +206,18 @@ class QATemplate:
     def format_full(self, question: str, answer: str) -> str:
         return self.format_prompt(question) + self.format_answer(answer)
 
+    def token_pair(self, tokenizer: Any, item: Any) -> tuple[list[int], list[int]]:
+        """:func:`qa_token_pair` of a (question, answer) pair or a one-exchange :class:`loku.chat.Conversation`."""
+        from loku.chat import as_pair
+
+        return _tofu_token_pair(tokenizer, self, *as_pair(item, self.name))
+
+    def prompt_ids(self, tokenizer: Any, question: str) -> list[int]:
+        """The prompt text encoded on its own, with special tokens (TOFU's ``run_generation``)."""
+        from loku.lm import encode
+
+        return encode(tokenizer, self.format_prompt(question), special=True)
+
 
 TEMPLATES = {
     # locuslab/tofu config/model_config.yaml, llama2-7b: "[INST] {q} [/INST]{a}" (no space before the answer)
@@ -212,6 +229,8 @@ TEMPLATES = {
     "chatml": QATemplate("chatml", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", ""),
     # any other model: TOFU's tags for its non-Llama families (phi, stablelm, pythia)
     "generic": QATemplate("generic", "Question: ", "\n", "Answer: "),
+    # --template none: question (prompt) and answer (completion) as given, concatenated
+    "none": QATemplate("none", "", "", ""),
 }
 
 #: Version of loku's TOFU scoring conventions (templates above, EOS scored after the answer, split
@@ -220,18 +239,25 @@ TEMPLATES = {
 SCORING_VERSION = 2
 
 
-def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> QATemplate:
-    """The named template, else by tokenizer chat template, else by model type.
+def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> "QATemplate | ChatTemplate":
+    """How question/answer items become tokens: ``--template`` ``name`` (:mod:`loku.chat`).
 
-    ``<|im_start|>`` in the chat template (or vocabulary) -> chatml (SmolLM2, Qwen); ``[INST]`` ->
-    llama2; model type ``phi`` -> phi; model type ``llama`` without a chat template -> llama2
-    (the TOFU Llama-2 fine-tunes); anything else -> generic (``Question: ...\\nAnswer: ...``).
+    ``None`` -> ``chat`` when the tokenizer has a chat template, else ``tofu``. ``chat`` -> the tokenizer's
+    chat template (:class:`loku.chat.ChatTemplate`); a name in :data:`TEMPLATES` -> that one; ``tofu`` -> one of
+    TOFU's strings by tokenizer chat template, then model type: ``<|im_start|>`` in the chat template (or
+    vocabulary) -> chatml (SmolLM2, Qwen); ``[INST]`` -> llama2; model type ``phi`` -> phi; model type
+    ``llama`` without a chat template -> llama2 (the TOFU Llama-2 fine-tunes); anything else -> generic
+    (``Question: ...\\nAnswer: ...``).
     """
-    if name is not None:
-        try:
-            return TEMPLATES[name]
-        except KeyError:
-            raise ConfigError(f"unknown TOFU template {name!r}; choose one of: {', '.join(TEMPLATES)}") from None
+    from loku.chat import chat_template_of, check_template, has_chat_template
+
+    check_template(name)
+    if name is None:
+        name = "chat" if has_chat_template(tokenizer) else "tofu"
+    if name == "chat":
+        return chat_template_of(tokenizer)
+    if name != "tofu":
+        return TEMPLATES[name]
     chat = getattr(tokenizer, "chat_template", None) or ""
     if not isinstance(chat, str):
         chat = json.dumps(chat)
@@ -248,7 +274,14 @@ def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> QATe
     return TEMPLATES["generic"]
 
 
-def qa_token_pair(tokenizer: Any, template: QATemplate, question: str, answer: str) -> tuple[list[int], list[int]]:
+def qa_token_pair(tokenizer: Any, template: "QATemplate | ChatTemplate", question: str,
+                  answer: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, answer_ids)`` of a QA example in ``template`` (its ``token_pair``): for TOFU's strings
+    :func:`_tofu_token_pair`, for the chat template :meth:`loku.chat.ChatTemplate.token_pair`."""
+    return template.token_pair(tokenizer, (question, answer))
+
+
+def _tofu_token_pair(tokenizer: Any, template: QATemplate, question: str, answer: str) -> tuple[list[int], list[int]]:
     """``(prompt_ids, answer_ids)`` exactly as locuslab/tofu builds a QA example.
 
     The full text is tokenised once with the tokenizer's special tokens (BOS where it adds one);
@@ -344,7 +377,7 @@ def answer_nll(
     questions: Sequence[str],
     answers: Sequence[str],
     *,
-    template: QATemplate,
+    template: "QATemplate | ChatTemplate",
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "tofu",
@@ -373,7 +406,7 @@ def evaluate_tofu_split(
     rows: Sequence[dict],
     *,
     role: str,
-    template: QATemplate,
+    template: "QATemplate | ChatTemplate",
     batch_size: int = 8,
     max_new_tokens: int = 128,
     progress: bool = False,
@@ -408,9 +441,7 @@ def evaluate_tofu_split(
     result["prob"] = float(prob.mean())
 
     # TOFU's run_generation re-encodes the prompt text on its own (with special tokens)
-    from loku.lm import encode
-
-    prompts = [encode(tokenizer, template.format_prompt(q), special=True) for q in questions]
+    prompts = [template.prompt_ids(tokenizer, q) for q in questions]
     outs = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress, desc=f"tofu {role} generate")
     generations = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
@@ -463,8 +494,8 @@ def save_reference_log(
     ratios = truth_ratios.tolist() if isinstance(truth_ratios, Tensor) else [float(r) for r in truth_ratios]
     if not ratios or not all(math.isfinite(r) and r > 0 for r in ratios):
         raise ConfigError("reference truth ratios must be a non-empty list of positive finite numbers")
-    if template not in TEMPLATES:
-        raise ConfigError(f"unknown TOFU template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    if template not in (*TEMPLATES, "chat"):
+        raise ConfigError(f"unknown TOFU template {template!r}; choose one of: {', '.join((*TEMPLATES, 'chat'))}")
     payload = {"format": REFERENCE_FORMAT, "version": 2, "scoring_version": SCORING_VERSION,
                "forget_split": forget_split, "template": template, "legacy_300": bool(legacy_300),
                "model": model, "n": len(ratios), "truth_ratios": ratios}
