@@ -14,6 +14,7 @@ from loku import devices
 from loku.cli import main
 from loku.config import UnlearnConfig
 from loku.errors import ConfigError
+from test_trainer import config as trainer_config
 from tiny_models import make_tiny_model, random_sequences
 
 
@@ -31,11 +32,8 @@ def fake_cuda(monkeypatch, *, count: int = 1, bf16: bool = True) -> None:
 
 
 def config(root, out, **kw) -> UnlearnConfig:
-    base = dict(model=str(root / "base"), forget=str(root / "forget.txt"), retain=str(root / "retain.txt"),
-                validation=str(root / "validation.txt"), out=str(out), method="fila-ihl", rank=4, lora_alpha=8,
-                lr=1e-2, batch_size=4, max_epochs=2, progress=False, seed=0)
-    base.update(kw)
-    return UnlearnConfig(**base)
+    """test_trainer's tiny fila-ihl run, two epochs."""
+    return trainer_config(root, out, **{"max_epochs": 2, **kw})
 
 
 # --------------------------------------------------------------------------- device and dtype
@@ -254,3 +252,52 @@ def test_sharded_setups_are_refused_before_loading(kind, memorized, tmp_path, mo
         trainer.prepare(config(memorized, tmp_path / "out"), accelerator=fake)
     for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
         devices.check_distributed(types.SimpleNamespace(distributed_type=DistributedType[supported]))
+
+
+def test_finetune_gradient_checkpointing_gives_the_same_weights(tmp_path, monkeypatch):
+    """loku finetune (docs/algorithms.md §7) with --gradient-checkpointing: the same losses and weights, every
+    layer recomputed in the backward pass."""
+    from transformers.models.llama import modeling_llama
+
+    from loku.finetune import FinetuneConfig, finetune
+    from tiny_models import texts_of, word_tokenizer
+
+    calls = {"n": 0}
+    forward = modeling_llama.LlamaAttention.forward
+
+    def counted(self, *args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counted)
+    (tmp_path / "data.txt").write_text("\n".join(texts_of(random_sequences(8, 12))) + "\n")
+    model, tokenizer = make_tiny_model("llama"), word_tokenizer()
+    results = {}
+    for checkpointing in (False, True):
+        calls["n"] = 0
+        cfg = FinetuneConfig(model="tiny", data=[str(tmp_path / "data.txt")], out=str(tmp_path / str(checkpointing)),
+                             epochs=2, lr=3e-3, batch_size=4, progress=False, gradient_checkpointing=checkpointing)
+        results[checkpointing] = (finetune(cfg, model=model, tokenizer=tokenizer), calls["n"])
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = results[False], results[True]
+    assert checkpointed_calls == 2 * plain_calls > 0
+    for a, b in zip(plain.report["epochs"], checkpointed.report["epochs"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    got = dict(checkpointed.model.named_parameters())
+    for name, param in plain.model.named_parameters():
+        torch.testing.assert_close(got[name], param, atol=1e-5, rtol=1e-4)
+
+
+def test_rank_limit_reads_the_shape_of_a_packed_4bit_weight():
+    """A bitsandbytes 4-bit weight is stored as a (n*m/2, 1) byte column: --rank is checked on the layer's shape."""
+    from loku.models import check_rank
+
+    model = make_tiny_model("llama")
+    layer = model.model.layers[0].self_attn.q_proj
+    shape = layer.weight.shape
+    layer.weight = torch.nn.Parameter(torch.zeros(shape.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    layer.weight.quant_state = types.SimpleNamespace(shape=shape)
+    name = "model.layers.0.self_attn.q_proj"
+    check_rank(model, [name], min(shape))
+    with pytest.raises(ConfigError, match=rf"--rank {min(shape) + 1} is larger than layer {name} allows \(shape "
+                                          rf"\({shape[0]}, {shape[1]}\)\)"):
+        check_rank(model, [name], min(shape) + 1)

@@ -27,6 +27,9 @@ def make_accelerator(device: str | None = "auto"):
     if wanted.type == "cuda" and wanted.index is not None:
         torch.cuda.set_device(wanted)  # accelerate's one-process device is "cuda": the current one
     accelerator = Accelerator(cpu=wanted.type == "cpu" or (launched and not torch.cuda.is_available()))
+    if not launched and accelerator.device.type != wanted.type:  # accelerate's state is one per process
+        raise ConfigError(f"--device {device}: accelerate already runs this process on {accelerator.device}; "
+                          "run each device in its own process")
     check_distributed(accelerator)
     return accelerator
 

@@ -379,13 +379,19 @@ def check_rank(model: nn.Module, target_names: list[str], rank: int) -> None:
         raise ConfigError(f"--rank must be a positive integer, got {rank}")
     modules = dict(model.named_modules())
     # Name the smallest target, so the suggested rank fits every layer, not just the first one.
-    limits = [(min(modules[name].weight.shape), name) for name in target_names]
+    limits = [(min(weight_shape(modules[name])), name) for name in target_names]
     limit, name = min(limits, key=lambda item: item[0], default=(rank, ""))
     if rank > limit:
         raise ConfigError(
-            f"--rank {rank} is larger than layer {name} allows (shape {tuple(modules[name].weight.shape)}); "
+            f"--rank {rank} is larger than layer {name} allows (shape {weight_shape(modules[name])}); "
             f"use --rank {limit} or less, or leave that layer out of --targets"
         )
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of a layer's weight; a bitsandbytes 4-bit weight is stored packed, its shape in its quant_state."""
+    state = getattr(module.weight, "quant_state", None)
+    return tuple(state.shape if state is not None else module.weight.shape)
 
 
 def is_conv1d(module: nn.Module) -> bool:
