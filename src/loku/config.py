@@ -150,11 +150,14 @@ class UnlearnConfig:
         "help": "cpu, cuda, cuda:N, mps or auto (a CUDA GPU when there is one); under accelerate launch each "
                 "process uses its own GPU"})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each layer's activations in the backward pass (less memory, about a third more time)"})
+        "help": "recompute each layer's activations in the backward pass (less memory; each layer runs forward "
+                "twice a step)"})
     load_in_4bit: bool = field(default=False, metadata={
-        "help": "LoRA methods with a Gaussian start: load the base in 4-bit NF4 (QLoRA; bitsandbytes, CUDA)"})
+        "help": "LoRA methods with a Gaussian start: load the base in 4-bit NF4 (QLoRA; bitsandbytes, a CUDA "
+                "GPU, --no-save-model)"})
     load_in_8bit: bool = field(default=False, metadata={
-        "help": "LoRA methods with a Gaussian start: load the base in 8-bit (bitsandbytes, CUDA)"})
+        "help": "LoRA methods with a Gaussian start: load the base in 8-bit (bitsandbytes, a CUDA GPU, "
+                "--no-save-model)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow custom model code named by a local model's config (off by default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
