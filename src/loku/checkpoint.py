@@ -31,7 +31,8 @@ RNG = "rng.safetensors"
 BEST = "best.safetensors"  # the stop rule's chosen state so far, where it keeps one (loku.stop)
 
 # Options that may differ between the killed run and its resumption without changing the result.
-RESUME_MAY_CHANGE = {"max_epochs", "progress", "overwrite", "out", "resume", "report_to", "logging_dir"}
+RESUME_MAY_CHANGE = {"max_epochs", "progress", "overwrite", "out", "resume", "report_to", "logging_dir",
+                     "gradient_checkpointing"}  # the same result, tested
 
 
 def checkpoint_dir(out: str | Path) -> Path:

@@ -202,11 +202,12 @@ def run_unlearn(args: argparse.Namespace) -> int:
         cfg = resumed_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides).validate()
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.device)
     if cfg.reveal is not None:  # the forget sets are generated, round by round (docs/algorithms.md §9)
         from .release import run_release
 
         refuse_sequence(cfg)
+        refuse_quantized_sequence(cfg)
 
         if overrides.get("strategy") is None:
             cfg = dataclasses.replace(cfg, strategy="orthogonal")
@@ -232,6 +233,7 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
     from .requests import unlearn_requests, write_requests
 
     refuse_sequence(cfg)
+    refuse_quantized_sequence(cfg)
     result = unlearn_requests(cfg, accelerator=accelerator, resume=resume)
     if not accelerator.is_main_process:
         return 0
@@ -246,6 +248,18 @@ def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
           f"results in {out}/report.md")
     # Exit 3 when a request failed its own stop rule (every request not forgotten did) or relapsed.
     return 0 if not failed and not relapsed else 3
+
+
+def refuse_quantized_sequence(cfg: UnlearnConfig) -> None:
+    """A sequence of requests (or --reveal) stacks and merges adapters on the base, which a 4/8-bit base cannot take."""
+    from .devices import quantization_of
+    from .errors import ConfigError
+
+    bits = quantization_of(cfg)
+    if bits is not None:
+        raise ConfigError(f"--load-in-{bits} trains the adapter of one request (one --forget, --strategy merge, no "
+                          f"--gate-fpr or --reveal): a sequence folds each adapter into a base that {bits} cannot "
+                          "hold; run the sequence in full precision")
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -149,8 +149,21 @@ class UnlearnConfig:
     eval_data_dir: str | None = suite_option("data_dir")
     eval_limit: int | None = suite_option("limit")
     seed: int = field(default=0, metadata={"help": "random seed", "range": "[0, 4294967295]"})
-    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded and trained in",
-                                                    "choices": DTYPES})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype the model is loaded and trained in; auto: bfloat16 on a CUDA GPU, float32 elsewhere",
+        "choices": ("auto", *DTYPES)})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N, mps or auto (a CUDA GPU when there is one); under accelerate launch each "
+                "process uses its own GPU"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in the backward pass (less memory; each layer runs forward "
+                "twice a step)"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "LoRA methods with a Gaussian start: load the base in 4-bit NF4 (QLoRA; bitsandbytes, a CUDA "
+                "GPU, --no-save-model)"})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "LoRA methods with a Gaussian start: load the base in 8-bit (bitsandbytes, a CUDA GPU, "
+                "--no-save-model)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow custom model code named by a local model's config (off by default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
@@ -238,6 +251,11 @@ class UnlearnConfig:
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
+        from .devices import check_quantization, resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        self.dtype = resolve_dtype(self.dtype, device)  # the report records the dtype the run had
+        check_quantization(self, device)
         check_targets(self.targets)
         from .chat import check_template
 

@@ -8,13 +8,30 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ConfigError
 
-def make_accelerator():
-    """accelerate's Accelerator; a multi-process launch without CUDA runs on CPU processes (gloo)."""
+
+def make_accelerator(device: str | None = "auto"):
+    """accelerate's Accelerator on ``--device`` (loku.devices.resolve_device); a multi-process launch without
+    CUDA runs on CPU processes (gloo). Under a launcher each process takes the GPU accelerate gives it
+    (LOCAL_RANK), so only auto or cpu can be asked for there."""
     from accelerate import Accelerator
 
+    from .devices import check_distributed, resolve_device
+
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=launched and not torch.cuda.is_available())
+    wanted = resolve_device(device)
+    if launched and (device or "auto") not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device}: under accelerate launch / torchrun each process uses the GPU of its "
+                          "LOCAL_RANK; leave --device auto (or cpu)")
+    if wanted.type == "cuda" and wanted.index is not None:
+        torch.cuda.set_device(wanted)  # accelerate's one-process device is "cuda": the current one
+    accelerator = Accelerator(cpu=wanted.type == "cpu" or (launched and not torch.cuda.is_available()))
+    if not launched and accelerator.device.type != wanted.type:  # accelerate's state is one per process
+        raise ConfigError(f"--device {device}: accelerate already runs this process on {accelerator.device}; "
+                          "run each device in its own process")
+    check_distributed(accelerator)
+    return accelerator
 
 
 def step_group_size(one_step_per_epoch: bool, grad_accum: int, n_micro_batches: int, world: int) -> int:

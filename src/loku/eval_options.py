@@ -22,6 +22,7 @@ EXTRA_SUITES = ("attacks",)
 DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
 DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_FORMATS = ("loku", "openunlearning")  # eval.json/eval.md always; openunlearning.json beside them
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements over GPUs and CPU
 
 
 def _parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:
@@ -135,8 +136,14 @@ class EvalCommand:
     suite: list[str] | None = field(default=None, metadata={
         "action": "append", "help": f"suite(s) to run: {', '.join(ALL_SUITES + EXTRA_SUITES)} or all (= "
                                     f"{', '.join(ALL_SUITES)}); repeat or comma-separate [default: all]"})
-    dtype: str = field(default="float32", metadata={
-        "choices": DTYPES, "help": "dtype the model (and --thresholds-from model) is loaded in"})
+    dtype: str = field(default="auto", metadata={
+        "choices": ("auto", *DTYPES), "help": "dtype the model (and --thresholds-from, --reference models) is "
+                                              "loaded in; auto: bfloat16 on a CUDA GPU, float32 elsewhere"})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N, mps or auto (a CUDA GPU when there is one) for every model loaded"})
+    device_map: str | None = field(default=None, metadata={
+        "choices": DEVICE_MAPS,
+        "help": "instead of --device: spread a large model's layers over the GPUs (and the CPU) with accelerate"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow custom model code from the model folder (read it first)"})
     thresholds_from: str | None = field(default=None, metadata={
@@ -171,6 +178,10 @@ class EvalCommand:
     def validate(self) -> "EvalCommand":
         """Every option alone (type, range, choices), then the ones that go together."""
         check_fields(self)
+        from .devices import check_device_map, resolve_device, resolve_dtype
+
+        check_device_map(self.device_map, self.device)
+        self.dtype = resolve_dtype(self.dtype, resolve_device(self.device))  # recorded in eval.json
         if (self.ma_threshold is None) != (self.el_threshold is None):
             raise ConfigError("give both --ma-threshold and --el-threshold, or neither")
         if self.ma_threshold is not None and self.thresholds_from:

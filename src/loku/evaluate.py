@@ -449,6 +449,9 @@ def eval_config(args: argparse.Namespace) -> tuple[EvalCommand, EvalOptions]:
     """The parsed ``loku eval`` flags as the command's and the suites' options, each validated."""
     cmd = EvalCommand(**values_from(EvalCommand, args)).validate()
     opts = EvalOptions(**values_from(EvalOptions, args)).validate()
+    from loku.devices import use_device
+
+    use_device(cmd.device, cmd.device_map)  # every model loku eval loads
     return cmd, opts
 
 

@@ -69,6 +69,10 @@ class FinetuneConfig:
                                     "wandb or trackio (comma-separated or repeated; default none)"})
     logging_dir: str | None = field(default=None, metadata={"help": "--report-to: folder of the logs "
                                                                     "(default: OUT/runs)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, mps or auto (a CUDA GPU when there "
+                                                          "is one); weights stay float32, a GPU computes in bf16"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each layer's activations in the backward pass (less memory, more time)"})
 
     def validate(self) -> "FinetuneConfig":
         if not self.data:
@@ -83,6 +87,9 @@ class FinetuneConfig:
 
         check_template(self.template)
         check_tracking(self)
+        from .devices import resolve_device
+
+        resolve_device(self.device)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +142,7 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     import copy
 
     from .checkpoint import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint, trainable_state
+    from .devices import default_dtype, enable_gradient_checkpointing, resolve_device
     from .lm import IGNORE_INDEX, ensure_pad_token, progress_bar, token_nll
     from .models import load_model
     from .provenance import library_versions, model_fingerprint
@@ -154,8 +162,13 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     tokenized = data_mod.tokenize_set(tokenizer, text_set, max_length=cfg.max_length, model=model,
                                       template=cfg.template)
     pad = ensure_pad_token(tokenizer)
-    model.float().train()
+    device = resolve_device(cfg.device)
+    model.float().to(device).train()
     model.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    # float32 master weights (Adam's small steps), bf16 compute on a GPU that has it (loku.devices.default_dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=default_dtype(device) == "bfloat16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(tokenized) / cfg.batch_size)
     total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
@@ -184,7 +197,9 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
                                   enabled=cfg.progress):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, warmup, total)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll = token_nll(logits, batch["labels"])
             tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             loss = nll.sum() / max(tokens, 1)

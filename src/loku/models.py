@@ -220,8 +220,15 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    device_map: str | None = None,
+    quantization: str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a built-in name, local folder or hub id (safetensors only).
+
+    The model ends on ``device`` (default: the benches' ``--device``, loku.devices.use_device, else the
+    CPU); ``device_map`` (``auto``, ...) lets accelerate spread it over the GPUs and the CPU instead;
+    ``quantization`` (``"4bit"``/``"8bit"``, checked by loku.devices.check_quantization) loads the
+    weights through bitsandbytes straight onto ``device``, ``dtype`` being the compute dtype.
 
     ``adapter`` is a loku adapter folder (``OUT/adapter``): the residual base weights stored with
     it replace the targeted weights before the LoRA adapter is attached (docs/algorithms.md §3).
@@ -233,6 +240,14 @@ def load_model(
     check_remote_code(path, trust_remote_code)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     check_weight_files(path)
+    from .devices import bitsandbytes_config, default_placement
+
+    if device is None and device_map is None:
+        device, device_map = default_placement()
+    placement: dict = {"device_map": device_map} if device_map else {}
+    if quantization is not None:
+        placement = {"device_map": {"": device or "cuda"},
+                     "quantization_config": bitsandbytes_config(quantization, str(torch_dtype).split(".")[-1])}
     report = _LoadReport()
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addFilter(report)
@@ -241,6 +256,7 @@ def load_model(
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
                 output_loading_info=True, ignore_mismatched_sizes=True,  # refused below, in one line
+                **placement,
             )
     except OSError as err:
         raise ModelError(f"{path}: could not load the model ({_first_line(err)})") from None
@@ -266,7 +282,7 @@ def load_model(
                          "tokenizer.json / tokenizer_config.json, or download the model again") from None
     if adapter is not None:
         model = attach_saved_adapter(model, adapter)
-    if device is not None:
+    if device is not None and not placement:
         model.to(device)
     return model.eval(), tokenizer
 
@@ -363,13 +379,19 @@ def check_rank(model: nn.Module, target_names: list[str], rank: int) -> None:
         raise ConfigError(f"--rank must be a positive integer, got {rank}")
     modules = dict(model.named_modules())
     # Name the smallest target, so the suggested rank fits every layer, not just the first one.
-    limits = [(min(modules[name].weight.shape), name) for name in target_names]
+    limits = [(min(weight_shape(modules[name])), name) for name in target_names]
     limit, name = min(limits, key=lambda item: item[0], default=(rank, ""))
     if rank > limit:
         raise ConfigError(
-            f"--rank {rank} is larger than layer {name} allows (shape {tuple(modules[name].weight.shape)}); "
+            f"--rank {rank} is larger than layer {name} allows (shape {weight_shape(modules[name])}); "
             f"use --rank {limit} or less, or leave that layer out of --targets"
         )
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of a layer's weight; a bitsandbytes 4-bit weight is stored packed, its shape in its quant_state."""
+    state = getattr(module.weight, "quant_state", None)
+    return tuple(state.shape if state is not None else module.weight.shape)
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -387,7 +387,7 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
         forget_sets = [_earlier_set(f) for f in previous.forget_files] + forget_sets
         first = configs[0]
     seq_cfg = dataclasses.replace(first, out=out)
-    accelerator = accelerator or dist.make_accelerator()
+    accelerator = accelerator or dist.make_accelerator(first.device)
     ckpt = checkpoint_dir(out)
     if accelerator.is_main_process and not resume:
         guard_output(seq_cfg)

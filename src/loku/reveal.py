@@ -474,7 +474,13 @@ def add_arguments(parser) -> Any:
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and selection [default: 0]")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off: safe)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return parser
+    from .eval_options import DTYPES
+
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="dtype the model is loaded in; auto: bfloat16 on a CUDA GPU, float32 elsewhere")
+    from .devices import add_device_arguments
+
+    return add_device_arguments(parser, device_map=True)
 
 
 def run(args) -> int:
@@ -482,6 +488,9 @@ def run(args) -> int:
     from .models import load_model
     from .save import check_output_dir
 
+    from .devices import resolve_dtype, use_device
+
+    device = use_device(args.device, args.device_map)
     request = load_request(args.request)
     templates = dict(BUILTIN_TEMPLATES)
     formats = [given for given in args.template if given in PROMPT_FORMATS]
@@ -505,7 +514,8 @@ def run(args) -> int:
                               prompt_format=formats[0] if formats else "none").validate()
     retain = load_text_set(args.retain, "retain").texts if args.retain else []
     check_output_dir(args.out, False)
-    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress)
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress,
+                                  dtype=resolve_dtype(args.dtype, device))
     if not formats:  # instruct models are asked as they are served
         from .chat import has_chat_template
 

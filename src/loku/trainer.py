@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import devices
 from . import distributed as dist
 from . import measure
 from . import tracking
@@ -163,13 +164,15 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         raise ConfigError(f"several --forget files ({', '.join(cfg.forget_files())}) are a sequence of deletion "
                           "requests: run them with loku.requests.unlearn_requests (`loku unlearn` does)")
     set_seed(cfg.seed)
-    accelerator = accelerator or dist.make_accelerator()
+    accelerator = accelerator or dist.make_accelerator(cfg.device)
+    devices.check_distributed(accelerator)
     if accelerator.is_main_process and cfg.out and not resume:
         guard_output(cfg)
     forget_set, retain_set, validation_set = load_sets(cfg)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
-                                      progress=cfg.progress)
+                                      progress=cfg.progress, quantization=devices.quantization_of(cfg),
+                                      device=accelerator.device)
     else:
         model = copy.deepcopy(model)
         if master_dtype(cfg) == "float32":
@@ -180,7 +183,7 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     fingerprint = model_fingerprint(model)
     checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint) if resume else None
-    model.to(accelerator.device).eval()
+    devices.place(model, accelerator.device).eval()
     eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
                     "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}
     # A resumed run re-logs the steps after its checkpoint: the killed run's later events are purged.
@@ -309,6 +312,8 @@ def adapt(run: Run) -> None:
     run.model, run.targets, run.init_stats, run.residual = adapt_model(
         run.model, cfg, dist.shard(fisher_forget, run.accelerator), dist.shard(fisher_retain, run.accelerator),
         run_initializer=run.checkpoint is None)
+    if cfg.gradient_checkpointing:  # after the initialiser: its Fisher pass keeps its own activations
+        devices.enable_gradient_checkpointing(run.model)
     if uses_fisher(cfg):
         run.fisher_tokens = measure.token_count(fisher_forget) + measure.token_count(fisher_retain)
         run.init_stats["fisher_sequences"] = {name: sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -389,6 +394,9 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     from peft import LoraConfig, get_peft_model
 
     from .fisher import fisher_memory_budget
+
+    if getattr(model, "is_quantized", False):  # --load-in-4bit/8bit: norms in float32, input gradients
+        model = devices.prepare_quantized(model, cfg.gradient_checkpointing)
     from .initializers import INITIALIZERS, InitContext, apply_initializer
 
     targets = resolve_targets(model, cfg.targets)
@@ -433,6 +441,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     sums: dict[str, float] = {}
     micro_batches = 0
     model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
+    devices.checkpointed_layers_train(model)  # --gradient-checkpointing: only in training mode (transformers)
     for share in steps:
         run.optimizer.zero_grad(set_to_none=True)
         step_sums: dict[str, float] = {}

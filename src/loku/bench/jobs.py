@@ -68,7 +68,8 @@ def run_in_processes(cfg, out: Path, jobs: int, *, say: Callable[[str], None], p
 def _pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
     """``jobs`` spawned workers (no fork of a process holding models and threads), one share of the cores each."""
     return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_start_worker, initargs=(threads_per_job(jobs),))
+                                                  initializer=_start_worker, initargs=(threads_per_job(jobs),
+                                                                                       _device_name()))
 
 
 def _succeeded(future: concurrent.futures.Future, name: str, failures: list[str]) -> bool:
@@ -107,6 +108,9 @@ def add_common_arguments(parser, bench: str, cached: str) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and epochs (seconds on a tiny model; CI)")
     parser.add_argument("--report-only", action="store_true", help="only write the results of the finished runs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages")
+    from ..devices import add_device_arguments
+
+    add_device_arguments(parser)  # every model the bench loads, plants, unlearns and measures
 
 
 def finish_command(bench: str, summary: dict, out: str, report_only: bool) -> int:
@@ -146,6 +150,9 @@ def run_bench_command(args, bench: str, load_config: Callable, run_bench: Callab
     ``overrides`` laid over), run in ``--out`` (default runs/bench-BENCH-NAME), the exit code."""
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    from ..devices import use_device
+
+    use_device(args.device)
     cfg = load_config(args.config, {"model": args.model, "seed": args.seed, "data_dir": args.data_dir,
                                     "cache_dir": args.cache_dir, **overrides}, smoke=args.smoke)
     out = args.out or f"runs/bench-{bench}-{cfg.name}"
@@ -183,10 +190,20 @@ def per_worker(key: Any, make: Callable[[], Any]) -> Any:
     return _shared["value"]
 
 
-def _start_worker(threads: int) -> None:
+def _device_name() -> str:
+    """The bench's --device, handed to the spawned workers (they start without it)."""
+    from ..devices import default_placement
+
+    return str(default_placement()[0] or "auto")
+
+
+def _start_worker(threads: int, device: str = "auto") -> None:
     import torch
 
+    from ..devices import use_device
+
     torch.set_num_threads(threads)
+    use_device(device)
 
 
 def _task(cfg, out: str, model_name: str, split: str | None, method: str | None, progress: bool) -> None:

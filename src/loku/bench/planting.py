@@ -285,6 +285,9 @@ def load_planted(folder: str | Path, expected: dict[str, Any]):
                                    f"not the planting asked for; delete the folder (or choose another cache folder) "
                                    "to plant again")
     model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32).eval()
+    from ..devices import default_placement, place
+
+    place(model, default_placement()[0])  # the bench's --device, where the original is
     if meta.get("planted_fingerprint") and not fingerprints_match(meta["planted_fingerprint"], model):
         raise PlantedCacheMismatch(f"{folder}: the weights are not the ones this cache saved (fingerprint differs); "
                                    "delete the folder to plant again")

@@ -835,7 +835,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--report-only", action="store_true",
                         help="only write results.json / results.md / plots from the finished results in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress messages and bars")
-    return parser
+    from ..devices import add_device_arguments
+
+    return add_device_arguments(parser)  # every model the bench loads, plants, unlearns and measures
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -848,8 +850,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """``loku bench tdec``: 0 when every (model, split, method) has a result."""
+    from ..devices import use_device
     from .jobs import command_line, finish_command
 
+    use_device(args.device)
     cfg = config_from_args(args)
     out = args.out or f"runs/bench-tdec-{cfg.name}"
     if args.jobs < 1:
