@@ -167,7 +167,12 @@ def target_weights(model, peft: bool) -> dict[str, nn.Parameter]:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neo", "gpt2"])
 @pytest.mark.parametrize("peft", [False, True])
-def test_one_pass_per_sample_fisher_equals_the_per_sequence_autograd_reference(arch, peft):
+@pytest.mark.parametrize("tile", [None, 100])
+def test_one_pass_per_sample_fisher_equals_the_per_sequence_autograd_reference(arch, peft, tile, monkeypatch):
+    """tile=100: the per-sample gradients in blocks of 1-3 rows (a last, shorter block included), as
+    SmolLM2-sized layers take them; None: the tiny layers fit one block."""
+    if tile is not None:
+        monkeypatch.setattr("loku.fisher.TILE_ELEMENTS", tile)
     model, weights = target_weights(make_tiny_model(arch), peft)
     norm = next(n for n, p in model.named_parameters() if p.dim() == 1 and ("norm" in n or "ln_" in n))
     params = {**weights, norm: dict(model.named_parameters())[norm]}  # not a Linear weight: the loop path

@@ -42,6 +42,7 @@ from .losses import IGNORE_INDEX
 from .models import is_conv1d
 
 FISHER_MODES = ("per_sample", "batch", "per_sample_loop")
+TILE_ELEMENTS = 1 << 17  # per-sample gradient block of the hooked pass: 512 KB of float32, about half an L2
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -170,17 +171,26 @@ class _PerSampleHooks:
             # Padding positions carry no loss, so G is 0 there; masking both also keeps NaN/inf junk out.
             keep = self.mask[:, :, None]
             x, g = torch.where(keep, x, 0), torch.where(keep, g, 0)
-        conv = is_conv1d(layer)
+        # dL(x_b)/dW = sum_t G_b[t]^T X_b[t]: [out, in] for Linear, [in, out] for Conv1D (its storage),
+        # i.e. left[b] @ right[b] with left [B, rows, T] and right [B, T, cols] in the buffer's layout.
+        left, right = (x.transpose(1, 2), g) if is_conv1d(layer) else (g.transpose(1, 2), x)
         second, first = self.second[name], None if self.first is None else self.first[name]
-        grad = torch.empty_like(second)
-        # One GEMM per sequence into a reused buffer and a fused square-add: on CPU a batched bmm into
-        # [B, out, in] followed by square and sum ran at half the GEMM speed plus two passes over B copies.
-        for b in range(x.shape[0]):
-            # dL(x_b)/dW = sum_t G_b[t]^T X_b[t]: [out, in] for Linear, [in, out] for Conv1D (its storage).
-            torch.mm(x[b].T, g[b], out=grad) if conv else torch.mm(g[b].T, x[b], out=grad)
-            if first is not None:
-                first.add_(grad)
-            second.addcmul_(grad, grad)
+        # One GEMM per sequence and block of rows into a reused buffer and a fused square-add. Blocks of
+        # TILE_ELEMENTS keep the buffer and the block of sums in cache across the batch's sequences (a
+        # weight-sized buffer went to memory and back once per sequence: ~25% slower on SmolLM2's
+        # layers); on CPU a batched bmm into [B, out, in] ran at half the GEMM speed. On an accelerator
+        # one block (fewer, larger kernels).
+        step = max(1, TILE_ELEMENTS // second.shape[1]) if second.device.type == "cpu" else second.shape[0]
+        buffer = torch.empty((min(step, second.shape[0]), second.shape[1]), dtype=second.dtype, device=second.device)
+        for start in range(0, second.shape[0], step):
+            rows = slice(start, start + step)
+            block = second[rows]
+            grad = buffer[: block.shape[0]]
+            for b in range(x.shape[0]):
+                torch.mm(left[b, rows], right[b], out=grad)
+                if first is not None:
+                    first[rows].add_(grad)
+                block.addcmul_(grad, grad)
 
 
 # --------------------------------------------------------------------------- the autograd passes

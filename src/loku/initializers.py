@@ -122,7 +122,12 @@ def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, 
     b = (u / (d + eps * d.max())[:, None]) * root
     b[d == 0] = 0
     a = root[:, None] * vh
-    return a, b, w - scaling * (b @ a)
+    return a, b, torch.addmm(w, b, a, alpha=-scaling)  # W - s*B@A in one pass, no weight-sized temporaries
+
+
+def _row_weighted_norm(matrix: Tensor, fisher_rel: Tensor) -> Tensor:
+    """||D M||_F from the row norms of M (no weighted copy): ||D (W - sBA)|| is ||D W_res||."""
+    return torch.linalg.vector_norm(row_weights(fisher_rel) * torch.linalg.vector_norm(matrix.float(), dim=1))
 
 
 def weighted_error(weight: Tensor, fisher_rel: Tensor, approximation: Tensor) -> Tensor:
@@ -197,9 +202,7 @@ def _fila_per_layer(layers: dict[str, nn.Module], relative_of: Callable[[str], t
         sizes[name] = _dense_weight(layer).numel()
         w = _as_out_in(layer, _dense_weight(layer).detach()).float()
         a, b, w_res = fila_factors(w, rel, layer.r[ADAPTER], layer.scaling[ADAPTER], svd=ctx.svd)
-        d = row_weights(rel)[:, None]
-        # ||D (W - sBA)|| is ||D W_res||: no second B @ A product.
-        errors[name] = float(torch.linalg.norm(d * w_res) / torch.linalg.norm(d * w).clamp(min=1e-30))
+        errors[name] = float(_row_weighted_norm(w_res, rel) / _row_weighted_norm(w, rel).clamp(min=1e-30))
         _install(layer, a, b, w_res)
     overall = sum(shares[n] * sizes[n] for n in shares) / max(sum(sizes.values()), 1)
     return {"eps_dominated_share": overall, "eps_dominated_share_per_layer": shares,
