@@ -6,6 +6,7 @@ residual W_res = W - s*B@A, so the model computes exactly what it did before (up
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -84,10 +85,21 @@ def _top_gram_eigenvectors(m: Tensor, k: int) -> Tensor:
     if gram.device.type == "cpu" and k < n:
         import scipy.linalg
 
-        _, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr",
-                                       overwrite_a=True, check_finite=False)
+        # scipy's OpenBLAS keeps its own thread pool beside torch's OpenMP one: one thread, so that the
+        # two do not fight over the cores (spinning OpenBLAS workers slow torch's next products).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            _, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr",
+                                           overwrite_a=True, check_finite=False)
         return torch.from_numpy(vectors)
     return torch.linalg.eigh(gram)[1][:, -k:]
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (built once: it scans them)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _refine(m: Tensor, basis: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
