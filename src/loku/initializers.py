@@ -112,7 +112,13 @@ def _refine(m: Tensor, basis: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor
     """
     q = torch.linalg.qr(m.T @ (m @ basis)).Q
     u, s, wh = torch.linalg.svd(m @ q, full_matrices=False)
-    return u[:, :rank], s[:rank], (q @ wh.T[:, :rank]).T
+    u, vh = u[:, :rank], (q @ wh.T[:, :rank]).T
+    # LAPACK's signs are arbitrary, and these (syevr's, then QR's and the SVD's) flipped with rounding-level
+    # changes of the input, e.g. a Fisher summed in another order across processes: the same start up to
+    # the sign of a component, but not the same tensors. Fix them: each right vector's largest entry > 0.
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))
+    signs[signs == 0] = 1
+    return u * signs.T, s[:rank], vh * signs
 
 
 def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, *, svd: str = "exact",
