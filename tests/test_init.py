@@ -222,7 +222,7 @@ def relative(x: torch.Tensor, y: torch.Tensor) -> float:
 @pytest.mark.parametrize("gap", [1e-1, 1e-3])
 def test_fast_exact_svd_matches_float64_where_singular_values_crowd_the_cut(shape, gap):
     """§3's exact SVD: the float32 Gram subset eigh + float64 refinement gives the rank-r approximation
-    of float64 LAPACK to float32 rounding, even when s_r and s_r+1 are 1e-3 apart with s_1 = 30 (the
+    of float64 LAPACK to float32 rounding, even when s_r and s_r+1 are 2e-3 apart with s_1 = 30 (the
     float32 Gram alone is off by ~1e-4 there: its rounding is eps32 * s_1^2). Also against exact64."""
     r, k = 8, min(shape)
     values = torch.cat([torch.linspace(30, 1 + gap, r, dtype=torch.float64), torch.tensor([1 - gap], dtype=torch.float64),

@@ -40,8 +40,8 @@ def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Ten
     are computed, by LAPACK's syevr on CPU), then one float64 subspace-iteration step with a
     Rayleigh-Ritz solve on that subspace (``_refine``). The float32 Gram alone loses the singular
     vectors where singular values sit close together (its rounding is eps32 * s_1^2); the float64
-    step puts them back, so the result agrees with ``exact64`` to float32 rounding (tested) at about
-    a third of its cost on CPU. ``exact64``: the whole eigendecomposition of the Gram matrix in
+    step puts them back, so the result agrees with ``exact64`` to float32 rounding (tested) at under
+    half its cost on CPU. ``exact64``: the whole eigendecomposition of the Gram matrix in
     float64 (the reference, the previous default). ``lowrank``: randomized (``torch.svd_lowrank``),
     approximate.
     """
