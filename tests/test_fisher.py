@@ -311,16 +311,3 @@ def test_relative_row_sums_refuse_a_non_finite_fisher_naming_the_weight(role):
     sums[role][1, 2] = float("inf")  # an inf retain entry would otherwise vanish from the ratio as 0
     with pytest.raises(TrainingDiverged, match=rf"Fisher of layer\.q \(Fisher \({role}\)\)"):
         relative_fisher_rows(sums["forget"], torch.tensor(2.0), sums["retain"], torch.tensor(2.0), name="layer.q")
-
-
-def test_fisher_loss_is_the_summed_token_nll_of_each_sequence():
-    """The pass's loss layout (no shifted copy of the logits) gives token_nll's per-sequence sums (§2, Eq. 2)."""
-    from loku.fisher import _forward_loss
-    from loku.lm import token_nll
-
-    model = make_tiny_model("gpt_neo")
-    for data in padded_batches(batch_size=4):
-        with torch.no_grad():
-            expected = token_nll(model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits,
-                                 data["labels"]).sum(dim=1)
-            torch.testing.assert_close(_forward_loss(model, data), expected, rtol=1e-6, atol=1e-6)

@@ -287,7 +287,7 @@ def test_fila_fisher_without_the_fresh_lora_branch_changes_no_number(arch, monke
 def test_fast_fila_start_overlaps_the_exact_start_on_smollm2(shared_data):
     """Issue 24 on a real model (SmolLM2-135M, the demo's 8 TDEC forget texts and a retain sample of 8,
     64 tokens): the default start's adapter subspaces overlap the float64 reference start's by >= 0.99
-    in every layer (measured 0.9999+), so the epochs to the stop rule do not move."""
+    in every layer and B@A agrees to float32 rounding, so the epochs to the stop rule do not move."""
     import copy
     import importlib.util
     from pathlib import Path
@@ -316,9 +316,11 @@ def test_fast_fila_start_overlaps_the_exact_start_on_smollm2(shared_data):
         qx, qy = torch.linalg.qr(x)[0], torch.linalg.qr(y)[0]
         return float((qx.T @ qy).square().sum() / x.shape[1])
 
-    worst = min(min(overlap(a.T, a64.T), overlap(b, b64))
-                for (a, b), (a64, b64) in zip(starts["exact"].values(), starts["exact64"].values()))
-    assert worst >= 0.99, worst
+    pairs = list(zip(starts["exact"].values(), starts["exact64"].values()))
+    worst = min(min(overlap(a.T, a64.T), overlap(b, b64)) for (a, b), (a64, b64) in pairs)
+    assert worst >= 0.99, worst  # measured 1 - 3e-13
+    # and the adapters' products agree to float32 rounding (measured <= 7e-7)
+    assert max(relative(b @ a, b64 @ a64) for (a, b), (a64, b64) in pairs) < 1e-5
 
 
 def test_fast_exact_svd_factors_do_not_flip_sign_under_rounding_level_changes():
