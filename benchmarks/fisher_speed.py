@@ -32,7 +32,7 @@ Also measured: the share of relative-Fisher entries where eps = 1e-5 dominates (
 two layers, for the paper's per-sequence SUM loss and the old per-sequence MEAN loss, on the first
 ``--share-sequences`` (6) forget and retain texts.
 
-    OMP_NUM_THREADS=2 python benchmarks/fisher_speed.py --threads 2 --skip-full-retain  # -> results/fisher_speed_cpu.json
+    OMP_NUM_THREADS=2 python benchmarks/fisher_speed.py --threads 2 --skip-full-retain  # -> results/...cpu.json
     python benchmarks/fisher_speed.py --smoke                          # tiny random Llama, seconds
 """
 from __future__ import annotations
