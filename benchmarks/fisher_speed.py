@@ -15,14 +15,24 @@ Measured, in one run:
 * FILA's initialisation as the trainer runs it (``adapt_model``: both Fishers + the exact SVD), and
   the same from all 128 retain texts (the old default), with how much the two starting adapters
   agree (subspace overlaps of A's rows and B's columns, relative difference of B@A);
+* the exact start (the same Fisher, ``--svd exact64``: all eigenvectors of the float64 Gram matrices,
+  the previous default) and how much the default start agrees with it (subspace overlaps, target >= 0.99);
 * one training epoch (IHL on forget + NLL on retain, AdamW, LoRA rank 16 on QV+FFN, as the trainer),
-  so FILA init / epoch can be read off (issue target: at most 2).
+  so FILA init / epoch can be read off (issue 24's target: at most 1).
+
+Load: the 1-minute load average is read before the run, every 2 s during it and after it. The run
+is marked ``busy`` (and its ratios ``valid: false``, printed as NOT VALID) when the load before it
+exceeds 0.5 (someone else was running: the benchmark's own threads have not started yet), or when
+the load during or after it exceeds the benchmark's own torch threads + 0.5 (others joined in; the
+1-minute average of a run that has the machine to itself tends to its thread count). CPU seconds of
+the process are recorded beside wall seconds; their ratio is less disturbed by other processes, but
+only an idle machine gives the figure to quote.
 
 Also measured: the share of relative-Fisher entries where eps = 1e-5 dominates (F_retain < eps) on
 two layers, for the paper's per-sequence SUM loss and the old per-sequence MEAN loss, on the first
 ``--share-sequences`` (6) forget and retain texts.
 
-    OMP_NUM_THREADS=2 python benchmarks/fisher_speed.py --threads 2   # -> benchmarks/results/fisher_speed_cpu.json
+    OMP_NUM_THREADS=2 python benchmarks/fisher_speed.py --threads 2 --skip-full-retain  # -> results/...cpu.json
     python benchmarks/fisher_speed.py --smoke                          # tiny random Llama, seconds
 """
 from __future__ import annotations
@@ -31,6 +41,8 @@ import argparse
 import os
 import statistics
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +64,11 @@ def parse_args(argv=None):
                    help="batch size of the one-pass Fisher (default 16; the old loop does one sequence at a time)")
     p.add_argument("--skip-full-retain", action="store_true",
                    help="skip FILA init from the whole retain set (its cost and its agreement with the sample)")
+    p.add_argument("--skip-exact", action="store_true",
+                   help="skip the exact (--svd exact64) start and the overlap of the default start with it")
+    p.add_argument("--idle-load", type=float, default=0.5,
+                   help="1-minute load average above which (before the run; during/after: above the run's own "
+                        "threads plus this) the run is marked busy and its ratios not valid (default 0.5)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2, help="timed training epochs (mean reported; default 2)")
     p.add_argument("--share-sequences", type=int, default=6)
@@ -102,12 +119,44 @@ def load(args):
     return model.eval(), ids["forget"], ids["retain"], tokenizer.pad_token_id, source
 
 
-def config(args):
+def config(args, svd: str = "exact"):
     from loku.config import UnlearnConfig
 
     return UnlearnConfig(forget="benchmark", retain="benchmark", out="benchmark", method="fila-ihl", rank=args.rank,
                          lora_alpha=2.0 * args.rank, targets="qv-ffn", batch_size=args.batch_size,
-                         fisher_eps=args.eps, seed=args.seed, progress=False)
+                         fisher_eps=args.eps, seed=args.seed, progress=False, svd=svd)
+
+
+# --------------------------------------------------------------------------- machine load
+
+
+class LoadMonitor:
+    """The 1-minute load average before, during (sampled every ``every`` s) and after the run."""
+
+    def __init__(self, every: float = 2.0):
+        self.before = os.getloadavg()[0]
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def finish(self, own_threads: int, idle: float) -> dict:
+        """The record; busy when others ran before (load > idle) or joined in (load > own_threads + idle)."""
+        self._stop.set()
+        self._thread.join()
+        after = os.getloadavg()[0]
+        peak = max([*self.samples, after])
+        reasons = []
+        if self.before > idle:
+            reasons.append(f"load {self.before:.2f} before the run > {idle}")
+        if peak > own_threads + idle:
+            reasons.append(f"load up to {peak:.2f} during/after the run > its {own_threads} thread(s) + {idle}")
+        return {"before": self.before, "after": after, "max_during": peak, "samples": len(self.samples),
+                "own_threads": own_threads, "idle_threshold": idle, "busy": bool(reasons), "busy_reasons": reasons}
 
 
 # --------------------------------------------------------------------------- phases
@@ -240,7 +289,7 @@ def run(args) -> dict:
     from loku.models import resolve_targets
     from loku.trainer import adapt_model, fisher_retain_sample
 
-    load_before = os.getloadavg()[0]
+    monitor = LoadMonitor()
     model, forget_ids, retain_ids, pad, source = load(args)
     cfg = config(args)
     targets = resolve_targets(model, cfg.targets)
@@ -273,9 +322,19 @@ def run(args) -> dict:
     del new, old
 
     print("[fisher_speed] FILA init, default (retain sample) ...", file=sys.stderr, flush=True)
+    cpu = time.process_time()
     sampled_model, _, stats, _ = adapt_model(copy.deepcopy(model), cfg, forget, retain)
     record["fila_init"] = {"fisher_seconds": stats["seconds"]["fisher"], "svd_seconds": stats["seconds"]["svd"],
-                           "svd": cfg.svd, "eps_dominated_share": stats["eps_dominated_share"], "rank": args.rank}
+                           "cpu_seconds": time.process_time() - cpu, "svd": cfg.svd,
+                           "eps_dominated_share": stats["eps_dominated_share"], "rank": args.rank}
+    if not args.skip_exact:
+        print("[fisher_speed] FILA init, exact start (--svd exact64) ...", file=sys.stderr, flush=True)
+        exact_model, _, exact_stats, _ = adapt_model(copy.deepcopy(model), config(args, "exact64"), forget, retain)
+        record["fila_init_exact"] = {"fisher_seconds": exact_stats["seconds"]["fisher"],
+                                     "svd_seconds": exact_stats["seconds"]["svd"], "svd": "exact64"}
+        # The issue's condition: the default start's adapter subspaces overlap the exact start's by >= 0.99.
+        record["agreement_default_vs_exact"] = agreement(adapters(sampled_model), adapters(exact_model))
+        del exact_model
     if not args.skip_full_retain:
         print(f"[fisher_speed] FILA init with all {len(retain_ids)} retain texts (agreement) ...", file=sys.stderr,
               flush=True)
@@ -294,18 +353,24 @@ def run(args) -> dict:
     record["svd_seconds_lapack_float32_all_targets"] = time.perf_counter() - start
     record["memory_plan_llama2_7b"] = memory_plan_llama2_7b()
     print("[fisher_speed] training epochs ...", file=sys.stderr, flush=True)
+    cpu = time.process_time()
     epochs = train_epochs(sampled_model, cfg, forget_ids, retain_ids, pad, args.epochs)
     record["epoch"] = {"seconds": epochs, "mean_seconds": statistics.mean(epochs),
+                       "mean_cpu_seconds": (time.process_time() - cpu) / len(epochs),
                        "optimizer_steps": -(-len(forget_ids) // args.batch_size)}
 
     epoch = record["epoch"]["mean_seconds"]
     init = record["fila_init"]["fisher_seconds"] + record["fila_init"]["svd_seconds"]
-    record["ratios"] = {"new_over_old": new_seconds / old_seconds, "fila_init_over_epoch": init / epoch}
+    record["ratios"] = {"new_over_old": new_seconds / old_seconds, "fila_init_over_epoch": init / epoch,
+                        "fila_init_over_epoch_cpu": record["fila_init"]["cpu_seconds"]
+                        / record["epoch"]["mean_cpu_seconds"]}
     if "fila_init_full_retain" in record:
         full = record["fila_init_full_retain"]
         record["ratios"]["fila_init_full_retain_over_epoch"] = (full["fisher_seconds"] + full["svd_seconds"]) / epoch
-    # Other processes on the machine slow every phase unevenly: the 1-minute load average, before and after.
-    record["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    # Other processes on the machine slow every phase unevenly: a ratio from a busy machine is not a result.
+    record["load_average_1min"] = monitor.finish(torch.get_num_threads(), args.idle_load)
+    record["busy"] = record["load_average_1min"]["busy"]
+    record["ratios"]["valid"] = not record["busy"]
     return record
 
 
@@ -331,17 +396,28 @@ def main(argv=None) -> int:
             [f"Fisher, new: one pass (batch {r['fisher_batch_size']})", f"{r['fisher_new_one_pass']['seconds']:.2f}",
              r["fisher_new_one_pass"]["backward_passes"]],
             ["FILA init: Fisher (new, in adapt_model)", f"{r['fila_init']['fisher_seconds']:.2f}", ""],
-            ["FILA init: SVD (exact)", f"{r['fila_init']['svd_seconds']:.2f}", ""],
+            [f"FILA init: solve ({r['fila_init']['svd']})", f"{r['fila_init']['svd_seconds']:.2f}", ""],
             ["one fila-ihl epoch (mean)", f"{r['epoch']['mean_seconds']:.2f}", r["epoch"]["optimizer_steps"]]]
+    if "fila_init_exact" in r:
+        rows.insert(4, ["FILA init, exact start: solve (exact64)", f"{r['fila_init_exact']['svd_seconds']:.2f}", ""])
     if "fila_init_full_retain" in r:
         full = r["fila_init_full_retain"]
         rows.insert(4, [f"FILA init, all {r['sequences']['retain_set']} retain texts: Fisher + SVD",
                         f"{full['fisher_seconds'] + full['svd_seconds']:.2f}", ""])
     common.print_table(["phase", "seconds", "backward passes"], rows)
-    ratios = r["ratios"]
+    ratios, load = r["ratios"], r["load_average_1min"]
+    if r["busy"]:
+        print("NOT VALID: the machine was busy (" + "; ".join(load["busy_reasons"]) + "): the ratios below are "
+              "recorded with valid=false; rerun on an idle machine")
     print(f"new/old: {ratios['new_over_old']:.3f}; FILA init / epoch: {ratios['fila_init_over_epoch']:.2f}"
+          f" (CPU seconds: {ratios['fila_init_over_epoch_cpu']:.2f})"
           + (f" (all retain texts: {ratios['fila_init_full_retain_over_epoch']:.1f})"
-             if "fila_init_full_retain_over_epoch" in ratios else ""))
+             if "fila_init_full_retain_over_epoch" in ratios else "")
+          + (" [NOT VALID: busy machine]" if r["busy"] else ""))
+    if "agreement_default_vs_exact" in r:
+        agree = r["agreement_default_vs_exact"]["summary"]
+        print("default vs exact start: " + ", ".join(f"{k} mean {v['mean']:.6f} (min {v['min']:.6f})"
+                                                     for k, v in agree.items()))
     print("max relative difference new vs old: " + ", ".join(
         f"{k} {v['max']:.2e}" for k, v in r["max_relative_difference_new_vs_old"].items()))
     if "agreement_sample_vs_full_retain" in r:
@@ -352,8 +428,9 @@ def main(argv=None) -> int:
     print(f"Llama-2-7B QV+FFN: Fisher buffers {plan['fisher_bytes_forget_plus_retain'] / 1e9:.1f} GB; on an 80 GB GPU "
           f"(bf16 model {plan['model_bytes_bf16'] / 1e9:.1f} GB) in {plan['passes']} pass(es) of at most "
           f"{plan['largest_chunk_bytes'] / 1e9:.1f} GB")
-    print(f"1-minute load average: {r['load_average_1min']['before']:.2f} before, "
-          f"{r['load_average_1min']['after']:.2f} after (other processes slow the timings)")
+    print(f"1-minute load average: {load['before']:.2f} before, up to {load['max_during']:.2f} during, "
+          f"{load['after']:.2f} after ({load['own_threads']} own thread(s)): "
+          + ("BUSY" if r["busy"] else "idle"))
     for loss, shares in r["eps_share"]["relative_fisher_eps_dominated_share"].items():
         print(f"eps={args.eps:g} dominates ({loss}): " + ", ".join(f"{n} {s:.1%}" for n, s in shares.items()))
     print(f"wrote {path}")

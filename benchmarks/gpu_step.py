@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--fisher-batches", type=int, default=1, help="batches per set in the Fisher pass (default 1)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16, the paper's)")
     p.add_argument("--targets", default="qv-ffn", help="LoRA targets (default qv-ffn, the paper's)")
-    p.add_argument("--svd", default="exact", choices=("exact", "lowrank"), help="FILA's SVD (default exact)")
+    p.add_argument("--svd", default="exact", choices=("exact", "exact64", "lowrank"), help="FILA's SVD (default exact)")
     p.add_argument("--device", help="default cuda when available, else cpu")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default bfloat16 (float32 with --smoke)")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default 989 on H100/H200)")

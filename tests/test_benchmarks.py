@@ -85,11 +85,18 @@ def test_fisher_speed_smoke_compares_one_pass_with_per_sequence_fisher(tmp_path)
     assert r["fisher_new_one_pass"]["backward_passes"] == 2  # one per batch of 4
     for phase in ("fisher_old_per_sequence", "fisher_new_one_pass"):
         assert r[phase]["seconds"] > 0
-    assert set(r["load_average_1min"]) == {"before", "after"}
+    load = r["load_average_1min"]
+    assert {"before", "after", "max_during", "own_threads", "busy", "busy_reasons"} <= set(load)
+    # busy exactly when the load before exceeded the threshold or the load while running exceeded own threads + it
+    assert load["busy"] == (load["before"] > 0.5 or load["max_during"] > load["own_threads"] + 0.5)
+    assert r["busy"] == load["busy"] and r["ratios"]["valid"] == (not load["busy"])
+    agree = r["agreement_default_vs_exact"]["summary"]  # the default start against the float64 reference
+    assert agree["input_subspace_overlap"]["min"] > 0.99 and agree["output_subspace_overlap"]["min"] > 0.99
     assert r["fila_init"]["svd_seconds"] > 0 and r["epoch"]["mean_seconds"] > 0 and r["fila_init"]["svd"] == "exact"
     for diff in r["max_relative_difference_new_vs_old"].values():
         assert 0 <= diff["max"] < 1e-5
-    assert set(r["ratios"]) == {"new_over_old", "fila_init_over_epoch", "fila_init_full_retain_over_epoch"}
+    assert set(r["ratios"]) == {"new_over_old", "fila_init_over_epoch", "fila_init_over_epoch_cpu",
+                                "fila_init_full_retain_over_epoch", "valid"}
     plan = r["memory_plan_llama2_7b"]  # the 7B plan: 43 GB of Fisher buffers, chunked to fit an 80 GB GPU
     assert 42e9 < plan["fisher_bytes_forget_plus_retain"] < 44e9 and plan["passes"] >= 2
     assert plan["largest_chunk_bytes"] <= plan["budget_bytes"]

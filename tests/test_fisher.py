@@ -167,7 +167,12 @@ def target_weights(model, peft: bool) -> dict[str, nn.Parameter]:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt_neo", "gpt2"])
 @pytest.mark.parametrize("peft", [False, True])
-def test_one_pass_per_sample_fisher_equals_the_per_sequence_autograd_reference(arch, peft):
+@pytest.mark.parametrize("tile", [None, 100])
+def test_one_pass_per_sample_fisher_equals_the_per_sequence_autograd_reference(arch, peft, tile, monkeypatch):
+    """tile=100: the per-sample gradients in blocks of 1-3 rows (a last, shorter block included), as
+    SmolLM2-sized layers take them; None: the tiny layers fit one block."""
+    if tile is not None:
+        monkeypatch.setattr("loku.fisher.TILE_ELEMENTS", tile)
     model, weights = target_weights(make_tiny_model(arch), peft)
     norm = next(n for n, p in model.named_parameters() if p.dim() == 1 and ("norm" in n or "ln_" in n))
     params = {**weights, norm: dict(model.named_parameters())[norm]}  # not a Linear weight: the loop path
@@ -275,3 +280,34 @@ def test_unknown_mode_is_refused():
     model = Bigram()
     with pytest.raises(ValueError, match="fisher mode"):
         empirical_fisher(model, [batch([[0, 1, 2]])], {"w": model.w}, mode="mean")
+
+
+def test_relative_row_sums_from_moment_sums_equal_the_fisher_ratio_summed_by_row():
+    """§2-3: FILA's in-place path (moment sums -> row sums of F_f / (F_r + eps)) against empirical_fisher,
+    relative_fisher and sum(dim=1), on a real pass and on a transposed (Conv1D-like) view."""
+    from loku.fisher import relative_fisher_rows
+
+    model = make_tiny_model("llama")
+    _, weights = target_weights(model, peft=False)
+    forget, retain = padded_batches(batch_size=3), padded_batches(batch_size=2)[1:]
+    expected_f, expected_r = empirical_fisher(model, forget, weights), empirical_fisher(model, retain, weights)
+    s_f, _, n_f = gradient_moments(model, forget, weights)
+    s_r, _, n_r = gradient_moments(model, retain, weights)
+    assert n_f != n_r  # the two sets' own counts must be used
+    for name in weights:
+        ratio, share = relative_fisher(expected_f[name], expected_r[name], eps=1e-5)
+        for view in (lambda t: t, lambda t: t.T.contiguous().T):  # a strided view sums the same rows
+            rows, got_share = relative_fisher_rows(view(s_f[name].clone()), n_f, view(s_r[name].clone()), n_r,
+                                                   1e-5, name=name)
+            assert rows.shape == (ratio.shape[0], 1) and got_share == pytest.approx(share)
+            torch.testing.assert_close(rows, ratio.sum(dim=1, keepdim=True), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("role", ["forget", "retain"])
+def test_relative_row_sums_refuse_a_non_finite_fisher_naming_the_weight(role):
+    from loku.fisher import relative_fisher_rows
+
+    sums = {"forget": torch.ones(3, 4), "retain": torch.ones(3, 4)}
+    sums[role][1, 2] = float("inf")  # an inf retain entry would otherwise vanish from the ratio as 0
+    with pytest.raises(TrainingDiverged, match=rf"Fisher of layer\.q \(Fisher \({role}\)\)"):
+        relative_fisher_rows(sums["forget"], torch.tensor(2.0), sums["retain"], torch.tensor(2.0), name="layer.q")

@@ -122,7 +122,8 @@ class UnlearnConfig:
     fisher_batch_size: int | None = field(default=None, metadata={
         "help": "batch size of the Fisher pass (default: --batch-size)", "range": ">= 1"})
     svd: str = field(default="exact", metadata={
-        "help": "SVD of the FILA/VILA initialisation: exact or lowrank", "choices": ("exact", "lowrank")})
+        "help": "SVD of the FILA/VILA initialisation: exact (float32 Gram + float64 refinement), exact64 "
+                "(float64 Gram, the reference) or lowrank (randomized)", "choices": ("exact", "exact64", "lowrank")})
     el_n: int = field(default=10, metadata={"help": "n of the extraction likelihood EL_n", "range": ">= 1"})
     el_every_epoch: bool = field(default=False, metadata={
         "help": "compute EL every epoch (default: only once forget MA passes; same stopping epoch)"})

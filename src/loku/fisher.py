@@ -41,6 +41,7 @@ from .losses import IGNORE_INDEX, token_nll
 from .models import is_conv1d
 
 FISHER_MODES = ("per_sample", "batch", "per_sample_loop")
+TILE_ELEMENTS = 1 << 17  # per-sample gradient block of the hooked pass: 512 KB of float32, about half an L2
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -48,7 +49,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _forward_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """L(x) per sequence [B]: the sum of its unmasked token NLLs, float32 (§2, Eq. 2)."""
+    """L(x) per sequence [B]: the sum of its unmasked token NLLs, float32 (§2, Eq. 2).
+
+    Kept on ``token_nll`` although its transposed log-softmax copies the logits (about 5% of FILA's
+    start on SmolLM2): a loss laid out as [B*T, V] rows rounds differently (1e-7), and FILA's solve
+    turned that into a 0.1% mean change of the start's B@A; with this loss the Fisher is bit for bit
+    the previous one.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return token_nll(logits, batch["labels"]).sum(dim=1)
 
@@ -158,17 +165,26 @@ class _PerSampleHooks:
             # Padding positions carry no loss, so G is 0 there; masking both also keeps NaN/inf junk out.
             keep = self.mask[:, :, None]
             x, g = torch.where(keep, x, 0), torch.where(keep, g, 0)
-        conv = is_conv1d(layer)
+        # dL(x_b)/dW = sum_t G_b[t]^T X_b[t]: [out, in] for Linear, [in, out] for Conv1D (its storage),
+        # i.e. left[b] @ right[b] with left [B, rows, T] and right [B, T, cols] in the buffer's layout.
+        left, right = (x.transpose(1, 2), g) if is_conv1d(layer) else (g.transpose(1, 2), x)
         second, first = self.second[name], None if self.first is None else self.first[name]
-        grad = torch.empty_like(second)
-        # One GEMM per sequence into a reused buffer and a fused square-add: on CPU a batched bmm into
-        # [B, out, in] followed by square and sum ran at half the GEMM speed plus two passes over B copies.
-        for b in range(x.shape[0]):
-            # dL(x_b)/dW = sum_t G_b[t]^T X_b[t]: [out, in] for Linear, [in, out] for Conv1D (its storage).
-            torch.mm(x[b].T, g[b], out=grad) if conv else torch.mm(g[b].T, x[b], out=grad)
-            if first is not None:
-                first.add_(grad)
-            second.addcmul_(grad, grad)
+        # One GEMM per sequence and block of rows into a reused buffer and a fused square-add. Blocks of
+        # TILE_ELEMENTS keep the buffer and the block of sums in cache across the batch's sequences (a
+        # weight-sized buffer went to memory and back once per sequence: ~25% slower on SmolLM2's
+        # layers); on CPU a batched bmm into [B, out, in] ran at half the GEMM speed. On an accelerator
+        # one block (fewer, larger kernels).
+        step = max(1, TILE_ELEMENTS // second.shape[1]) if second.device.type == "cpu" else second.shape[0]
+        buffer = torch.empty((min(step, second.shape[0]), second.shape[1]), dtype=second.dtype, device=second.device)
+        for start in range(0, second.shape[0], step):
+            rows = slice(start, start + step)
+            block = second[rows]
+            grad = buffer[: block.shape[0]]
+            for b in range(x.shape[0]):
+                torch.mm(left[b, rows], right[b], out=grad)
+                if first is not None:
+                    first[rows].add_(grad)
+                block.addcmul_(grad, grad)
 
 
 # --------------------------------------------------------------------------- the autograd passes
@@ -333,6 +349,27 @@ def fisher_memory_budget(device: torch.device | str, share: float = 0.5) -> int 
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return int(free * share)
+
+
+def relative_fisher_rows(forget: Tensor, forget_weight: Tensor, retain: Tensor, retain_weight: Tensor,
+                         eps: float = 1e-5, *, name: str = "weight") -> tuple[Tensor, float]:
+    """Row sums [out, 1] of F_rel = F_f / (F_r + eps) and the eps-dominated share, from the moment sums.
+
+    ``forget`` / ``retain`` are ``gradient_moments``'s second-moment sums, laid out [out, in] (a
+    transposed view is fine), and their weight sums; both are CONSUMED (divided in place). The same
+    operations as ``empirical_fisher`` + ``relative_fisher`` + ``sum(dim=1)``, in three in-place
+    passes instead of a dozen over weight-sized temporaries: FILA needs nothing of F_rel but its row
+    sums (§3). Raises ``TrainingDiverged`` naming ``name`` when either Fisher is not finite; all
+    entries are >= 0, so a float64 sum is finite exactly when every entry is.
+    """
+    f_forget = forget.div_(forget_weight.clamp(min=1).float())
+    f_retain = retain.div_(retain_weight.clamp(min=1).float())
+    for role, value in (("forget", f_forget), ("retain", f_retain)):
+        if not bool(torch.isfinite(value.sum(dtype=torch.float64))):
+            _checked({name: value}, f"Fisher ({role})")
+    share = float(torch.count_nonzero(f_retain < eps)) / max(f_retain.numel(), 1)
+    rows = f_forget.div_(f_retain.add_(eps)).sum(dim=1, keepdim=True)
+    return rows, share
 
 
 def relative_fisher(forget: Tensor, retain: Tensor, eps: float = 1e-5) -> tuple[Tensor, float]:

@@ -6,14 +6,16 @@ residual W_res = W - s*B@A, so the model computes exactly what it did before (up
 """
 from __future__ import annotations
 
+import functools
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .fisher import empirical_fisher, fisher_chunks, relative_fisher, variance_fisher
+from .fisher import fisher_chunks, gradient_moments, relative_fisher, relative_fisher_rows, variance_fisher
 from .registry import Registry
 
 ADAPTER = "default"  # PEFT's adapter name
@@ -27,18 +29,40 @@ def row_weights(fisher_rel: Tensor) -> Tensor:
     return fisher_rel.float().sum(dim=1).clamp(min=0).sqrt()
 
 
+SVD_METHODS = ("exact", "exact64", "lowrank")
+OVERSAMPLE = 8  # extra eigenvectors the float32 Gram step keeps, so the top r are well inside its subspace
+
+
 def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
     """U [m, r], S [r], V^T [r, n] of the best rank-r approximation, float32.
 
-    ``exact``: the eigendecomposition of the smaller Gram matrix (M M^T or M^T M) in float64, whose
-    top-r eigenvectors are the top-r singular vectors; the other side follows as M^T U / S. Exact up
-    to rounding (float64 keeps the squared condition number harmless for the leading components) and
-    about twice as fast on CPU as a full float32 SVD, most of whose work goes into the discarded
-    components. ``lowrank``: randomized (``torch.svd_lowrank``), approximate.
+    ``exact`` (default): the top r + 8 eigenvectors of the smaller Gram matrix in float32 (only those
+    are computed, by LAPACK's syevr on CPU), then one float64 subspace-iteration step with a
+    Rayleigh-Ritz solve on that subspace (``_refine``). The float32 Gram alone loses the singular
+    vectors where singular values sit close together (its rounding is eps32 * s_1^2); the float64
+    step puts them back, so the result agrees with ``exact64`` to float32 rounding (tested) at under
+    half its cost on CPU. ``exact64``: the whole eigendecomposition of the Gram matrix in
+    float64 (the reference, the previous default). ``lowrank``: randomized (``torch.svd_lowrank``),
+    approximate.
     """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {SVD_METHODS}, got {method!r}")
     if method == "lowrank":
         u, s, v = torch.svd_lowrank(matrix, q=min(rank + 8, *matrix.shape), niter=4)
         return u[:, :rank], s[:rank], v[:, :rank].T
+    if method == "exact64":
+        return _gram_svd64(matrix, rank)
+    # Work on the tall orientation (m >= n): the Gram matrix M^T M is then the smaller one.
+    wide = matrix.shape[0] < matrix.shape[1]
+    m = matrix.T if wide else matrix
+    basis = _top_gram_eigenvectors(m.float(), min(rank + OVERSAMPLE, m.shape[1]))
+    u, s, vh = (t.float() for t in _refine(m.double(), basis.double(), rank))
+    return (vh.T, s, u.T) if wide else (u, s, vh)
+
+
+def _gram_svd64(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference: all eigenvectors of the smaller Gram matrix (M M^T or M^T M) in float64, whose
+    top r are the top-r singular vectors; the other side follows as M^T U / S."""
     m = matrix.double()
     wide = m.shape[0] <= m.shape[1]
     values, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)  # ascending
@@ -48,6 +72,53 @@ def truncated_svd(matrix: Tensor, rank: int, method: str = "exact") -> tuple[Ten
     other[:, s == 0] = 0  # no direction to speak of: contributes nothing either way
     u, v = (top, other) if wide else (other, top)
     return u.float(), s.float(), v.T.float()
+
+
+def _top_gram_eigenvectors(m: Tensor, k: int) -> Tensor:
+    """The eigenvectors [n, k] of the k largest eigenvalues of m^T m (float32, tall ``m``).
+
+    On CPU only those k are computed (scipy's syevr with an index range: the back-transformation of
+    k vectors instead of all n); elsewhere the batched-friendly full ``torch.linalg.eigh``.
+    """
+    gram = m.T @ m
+    n = gram.shape[0]
+    if gram.device.type == "cpu" and k < n:
+        import scipy.linalg
+
+        # scipy's OpenBLAS keeps its own thread pool beside torch's OpenMP one: one thread, so that the
+        # two do not fight over the cores (spinning OpenBLAS workers slow torch's next products).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            _, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr",
+                                           overwrite_a=True, check_finite=False)
+        return torch.from_numpy(vectors)
+    return torch.linalg.eigh(gram)[1][:, -k:]
+
+
+@functools.cache
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (built once: it scans them)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _refine(m: Tensor, basis: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-r SVD of a tall float64 ``m`` from an approximate top subspace ``basis`` [n, k], k >= r.
+
+    One step of subspace iteration (Q = orth(m^T m basis)) followed by Rayleigh-Ritz (the exact SVD
+    of m Q [m, k], float64). The subspace error of the float32 eigenvectors shrinks by the factor
+    s_{k+1}^2 / s_r^2 and the split inside the subspace is float64-exact, so the top r come out as
+    the exact ones up to float32 rounding.
+    """
+    q = torch.linalg.qr(m.T @ (m @ basis)).Q
+    u, s, wh = torch.linalg.svd(m @ q, full_matrices=False)
+    u, vh = u[:, :rank], (q @ wh.T[:, :rank]).T
+    # LAPACK's signs are arbitrary, and these (syevr's, then QR's and the SVD's) flipped with rounding-level
+    # changes of the input, e.g. a Fisher summed in another order across processes: the same start up to
+    # the sign of a component, but not the same tensors. Fix them: each right vector's largest entry > 0.
+    signs = torch.sign(vh.gather(1, vh.abs().argmax(dim=1, keepdim=True)))
+    signs[signs == 0] = 1
+    return u * signs.T, s[:rank], vh * signs
 
 
 def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, *, svd: str = "exact",
@@ -69,7 +140,12 @@ def fila_factors(weight: Tensor, fisher_rel: Tensor, rank: int, scaling: float, 
     b = (u / (d + eps * d.max())[:, None]) * root
     b[d == 0] = 0
     a = root[:, None] * vh
-    return a, b, w - scaling * (b @ a)
+    return a, b, torch.addmm(w, b, a, alpha=-scaling)  # W - s*B@A in one pass, no weight-sized temporaries
+
+
+def _row_weighted_norm(matrix: Tensor, fisher_rel: Tensor) -> Tensor:
+    """||D M||_F from the row norms of M (no weighted copy): ||D (W - sBA)|| is ||D W_res||."""
+    return torch.linalg.vector_norm(row_weights(fisher_rel) * torch.linalg.vector_norm(matrix.float(), dim=1))
 
 
 def weighted_error(weight: Tensor, fisher_rel: Tensor, approximation: Tensor) -> Tensor:
@@ -144,12 +220,26 @@ def _fila_per_layer(layers: dict[str, nn.Module], relative_of: Callable[[str], t
         sizes[name] = _dense_weight(layer).numel()
         w = _as_out_in(layer, _dense_weight(layer).detach()).float()
         a, b, w_res = fila_factors(w, rel, layer.r[ADAPTER], layer.scaling[ADAPTER], svd=ctx.svd)
-        scale = torch.linalg.norm(row_weights(rel)[:, None] * w).clamp(min=1e-30)
-        errors[name] = float(weighted_error(w, rel, layer.scaling[ADAPTER] * (b @ a)) / scale)
+        errors[name] = float(_row_weighted_norm(w_res, rel) / _row_weighted_norm(w, rel).clamp(min=1e-30))
         _install(layer, a, b, w_res)
     overall = sum(shares[n] * sizes[n] for n in shares) / max(sum(sizes.values()), 1)
     return {"eps_dominated_share": overall, "eps_dominated_share_per_layer": shares,
             "relative_weighted_error": errors}
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The Fisher pass of the base weights without running the LoRA branch (PEFT's ``disable_adapter``).
+
+    FILA's Fisher is that of the model before unlearning. A fresh adapter has B = 0, so its branch
+    adds exactly zero: skipping it changes no number, and saves its rank-r products, scaling and
+    additions on every target (a tenth of the pass on SmolLM2). An adapter with some B != 0 does
+    change the function, so it is left running.
+    """
+    disable = getattr(model, "disable_adapter", None)
+    fresh = all(not bool(layer.lora_B[ADAPTER].weight.any()) for layer in lora_layers(model).values())
+    with disable() if callable(disable) and fresh else nullcontext():
+        yield
 
 
 @INITIALIZERS.register("gaussian")
@@ -175,18 +265,19 @@ def init_fila(model: nn.Module, ctx: InitContext) -> dict[str, Any]:
     t0 = time.time()
     row_sums: dict[str, Tensor] = {}
     shares: dict[str, float] = {}
-    for i, chunk in enumerate(chunks):
-        part = f" {i + 1}/{len(chunks)}" if len(chunks) > 1 else ""
-        f_forget = empirical_fisher(model, ctx.forget_batches, chunk, mode=ctx.fisher_mode, progress=ctx.progress,
-                                    desc=f"Fisher (forget){part}")
-        f_retain = empirical_fisher(model, ctx.retain_batches, chunk, mode=ctx.fisher_mode, progress=ctx.progress,
-                                    desc=f"Fisher (retain){part}")
-        for name in chunk:
-            layer = layers[name]
-            rel, shares[name] = relative_fisher(_as_out_in(layer, f_forget.pop(name)),
-                                                _as_out_in(layer, f_retain.pop(name)), ctx.eps)
-            # FILA uses F_rel only through d_i = sqrt(sum_j F_rel[i, j]): keep the row sums, free the rest.
-            row_sums[name] = rel.sum(dim=1, keepdim=True)
+    with adapters_off(model):
+        for i, chunk in enumerate(chunks):
+            part = f" {i + 1}/{len(chunks)}" if len(chunks) > 1 else ""
+            f_forget, _, n_forget = gradient_moments(model, ctx.forget_batches, chunk, mode=ctx.fisher_mode,
+                                                     progress=ctx.progress, desc=f"Fisher (forget){part}")
+            f_retain, _, n_retain = gradient_moments(model, ctx.retain_batches, chunk, mode=ctx.fisher_mode,
+                                                     progress=ctx.progress, desc=f"Fisher (retain){part}")
+            for name in chunk:
+                layer = layers[name]
+                # FILA uses F_rel only through d_i = sqrt(sum_j F_rel[i, j]): keep the row sums, free the rest.
+                row_sums[name], shares[name] = relative_fisher_rows(
+                    _as_out_in(layer, f_forget.pop(name)), n_forget, _as_out_in(layer, f_retain.pop(name)),
+                    n_retain, ctx.eps, name=name)
     t1 = time.time()
     stats = _fila_per_layer(layers, lambda name: (row_sums.pop(name), shares[name]), ctx)
     return {**stats, "fisher_passes": len(chunks), "seconds": {"fisher": t1 - t0, "svd": time.time() - t1}}
