@@ -318,7 +318,8 @@ class UnlearnConfig:
             raise ConfigError("--gate-fpr is not supported with --reveal (the rounds' forget sets are the model's own "
                               "text, too close to everything to gate on)")
         round_file = f"{self.out}.reveal/round-01/forget.jsonl"  # where the first round's forget set is written
-        dataclasses.replace(self, reveal=None, forget=round_file).validate()
+        checked = dataclasses.replace(self, reveal=None, forget=round_file).validate()
+        self.dtype = checked.dtype  # "auto" resolved there, as for every other run
         return self
 
     def eval_options(self) -> dict[str, Any]:
