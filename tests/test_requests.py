@@ -127,9 +127,10 @@ def test_stack_reproduces_the_sequential_model_and_every_request_stays_forgotten
     ids = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(7))
     # The last request's own run trained on the earlier request folded in: the stacked adapters on the
     # original base reproduce it, and so does the model built from the deltas.
-    torch.testing.assert_close(logits(result.model, ids), logits(runs[-1].model, ids), atol=1e-5, rtol=1e-5)
-    # (Folding the deltas into float32 weights rounds differently from adding them as adapters: logits of
-    # this memorizing model are of order 10, so differences of a few 1e-5 are rounding.)
+    # (Folding the deltas into float32 weights, W_res = W - s B0 A0 included, rounds differently from adding
+    # them as adapters: logits of this memorizing model are of order 10, so differences of a few 1e-5 are
+    # rounding; a missing or misplaced adapter moves them by order 1.)
+    torch.testing.assert_close(logits(result.model, ids), logits(runs[-1].model, ids), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(logits(apply_deltas(result.original, result.deltas), ids), logits(result.model, ids),
                                atol=1e-4, rtol=1e-5)
     assert list(result.model.peft_config) == ["request-01", "request-02"]
@@ -242,20 +243,21 @@ def test_a_request_killed_mid_training_continues_from_its_last_epoch(stacked, re
     seen = []
     original = trainer.train_epoch
 
-    def crash_in_third_epoch_of_second_request(run, epoch):
+    def crash_in_second_epoch_of_second_request(run, epoch):
         if run.cfg.forget == b:
             seen.append(epoch)
-            if epoch == 3 and not run.resumed:
+            if epoch == 2 and not run.resumed:
                 raise KeyboardInterrupt
         return original(run, epoch)
 
-    monkeypatch.setattr(trainer, "train_epoch", crash_in_third_epoch_of_second_request)
+    assert stacked[0].runs[1]["epochs_run"] >= 2, "the second request must train past one epoch for this test"
+    monkeypatch.setattr(trainer, "train_epoch", crash_in_second_epoch_of_second_request)
     with pytest.raises(KeyboardInterrupt):
         unlearn_requests(config(requests_root, out, strategy="stack"))
     assert (out.parent / "out.ckpt" / "request-02.start.safetensors").is_file()
     seen.clear()
     resumed = unlearn_requests(config(requests_root, out, strategy="stack"), resume=True)
-    assert seen[0] == 3, "epochs 1-2 of the second request are not trained again"
+    assert seen[0] == 2, "epoch 1 of the second request is not trained again"
     assert resumed.report["matrix"] == stacked[0].report["matrix"]
     assert resumed.runs[1]["epochs_run"] == stacked[0].runs[1]["epochs_run"]
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(9))
