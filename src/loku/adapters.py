@@ -47,22 +47,7 @@ def request_delta_factors(a: Tensor, b: Tensor, scaling: float, a0: Tensor | Non
     """
     if a0 is None or b0 is None:
         return a.detach().float().clone(), scaling * b.detach().float()
-    return balanced_factors(torch.cat([a, a0]).detach(), scaling * torch.cat([b, -b0], dim=1).detach())
-
-
-def balanced_factors(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(A'', B'') float32 with B'' A'' = B A, computed in float64 through the small [k, k] core of two QRs.
-
-    s B A and s B0 A0 can both be far larger than their difference (VILA's start: B0 ~ 1e6, A0 ~ 1e-7, a
-    delta of ~0.3 made of terms of ~1e4): stacked as they are, every float32 product x A'^T B'^T or merge
-    W + B'A' cancels them and keeps ~1e4 * eps32 of error. B A = Qb (Rb Ra^T) Qa^T; the core's SVD
-    U S V^T gives B'' = Qb U sqrt(S), A'' = sqrt(S) V^T Qa^T, whose entries are of the delta's own size.
-    """
-    qb, rb = torch.linalg.qr(b.double())
-    qa, ra = torch.linalg.qr(a.double().T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    root = s.sqrt()
-    return (root[:, None] * (vh @ qa.T)).float(), ((qb @ u) * root).float()
+    return torch.cat([a, a0]).detach().float(), scaling * torch.cat([b, -b0], dim=1).detach().float()
 
 
 def factor_moved_start(moved: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tensor]:
