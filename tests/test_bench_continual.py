@@ -33,6 +33,9 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
         # it, and are "not forgotten" (once each, last measured after request-02), never relapses (§8).
         assert [r["outcome"] for r in v["requests"]] == ["failed", "failed"]
         assert v["relapses"] == []
+        # §12 targets: neither request forgotten is a fail, whatever else passes
+        assert summary["verdicts"][name]["forgotten"] == {"value": [0, 2], "bound": "all", "pass": False}
+        assert summary["verdicts"][name]["relapses"]["pass"] is True and not summary["verdicts"][name]["all"]
         assert [(r["request"], r["after"], r["ma"], r["el"]) for r in v["not_forgotten"]] == [
             (n, "request-02", matrix[-1]["measured"][n]["ma"], matrix[-1]["measured"][n]["el"])
             for n in ("request-01", "request-02")]

@@ -39,6 +39,9 @@ def test_smoke_reveal_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # noq
     assert all(a <= b for cs in curves.values() for c in cs for a, b in zip(c, c[1:]))  # coverage only grows
     md = (out / "results.md").read_text()
     assert "upper bound" in md and "lower bound" in md and (out / "plots" / "reveal.png").is_file()
+    assert set(summary["verdicts"]) == {"real-text", "self-generated", "random-text"}
+    assert summary["verdicts"]["real-text"]["real_text_ma"]["value"] == arms["real-text"]["scores"]["ma"]
+    assert "Against the targets" in md
     request = json.loads((out / "data" / "request.json").read_text())
     assert len(request["fragments"]) == 2 and all(len(f.split()) == 6 for f in request["fragments"])
 

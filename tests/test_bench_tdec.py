@@ -110,6 +110,11 @@ def test_smoke_bench_end_to_end_and_resumable(bench_env, tmp_path, monkeypatch):
     assert "| fila-ihl |" in md and "Planting (original → planted)" in md and "Distance to the original" in md
     assert "Attacks: quantization and prefix probing" in md and "| NF4 EL_10 |" in md
     assert "| original (never saw the text) |" in md
+    # §12 targets: every method judged on the table's means (verdicts.py), in results.json and results.md
+    verdicts = results["verdicts"][bench_env["model"]]
+    assert set(verdicts) == set(model["table"])
+    assert verdicts["fila-ihl"]["forget_nll_gap"]["value"] == model["table"]["fila-ihl"]["forget_nll_gap"]["mean"]
+    assert "### Against the targets" in md
     assert "OpenUnlearning's metrics" in md and "| exact_memorization | extraction_strength | privleak |" in md
     for plot in ("figure1", "epochs", "relearn", "forgetting_vs_utility"):
         assert (out / "plots" / f"{plot}.png").is_file(), plot

@@ -86,6 +86,10 @@ def test_smoke_tofu_bench_end_to_end(tofu_env, tmp_path, monkeypatch):
     assert summary["target"]["forget01"]["forget_quality"] is not None
     md = (out / "results.md").read_text()
     assert "| fila-ihl | 2 |" in md and (out / "plots" / "figure5.png").is_file()
+    judged = summary["verdicts"]["forget01"]["fila-ihl r2"]
+    assert judged["forget_quality"]["value"] == next(
+        r["final"]["forget_quality"] for r in summary["runs"]["forget01"] if r["method"] == "fila-ihl")
+    assert "### Against the targets" in md
     assert list((tofu_env["cache"] / "tofu").glob("target-*/finetune.json"))
 
     # A rerun reads every finished run back; the cached target and reference are not fine-tuned again.

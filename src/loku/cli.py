@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_reveal_arguments(_add_debug(benches.add_parser(
         "reveal", help="plant TDEC text, unlearn it from what the model reveals given only prefixes, against the "
                        "real text (upper bound) and random text (lower bound)")))
+    from .bench.rereport import add_arguments as add_report_arguments
+
+    add_report_arguments(_add_debug(benches.add_parser(
+        "report", help="rewrite results.md (and the verdicts against the targets) of bench folders from their "
+                       "results.json alone")))
     return parser
 
 
@@ -134,6 +139,10 @@ def run_command(args: argparse.Namespace) -> int:
         from .finetune import run as run_finetune
 
         return run_finetune(args)
+    if args.command == "bench" and args.bench == "report":
+        from .bench.rereport import run as run_rereport
+
+        return run_rereport(args)
     if args.command == "bench" and args.bench == "tofu":
         from .bench.tofu import run as run_tofu_bench
 

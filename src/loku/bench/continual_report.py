@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..requests import forgetting, forgetting_lines
+from .verdicts import verdict_lines, verdicts
 
 __all__ = ["summarise", "write_outputs"]
 
@@ -94,6 +95,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                "original": shared.get("original_downstream"), "variants": variants,
                "missing": [v for v in cfg.variants if v not in variants],
                "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+    summary["verdicts"] = verdicts("continual", summary)
     summary["plots"] = []
     if variants:
         try:
@@ -185,6 +187,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                                       for n, x in (gated["true_positive_rate"] or {}).items()) + "."]
             lines += [f"Gate warning: {w}" for w in gated.get("gate_warnings", [])]
             lines += dilution_lines(gated.get("dilution"))
+    lines += ["", *verdict_lines("continual", summary.get("verdicts") or {},
+                                 "## Against the targets (§12: after the last request, without the gate)")]
     if summary["missing"]:
         lines += ["", f"Missing variants: {', '.join(summary['missing'])}"]
     if summary["plots"]:

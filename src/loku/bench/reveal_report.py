@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .continual_report import _f, header_lines
+from .verdicts import verdict_lines, verdicts
 
 __all__ = ["queries_to_reach", "write_outputs"]
 
@@ -63,6 +64,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
             summary["plots"] = [str(path.relative_to(out))]
         except ImportError:  # matplotlib missing: the numbers are all in results.json
             pass
+    summary["verdicts"] = verdicts("reveal", summary)
     atomic_write_json(out / "results.json", jsonable(summary))
     atomic_write_text(out / "results.md", render_markdown(summary))
     return summary
@@ -156,6 +158,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                       for v in entry["queries_to"].values()]
             lines.append(f"| {selector} | {_f(entry['final_mean'])} ± {_f(entry['final_sd'])} | "
                          + " | ".join(needed) + " |")
+    lines += ["", *verdict_lines("reveal", summary.get("verdicts") or {},
+                                 "Against the targets (§12: each arm's end, scored on the real planted text):")]
     lines += ["", "Arms computed: " + ", ".join(f"{a} {arms[a].get('written', 'at an earlier invocation')}"
                                                for a in arms) + "."]
     if summary["missing"]:

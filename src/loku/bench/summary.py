@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .verdicts import verdict_lines, verdicts
+
 __all__ = ["METRICS", "aggregate", "collect", "render_markdown", "row_metrics", "write_outputs"]
 
 # (key, column title, format) of the per-method numbers, in table order.
@@ -324,6 +326,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                           "the text); KL per token on held-out text; MIA AUC forget vs held-out (the original's value "
                           "is the target); repetition: seq-rep-4 of greedy continuations of forget prompts, and its "
                           "ratio to the original's; agreement F1: token overlap with the original's continuation.", ""]
+        lines += verdict_lines("tdec", (summary.get("verdicts") or {}).get(model, {}),
+                               "### Against the targets (§12: as if never seen; means over the splits)")
         lines += _attack_section(result, cfg)
         lines += _openunlearning_section(result)
     if summary.get("missing"):
@@ -404,6 +408,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
     except ImportError:  # matplotlib missing: the numbers are all in results.json
         pass
     summary["plots"] = [str(Path(p).relative_to(out)) for p in plots]
+    summary["verdicts"] = verdicts("tdec", summary)
     atomic_write_json(out / "results.json", jsonable(summary))
     atomic_write_text(out / "results.md", render_markdown(summary))
     return summary

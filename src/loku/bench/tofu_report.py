@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .continual_report import header_lines
+from .verdicts import verdict_lines, verdicts
 
 __all__ = ["write_outputs"]
 
@@ -55,6 +56,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
             summary["plots"] = [str(p.relative_to(out)) for p in plot_figure5(summary, out / "plots")]
         except ImportError:  # matplotlib missing: the numbers are all in results.json
             pass
+    summary["verdicts"] = verdicts("tofu", summary)
     atomic_write_json(out / "results.json", jsonable(summary))
     atomic_write_text(out / "results.md", render_markdown(summary))
     return summary
@@ -121,9 +123,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"## {split}", "",
                   f"Target (fine-tuned on every author): forget quality {_f(target.get('forget_quality'), '.3g')}, "
                   f"model utility {_f(target.get('model_utility'))}. Reference (without the forget authors): model "
-                  f"utility {_f(reference.get('model_utility'))}; a second reference fine-tuned with another seed: "
-                  f"forget quality {_f(summary['reference_seed_quality'].get(split), '.3g')} against the first "
-                  "(what a model that never saw the forget authors reaches).", "",
+                  f"utility {_f(reference.get('model_utility'))}; " + (
+                      f"a second reference fine-tuned with another seed: forget quality "
+                      f"{_f(summary['reference_seed_quality'].get(split), '.3g')} against the first (what a model "
+                      "that never saw the forget authors reaches)." if "reference_seed_quality" in summary else
+                      "no second reference in these results (written before it was measured)."), "",
                   "| method | rank | trainable % | best forget quality | reached 0.05 | final forget quality | "
                   "final model utility | s |", "|---|---:|---:|---:|---|---:|---:|---:|"]
         ordered = sorted(entries, key=lambda e: (e["rank"] is None, e["rank"] or 0, e["method"]))
@@ -139,6 +143,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         for e in ordered:
             lines.append(f"| {e['method']} | {e['rank'] or 'full'} | " + " | ".join(
                 f"{_f(t['forget_quality'], '.3g')} / {_f(t['model_utility'])}" for t in e["trajectory"]) + " |")
+        lines += ["", *verdict_lines("tofu", (summary.get("verdicts") or {}).get(split, {}),
+                                     "### Against the targets (§12: the final point, not the best epoch)")]
     if summary["missing"]:
         lines += ["", f"Missing runs ({len(summary['missing'])}): "
                   + ", ".join("/".join(str(p) for p in m if p is not None) for m in summary["missing"])]
