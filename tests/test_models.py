@@ -164,3 +164,19 @@ def test_legacy_fingerprint_of_older_runs_is_still_checked(tmp_path):
     old = _legacy_fingerprint(loads["float32"])
     assert len(old) == 64 and fingerprints_match(old, loads["float32"])
     assert not fingerprints_match(old, make_tiny_model("llama", seed=5))
+
+
+def test_builtin_cache_is_per_transformers_major(monkeypatch, tmp_path):
+    """A tokenizer saved by transformers 5 cannot be read by 4.x: environments of both majors (CI's floor
+    and latest) sharing one cache must convert the built-in model into separate folders."""
+    import transformers
+
+    from loku.models import builtin_model_folder
+
+    monkeypatch.setenv("LOKU_CACHE", str(tmp_path))
+    folders = {}
+    for version in ("4.56.0", "4.57.1", "5.24.0"):
+        monkeypatch.setattr(transformers, "__version__", version)
+        folders[version] = builtin_model_folder("smollm2-135m")
+    assert folders["4.56.0"] == folders["4.57.1"] != folders["5.24.0"]
+    assert all(f.parent == tmp_path / "models" for f in folders.values())

@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import importlib
 import sys
 import typing
 
+from .bench import BENCHES
 from .config import UnlearnConfig, config_fields, load_config
 from .errors import LokuError
 from .options import add_arguments
@@ -77,31 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_arguments(_add_debug(sub.add_parser(
         "finetune", help="fine-tune a model on question/answer or text data (TOFU's target and reference models)")))
-    from .bench.continual import add_arguments as add_continual_arguments
-    from .bench.tdec import add_arguments as add_tdec_arguments
-
     bench = sub.add_parser("bench", help="benchmarks: tdec (the paper's Table 1 against the never-trained model), "
                                          "tofu (its Figure 5), continual (its Figure 4: requests one after another), "
                                          "reveal (unlearning from self-generated data)")
     benches = bench.add_subparsers(dest="bench", required=True)
-    add_tdec_arguments(_add_debug(benches.add_parser("tdec", help="plant each TDEC split, unlearn it with every "
-                                                                  "method, compare with the original model")))
-    from .bench.tofu import add_arguments as add_tofu_arguments
-
-    add_tofu_arguments(_add_debug(benches.add_parser(
-        "tofu", help="fine-tune target and reference on TOFU, unlearn with every method and rank (Figure 5)")))
-    add_continual_arguments(_add_debug(benches.add_parser(
-        "continual", help="plant 4 request sets, unlearn them one after another with each variant (strategy, gate)")))
-    from .bench.reveal import add_arguments as add_reveal_arguments
-
-    add_reveal_arguments(_add_debug(benches.add_parser(
-        "reveal", help="plant TDEC text, unlearn it from what the model reveals given only prefixes, against the "
-                       "real text (upper bound) and random text (lower bound)")))
-    from .bench.rereport import add_arguments as add_report_arguments
-
-    add_report_arguments(_add_debug(benches.add_parser(
-        "report", help="rewrite results.md (and the verdicts against the targets) of bench folders from their "
-                       "results.json alone")))
+    for name, spec in BENCHES.items():
+        importlib.import_module(spec.module).add_arguments(_add_debug(benches.add_parser(name, help=spec.help)))
     return parser
 
 
@@ -139,26 +122,8 @@ def run_command(args: argparse.Namespace) -> int:
         from .finetune import run as run_finetune
 
         return run_finetune(args)
-    if args.command == "bench" and args.bench == "report":
-        from .bench.rereport import run as run_rereport
-
-        return run_rereport(args)
-    if args.command == "bench" and args.bench == "tofu":
-        from .bench.tofu import run as run_tofu_bench
-
-        return run_tofu_bench(args)
-    if args.command == "bench" and args.bench == "reveal":
-        from .bench.reveal import run as run_reveal_bench
-
-        return run_reveal_bench(args)
-    if args.command == "bench" and args.bench == "continual":
-        from .bench.continual import run as run_continual_bench
-
-        return run_continual_bench(args)
     if args.command == "bench":
-        from .bench.tdec import run as run_tdec_bench
-
-        return run_tdec_bench(args)
+        return importlib.import_module(BENCHES[args.bench].module).run(args)
     return 1
 
 

@@ -54,8 +54,15 @@ def cache_dir() -> Path:
 
 
 def builtin_model_folder(name: str) -> Path:
-    """Where the built-in model ``name`` is (or will be) cached, without converting it."""
-    return cache_dir() / "models" / f"{name}-v{CACHE_FORMAT}"
+    """Where the built-in model ``name`` is (or will be) cached, without converting it.
+
+    One folder per transformers major version: a tokenizer saved by transformers 5 names a class
+    (TokenizersBackend) that 4.x cannot load, so environments of both majors sharing a cache (CI's
+    floor and latest) must not share the folder."""
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    return cache_dir() / "models" / f"{name}-v{CACHE_FORMAT}-transformers{major}"
 
 
 def builtin_model_dir(name: str, *, progress: bool = True) -> Path:
