@@ -195,3 +195,21 @@ def test_named_configs_load_and_validate():
     # §6: thresholds from text of the forget set's kind; GPT-Neo saw every TDEC row, so Pile there
     assert cpu.heldout == "tdec" and cpu.plant and paper.heldout == "pile" and not paper.plant
     assert load_bench_config("cpu", {"model": "x,y"}).models == ["x", "y"]
+
+
+def test_two_sided_rule_is_calibrated_on_the_shared_before(bench_env, tmp_path):
+    """A split's methods share one "before" measurement (taken by the first); the two-sided rule (§12) must
+    still be calibrated on the planted model for every method, the first and the ones that reuse it."""
+    options = {"stop_rule": "two-sided", "check_every": 1}
+    cfg = _cfg(bench_env, methods="fila-ihl,fila-undial",
+               method_options={"fila-ihl": options, "fila-undial": options})
+    summary = run_bench(cfg, tmp_path / "bench", progress=False)
+    assert summary["missing"] == []
+    runs = summary["runs"][bench_env["model"]]["0"]["runs"]
+    bands = [runs[m]["stop"]["bands"] for m in ("fila-ihl", "fila-undial")]
+    assert bands[0] == bands[1] and set(bands[0]) == {"forget_ma", "forget_nll"}  # the same planted model
+    for method in ("fila-ihl", "fila-undial"):
+        stop = runs[method]["stop"]
+        assert stop["rule"] == "two-sided" and stop["checks"], method
+        # success means the kept check sits in the band (§12)
+        assert (runs[method]["outcome"] == "success") == (stop["verdict"] == "at the held-out level"), method

@@ -260,10 +260,16 @@ def compute_autocast(cfg: UnlearnConfig, device: torch.device):
 # --------------------------------------------------------------------------- measure before
 
 
-def measure_before(run: Run) -> None:
-    """The original model's numbers; its held-out MA/EL are the stop thresholds (Jang et al.'s protocol)."""
+def measure_before(run: Run, before: dict[str, Any] | None = None) -> None:
+    """The original model's numbers; its held-out MA/EL are the stop thresholds (Jang et al.'s protocol).
+
+    ``before``: that measurement taken once for several runs from the same model (a bench's methods of
+    one split), used instead of measuring again; the stop rule is calibrated all the same."""
     cfg = run.cfg
-    if run.checkpoint is None:
+    if run.checkpoint is None and before is not None:
+        run.before = copy.deepcopy(before)
+        run.suites_before = None
+    elif run.checkpoint is None:
         run.log("loku: measuring the model before unlearning")
         run.before = run.on_main(lambda: measure.evaluate_state(run.model, run.eval_batches, cfg.el_n, with_el=True,
                                                                 progress=cfg.progress))

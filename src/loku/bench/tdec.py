@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import difflib
 import gc
@@ -521,13 +520,7 @@ def unlearn_from(cfg, model, tokenizer, *, before: dict | None, resume: bool):
     from .. import trainer
 
     run = trainer.prepare(cfg, model=model, tokenizer=tokenizer, resume=resume)
-    if before is not None and run.checkpoint is None:
-        run.before = copy.deepcopy(before)
-        run.suites_before = None
-        run.ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else run.before["val_ma"]
-        run.el_threshold = cfg.el_threshold if cfg.el_threshold is not None else run.before["val_el"]
-    else:
-        trainer.measure_before(run)
+    trainer.measure_before(run, before=before)
     trainer.adapt(run)
     trainer.train_until_stop(run)
     return trainer.finish(run), run.before
@@ -705,6 +698,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
         "trainable_parameters": report["trainable_parameters"], "total_parameters": report["total_parameters"],
         "flops": report["flops"], "init": report.get("init"), "peak_memory_bytes": report["peak_memory_bytes"],
         "downstream": scores, "unlearn_config": ucfg.to_dict(), "data": report["data"],
+        "stop": report.get("stop"),  # the two-sided rule's bands, checks and verdict (§12); None for the paper's
     }
     if cfg.plant:
         from ..metrics.reference import reference_distances
