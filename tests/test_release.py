@@ -202,9 +202,10 @@ def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path, capsys):
                      "1e-2", "--batch-size", "4", "--max-epochs", "30", "--reveal-rounds", "1", "--reveal-budget", "8",
                      "--reveal-max-new-tokens", "18", "--reveal-stop-reward", "0", "--no-progress", *extra])
 
-    # The validation set's bar (MA 1/92, EL 0 on this model) is out of reach in 30 epochs for the round's
-    # generated texts: the round fails its stop rule, and the run says so with exit 3.
-    code = cli(tmp_path / "cli")
+    # The validation set's bar (MA 1/92, EL 0 on this model) is out of reach in 2 epochs for the round's
+    # generated texts (with 30 it took 19 on one machine and more than 30 on another): the round fails its
+    # stop rule, and the run says so with exit 3.
+    code = cli(tmp_path / "cli", "--max-epochs", "2")
     report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["strategy"] == "orthogonal"  # --reveal's default strategy
     assert report["reveal"]["rounds"][0]["queries"] == 8

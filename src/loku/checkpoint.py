@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,14 @@ RESUME_MAY_CHANGE = {"max_epochs", "progress", "overwrite", "out", "resume", "re
 
 
 def checkpoint_dir(out: str | Path) -> Path:
+    """The checkpoint folder of output ``out`` (``OUT.ckpt`` beside it); only this module knows the layout."""
     out = Path(out)
     return out.with_name(out.name + ".ckpt")
+
+
+def discard(out: str | Path) -> None:
+    """Remove the checkpoint of output ``out`` (the complete output supersedes it); nothing if there is none."""
+    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
 
 
 @dataclass

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -141,7 +140,8 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     """Fine-tune a copy of ``cfg.model`` (or of ``model``; the input is never modified) as the module says."""
     import copy
 
-    from .checkpoint import checkpoint_dir, load_checkpoint, restore_rng, save_checkpoint, trainable_state
+    from .checkpoint import discard as discard_checkpoint
+    from .checkpoint import load_checkpoint, restore_rng, save_checkpoint, trainable_state
     from .devices import default_dtype, enable_gradient_checkpointing, resolve_device
     from .lm import IGNORE_INDEX, ensure_pad_token, progress_bar, token_nll
     from .models import load_model
@@ -153,7 +153,7 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     text_set, record = training_set(cfg)
     if not resume:
         check_output_dir(cfg.out, cfg.overwrite)
-        shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)
+        discard_checkpoint(cfg.out)
     if model is None:
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     else:
@@ -232,7 +232,7 @@ def _failpoint(name: str) -> None:
 
 def write_finetuned(result: FinetuneResult, cfg: FinetuneConfig) -> Path:
     """The fine-tuned model folder (safetensors, tokenizer, finetune.json), atomically; the checkpoint goes."""
-    from .checkpoint import checkpoint_dir
+    from .checkpoint import discard as discard_checkpoint
     from .save import atomic_dir, atomic_write_json
     from .tracking import move_into_output
 
@@ -241,7 +241,7 @@ def write_finetuned(result: FinetuneResult, cfg: FinetuneConfig) -> Path:
         result.model.save_pretrained(tmp)
         result.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", result.report)
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    discard_checkpoint(out)
     move_into_output(cfg, out)
     return out
 

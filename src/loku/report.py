@@ -1,13 +1,13 @@
 """report.json (everything needed to reproduce and audit a run), report.md (for people), plots."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .adapters import save_adapter
 from .cards import run_card_body, write_cards
 from .checkpoint import STATE, checkpoint_dir
+from .checkpoint import discard as discard_checkpoint
 from .config import UnlearnConfig
 from .models import transformers_progress
 from .provenance import library_versions
@@ -129,6 +129,6 @@ def write_run(result, cfg: UnlearnConfig, *, extra: dict[str, Any] | None = None
             pass
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", render_run_markdown(report))
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # the complete output supersedes it
+    discard_checkpoint(out)  # the complete output supersedes it
     move_into_output(cfg, out)  # the --report-to logs, staged beside OUT while it trained
     return out

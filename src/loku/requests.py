@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,6 +57,7 @@ from . import data as data_mod
 from . import measure
 from .adapters import request_delta_factors  # noqa: F401  (the math lives in loku.adapters)
 from .checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir, read_state
+from .checkpoint import discard as discard_checkpoint
 from .checkpoint import load_start as _load_start, save_start as _save_start
 from .config import UnlearnConfig, check_forget_files_distinct
 from .errors import ConfigError, ModelError
@@ -450,7 +450,7 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
                                   "thresholds": result.report["thresholds"], "run": result.report})
         if accelerator.is_main_process:
             _save_request(ckpt, state, deltas[-1])
-            shutil.rmtree(checkpoint_dir(cfg.out), ignore_errors=True)  # the request's per-epoch checkpoint
+            discard_checkpoint(cfg.out)  # the request's per-epoch checkpoint
             start_file.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
     report = sequence_report(state, deltas)
@@ -657,7 +657,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
         atomic_write_text(tmp / "report.md", render_requests_markdown(report))
         if extra is not None:  # more files of the caller's (loku unlearn --reveal: the rounds' data)
             extra(tmp)
-    shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)
+    discard_checkpoint(out_path)
     return out_path
 
 

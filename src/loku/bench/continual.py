@@ -354,9 +354,8 @@ def prepare(cfg: ContinualConfig, out: Path, say: Callable[[str], None], *, mode
 def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str, Any],
                 say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
     """One variant's sequence of requests, then its per-task and gated scores (``variants/NAME.json``)."""
-    import shutil
-
     from ..checkpoint import checkpoint_dir
+    from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
     from ..requests import apply_deltas, unlearn_requests
     from ..save import atomic_write_json
@@ -398,7 +397,7 @@ def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str,
                                       {"ppl_pile": texts["ppl_pile"], "ppl_wiki": texts["ppl_wiki"]}, texts["ppl_pile"],
                                       el_n=configs[0].el_n, batch_size=cfg.evals.batch_size)
     atomic_write_json(result_path, jsonable(entry))
-    shutil.rmtree(checkpoint_dir(seq_out), ignore_errors=True)
+    discard_checkpoint(seq_out)
     say(f"loku bench continual: {variant}: done in {seconds:.0f} s; relapses: {len(result.report['relapses'])}, "
         f"not forgotten: {len(result.report['not_forgotten'])}")
     return entry

@@ -217,6 +217,7 @@ def _real_text(cfg, out: Path, shared) -> dict[str, Any]:
 def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
     import shutil
 
+    from ..checkpoint import discard as discard_checkpoint
     from ..release import reveal_and_release
     from ..requests import apply_deltas
 
@@ -243,7 +244,7 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
             del model_k
         rounds.append(entry)
     shutil.rmtree(f"{run_out}.reveal", ignore_errors=True)
-    shutil.rmtree(f"{run_out}.ckpt", ignore_errors=True)
+    discard_checkpoint(run_out)
     # the last round that unlearned (a final round can stop the loop before unlearning anything)
     final = next((r["scores"] for r in reversed(rounds) if "scores" in r), None)
     lengths = [n for r in rounds if r["outcome"] is not None for n in r["tokens"]]
@@ -302,9 +303,7 @@ _ARM_FUNCTIONS = {"real-text": _real_text, "self-generated": _self_generated, "c
 
 
 def run_arm(cfg: RevealBenchConfig, out: Path, arm: str, shared, say: Callable[[str], None]) -> dict[str, Any]:
-    import shutil
-
-    from ..checkpoint import checkpoint_dir
+    from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
     from ..save import atomic_write_json
 
@@ -316,7 +315,7 @@ def run_arm(cfg: RevealBenchConfig, out: Path, arm: str, shared, say: Callable[[
     entry = {"arm": arm, **_ARM_FUNCTIONS[arm](cfg, out, shared), "seconds": time.time() - started,
              "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(path, jsonable(entry))
-    shutil.rmtree(checkpoint_dir(out / "arms" / f"{arm}.run"), ignore_errors=True)
+    discard_checkpoint(out / "arms" / f"{arm}.run")
     say(f"loku bench reveal: {arm} done in {entry['seconds']:.0f} s")
     return entry
 

@@ -665,6 +665,7 @@ def model_attacks(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfi
 def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progress: bool) -> dict[str, Any]:
     """One method from the split's planted model, then its evaluation; the stored result if it has one."""
     from ..checkpoint import STATE, checkpoint_dir
+    from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
     from ..save import atomic_write_json, merged_copy
 
@@ -716,9 +717,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
     entry["seconds"] = {"unlearn": report["seconds"]["total"], "init": report["seconds"]["init"],
                         "unlearn_wall": unlearn_seconds, "evaluation": time.time() - t_eval}
     atomic_write_json(result_path, jsonable(entry))
-    import shutil
-
-    shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    discard_checkpoint(out)
     del result, evaluated
     _free()
     say(f"loku bench: split {split}, {method}: {entry['outcome']} after {entry['epochs_run']} epoch(s); "

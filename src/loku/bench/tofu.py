@@ -226,6 +226,7 @@ def finetuned(cfg: TofuBenchConfig, base, tokenizer, data_file: str, role: str, 
               seed_offset: int = 0):
     """The base fine-tuned on ``data_file`` with seed ``cfg.seed + seed_offset`` (from the cache when there,
     keyed by base, data and recipe, the seed included)."""
+    from ..checkpoint import checkpoint_dir
     from ..finetune import finetune, write_finetuned
     from ..models import cache_dir, load_model
     from ..provenance import file_sha256, model_fingerprint
@@ -241,7 +242,7 @@ def finetuned(cfg: TofuBenchConfig, base, tokenizer, data_file: str, role: str, 
         return load_model(str(folder), progress=False)[0], json.loads((folder / "finetune.json").read_text())
     say(f"loku bench tofu: fine-tuning the {role} model ({ft.epochs} epochs, lr {ft.lr:g})")
     result = finetune(dataclasses.replace(ft, out=str(folder)), model=base, tokenizer=tokenizer,
-                      resume=(folder.parent / f"{folder.name}.ckpt").is_dir())
+                      resume=checkpoint_dir(folder).is_dir())
     write_finetuned(result, dataclasses.replace(ft, out=str(folder)))
     return result.model, result.report
 
@@ -313,10 +314,9 @@ def _second_reference_quality(cfg: TofuBenchConfig, base, tokenizer, data_file: 
 def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int | None, shared: dict[str, Any],
             say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
     """One (split, method, rank): unlearn for the configured epochs, TOFU's scores after each epoch."""
-    import shutil
-
     from .. import trainer
     from ..checkpoint import STATE, checkpoint_dir
+    from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
     from ..save import atomic_write_json, merged_copy
 
@@ -351,7 +351,7 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
              "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in run.epochs],
              "seconds": time.time() - started}
     atomic_write_json(result_path, jsonable(entry))
-    shutil.rmtree(checkpoint_dir(run_out), ignore_errors=True)
+    discard_checkpoint(run_out)
     (out / split / f"{tag}.epochs.json").unlink(missing_ok=True)
     last = entry["epochs"][-1]["tofu"]
     say(f"loku bench tofu: {split}, {tag}: forget quality {last['forget_quality']:.3g}, model utility "
