@@ -34,8 +34,8 @@ def gpt2_tokenizer(shared_data: Path):
     folder = shared_data / "tokenizers" / "gpt2"
     if not (folder / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {folder}")
-    # vocab=/merges= (not vocab_file=/merges_file=): the old keywords silently break in transformers 5.
-    tok = GPT2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    # from the folder: vocab=/merges= (transformers 5) and vocab_file=/merges_file= (4.x) each break in the other
+    tok = GPT2Tokenizer.from_pretrained(folder)
     assert len(tok) == 50257
     return tok
 

@@ -41,7 +41,7 @@ def _gpt2(shared_data):
     from transformers import GPT2Tokenizer
 
     vocab = shared_data / "tokenizers" / "gpt2"
-    return GPT2Tokenizer(vocab=str(vocab / "vocab.json"), merges=str(vocab / "merges.txt"))
+    return GPT2Tokenizer.from_pretrained(vocab)
 
 
 def test_demo_plants_among_pile_excerpts_and_measures_pile_perplexity(shared_data):

@@ -103,7 +103,7 @@ def test_bench_slices_are_disjoint_and_cut_to_length(shared_data):
     from transformers import GPT2Tokenizer
 
     vocab = shared_data / "tokenizers" / "gpt2"
-    tok = GPT2Tokenizer(vocab=str(vocab / "vocab.json"), merges=str(vocab / "merges.txt"))
+    tok = GPT2Tokenizer.from_pretrained(vocab)
     assert len(tok) == 50257
     sizes = Sizes(n_forget=4, forget_tokens=24, n_heldout=4, n_retain=4, n_ppl=4, n_general=8, general_tokens=16)
     data = bench_texts(tok, shared_data, "1", sizes)

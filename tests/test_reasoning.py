@@ -89,7 +89,7 @@ def gpt2_tok(shared_data):
     from transformers import GPT2Tokenizer
 
     p = shared_data / "tokenizers" / "gpt2"
-    tok = GPT2Tokenizer(vocab=str(p / "vocab.json"), merges=str(p / "merges.txt"))
+    tok = GPT2Tokenizer.from_pretrained(p)
     assert len(tok) == 50257
     tok.pad_token = tok.eos_token
     return tok

@@ -375,11 +375,12 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
     code = main(["unlearn", "--model", str(requests_root / "base"), "--forget", str(requests_root / "a.txt"),
                  "--forget", str(requests_root / "b.txt"), "--retain", str(requests_root / "retain.txt"),
                  "--validation", str(requests_root / "validation.txt"), "--strategy", "orthogonal", "--rank", "4",
-                 "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-epochs", "3", "--no-progress",
+                 "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "2", "--max-epochs", "8", "--no-progress",
                  "--ma-threshold", "0.5", "--el-threshold", "0.5", "--gate-fpr", "0.5", "--out", str(out)])
     printed = capsys.readouterr().out
-    # Bars of 0.5 that this model's forget sets fall under within 3 epochs at lr 1e-2: both requests meet
-    # them and stay under (exit 0; a failed or relapsed request would be exit 3).
+    # Bars of 0.5 that this model's forget sets fall under within 8 epochs at lr 1e-2 (request 1 took 3 with
+    # transformers 5, 4 with 4.56): both requests meet them and stay under (exit 0; a failed or relapsed
+    # request would be exit 3).
     assert "2 requests (orthogonal); failed: none; relapsed: none; not forgotten: none" in printed
     assert code == 0
     assert (out / "adapters" / "request-01").is_dir() and (out / "adapters" / "request-02").is_dir()
