@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from loku.cli import describe_error, main
+from loku.cli import main
+from loku.errors import describe_error
 from loku.extras import MissingExtra
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -858,7 +858,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point until ``loku bench tdec`` is wired: ``python -m loku.bench.tdec ...``."""
-    from ..cli import describe_error
+    from ..errors import describe_error
 
     parser = add_arguments(argparse.ArgumentParser(prog="loku bench tdec", description=__doc__.split("\n")[0]))
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
