@@ -1,4 +1,4 @@
-"""Each bench's numbers against the "forget as if never seen" targets (docs/algorithms.md §12.4).
+"""Each bench's numbers against the "forget as if never seen" targets (docs/algorithms.md §12, "Targets").
 
 A target is a pure function of a method's summary row and the bench's context that returns the value it
 judges and whether it passes; a bench's verdicts are ``{method: {target: {"value", "bound", "pass"}}}``,
@@ -128,16 +128,16 @@ def verdicts(bench: str, summary: dict[str, Any]) -> dict[str, Any]:
 SIGNED = {"forget_nll_gap", "mia_auc_gap", "relearn_excess"}  # differences: shown with their sign
 
 
-def _cell(entry: dict[str, Any]) -> str:
+def _cell(entry: dict[str, Any], name: str) -> str:
     value, ok = entry["value"], entry["pass"]
-    if value is None or (isinstance(value, list) and None in value):
+    if ok is None:  # judge() leaves pass None exactly where the number is missing
         return "–"
     if isinstance(value, list):
         text = f"{value[0]}/{value[1]}"
     elif isinstance(value, int):
         text = str(value)
     else:
-        text = f"{value:+.3f}" if entry.get("name") in SIGNED else f"{value:.3f}"
+        text = f"{value:+.3f}" if name in SIGNED else f"{value:.3f}"
     return f"{'✓' if ok else '✗'} {text}"
 
 
@@ -150,6 +150,6 @@ def verdict_lines(bench: str, judged: dict[str, Any], heading: str = "### Agains
     lines = [heading, "", "| method | " + " | ".join(f"{t.label} ({first[t.name]['bound']})" for t in targets)
              + " | all |", "|---" + "|---:" * (len(targets) + 1) + "|"]
     for method, entry in judged.items():
-        cells = [_cell({**entry[t.name], "name": t.name}) for t in targets]
+        cells = [_cell(entry[t.name], t.name) for t in targets]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {'✓' if entry['all'] else '✗'} |")
     return lines + [""]
