@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loku.config import METHODS, Method, UnlearnConfig
+from loku.config import UnlearnConfig
+from loku.methods import METHODS, MethodSpec
 from loku.initializers import INITIALIZERS, lora_layers
 from loku.losses import FORGET_TERMS, LOSSES, LossSpec, inverted_hinge_loss, needs_reference
 from loku.models import load_model
@@ -48,7 +49,7 @@ if "test-needs-ref" not in FORGET_TERMS:
 
 
 def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memorized, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "test-method", Method("lora", "test-halve-base", "ihl", 1e-3))
+    monkeypatch.setitem(METHODS, "test-method", MethodSpec("lora", "test-halve-base", "ihl", 1e-3))
     cfg = UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
                         retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),
                         out=str(tmp_path / "run"), method="test-method", rank=4, lora_alpha=8, max_epochs=1,
@@ -65,7 +66,7 @@ def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memoriz
 
 def test_a_new_forget_term_that_needs_the_reference_gets_it(memorized, tmp_path, monkeypatch):
     monkeypatch.setitem(LOSSES, "test-ref-loss", LossSpec("test-needs-ref", "nll"))
-    monkeypatch.setitem(METHODS, "test-ref-method", Method("lora", "gaussian", "test-ref-loss", 1e-3))
+    monkeypatch.setitem(METHODS, "test-ref-method", MethodSpec("lora", "gaussian", "test-ref-loss", 1e-3))
     assert needs_reference("test-ref-loss", None)
     cfg = UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
                         retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),

@@ -216,3 +216,52 @@ def test_the_cli_runs_the_rounds(memorized, request_file, tmp_path, capsys):
     code = cli(tmp_path / "met", "--ma-threshold", "1", "--el-threshold", "1")
     assert json.loads((tmp_path / "met" / "report.json").read_text())["reveal"]["rounds"][0]["epochs_run"] == 1
     assert "failed rounds: none;" in capsys.readouterr().out and code == 0
+
+
+def test_a_killed_run_resumes_after_its_last_finished_round(memorized, request_file, tmp_path, monkeypatch, capsys):
+    """`loku unlearn --resume OUT` of a --reveal run killed in round 2 keeps round 1 (not revealed or trained
+    again) and ends with the adapters and rounds of the run that was never killed."""
+    import loku.release as release_module
+    from safetensors.torch import load_file
+
+    def cli(*args):
+        return main(["unlearn", *args, "--no-progress"])
+
+    options = ["--reveal", str(request_file), "--model", str(memorized / "base"), "--method", "lora-ihl", "--retain",
+               str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"), "--rank", "4",
+               "--lora-alpha", "8", "--lr", "1e-2", "--batch-size", "4", "--max-epochs", "3", "--reveal-rounds", "2",
+               "--strategy", "stack",  # not --reveal's default: a resumed run keeps the strategy it was given
+               "--reveal-budget", "8", "--reveal-max-new-tokens", "18", "--reveal-stop-reward", "0",
+               "--reveal-min-novelty", "0.01", "--reveal-patience", "2"]
+    assert cli(*options, "--out", str(tmp_path / "whole")) in (0, 3)
+    asked = []
+    real_settings = release_module.reveal_settings
+
+    kill_in = [2]
+
+    def counted(cfg, number):
+        asked.append(number)
+        if number in kill_in:
+            raise KeyboardInterrupt
+        return real_settings(cfg, number)
+
+    monkeypatch.setattr(release_module, "reveal_settings", counted)
+    killed = tmp_path / "killed"
+    assert cli(*options, "--out", str(killed)) != 0 and not killed.exists()
+    assert asked == [1, 2] and release_module.resumable(killed)
+    asked.clear()
+    kill_in.clear()
+    assert cli("--resume", str(killed)) in (0, 3)
+    assert asked == [2]  # round 1 was neither revealed nor unlearned again
+    assert not work_dir(killed).exists()
+    whole, resumed = (json.loads((tmp_path / name / "report.json").read_text())["reveal"]["rounds"]
+                      for name in ("whole", "killed"))
+
+    def comparable(rounds, out):
+        return [{k: str(v).replace(str(out), "OUT") for k, v in r.items() if k != "seconds_reveal"} for r in rounds]
+
+    assert comparable(resumed, killed) == comparable(whole, tmp_path / "whole")
+    assert [r.get("request") for r in whole] == ["request-01", "request-02"]  # both rounds unlearned something
+    for name in ("request-01", "request-02"):
+        a, b = (load_file(str(tmp_path / out / "requests" / name / "delta.safetensors")) for out in ("whole", "killed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

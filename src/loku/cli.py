@@ -140,9 +140,9 @@ def run_unlearn(args: argparse.Namespace) -> int:
         refuse_sequence(cfg)
         refuse_quantized_sequence(cfg)
 
-        if overrides.get("strategy") is None:
+        if overrides.get("strategy") is None and not args.resume:  # a resumed run keeps the strategy it had
             cfg = dataclasses.replace(cfg, strategy="orthogonal")
-        return run_release(cfg, accelerator)
+        return run_release(cfg, accelerator, resume=bool(args.resume))
     # A sequence of requests, or one request kept as its own adapter (--strategy stack/orthogonal, --gate-fpr):
     # a single run folds its adapter into the weights and fits no gate, so those options would do nothing there.
     from .requests import previous_sequence
@@ -207,8 +207,10 @@ def run_convert(args: argparse.Namespace) -> int:
 def resumed_config(out: str, overrides: dict) -> UnlearnConfig:
     """The killed run's own options; only those that cannot change the result may be overridden."""
     from .checkpoint import RESUME_MAY_CHANGE, read_state
+    from .release import resumable, saved_config
 
-    values = read_state(out)["config"]
+    # a --reveal run: its own options (its checkpoint, if any, is of the round it was killed in)
+    values = saved_config(out) if resumable(out) else read_state(out)["config"]
     values.update({k: v for k, v in overrides.items() if v is not None and k in RESUME_MAY_CHANGE})
     values["out"] = out
     return UnlearnConfig(**values).validate()

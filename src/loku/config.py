@@ -10,39 +10,9 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS, MethodSpec
 from .eval_options import DTYPES, EvalOptions
 from .options import check_fields, coerce_numbers
-
-
-@dataclass(frozen=True)
-class Method:
-    """One row of the paper's Table 1: which parameters train, how the adapter starts, which loss."""
-
-    adapter: str  # "full" or "lora"
-    init: str | None  # initialiser name for LoRA (loku.initializers.INITIALIZERS)
-    loss: str  # loku.losses.LOSSES
-    lr: float  # the paper's learning rate for this kind of run (§6)
-
-
-METHODS: dict[str, Method] = {
-    "full-ga": Method("full", None, "ga", 5e-5),
-    "full-gd": Method("full", None, "gd", 5e-5),
-    "lora-ga": Method("lora", "gaussian", "ga", 2e-4),  # TOFU's Figure 5 runs every loss at each LoRA rank
-    "lora-gd": Method("lora", "gaussian", "gd", 2e-4),
-    "lora-ihl": Method("lora", "gaussian", "ihl", 2e-4),
-    "fila-gd": Method("lora", "fila", "gd", 2e-4),
-    "fila-ihl": Method("lora", "fila", "ihl", 2e-4),  # LoKU
-    "vila-ihl": Method("lora", "vila", "ihl", 2e-4),
-    "npo": Method("full", None, "npo", 5e-5),
-    "lora-npo": Method("lora", "gaussian", "npo", 2e-4),
-    # Forget terms with a finite optimum at "never seen" (docs/algorithms.md §12); not the paper's.
-    "fila-ihl-margin": Method("lora", "fila", "ihl-margin", 2e-4),
-    "fila-undial": Method("lora", "fila", "undial", 2e-4),
-    "fila-me": Method("lora", "fila", "me", 2e-4),
-    "lora-ihl-margin": Method("lora", "gaussian", "ihl-margin", 2e-4),
-    "lora-undial": Method("lora", "gaussian", "undial", 2e-4),
-    "lora-me": Method("lora", "gaussian", "me", 2e-4),
-}
 
 
 def suite_option(name: str) -> Any:
@@ -231,7 +201,7 @@ class UnlearnConfig:
             return []
         return [self.forget] if isinstance(self.forget, str) else list(self.forget)
 
-    def method_spec(self) -> Method:
+    def method_spec(self) -> MethodSpec:
         return METHODS[self.method]
 
     def learning_rate(self) -> float:
@@ -281,7 +251,7 @@ class UnlearnConfig:
         if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
             raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or none, "
                               f"got {self.retain_term!r}")
-        if self.method_spec().adapter == "full" and self.dtype == "float16":
+        if self.method_spec().full_weights and self.dtype == "float16":
             raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
                               "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
         from .stop import check_stop_options

@@ -122,7 +122,7 @@ def check_quantization(cfg: Any, device: torch.device) -> None:
         return
     flag = f"--load-in-{bits}"
     method = cfg.method_spec()
-    if method.adapter != "lora":
+    if method.full_weights:
         raise ConfigError(f"{flag}: method {cfg.method} trains every weight, which a {bits} base cannot hold; use a "
                           "LoRA method (lora-ihl, lora-gd, lora-npo, ...) or drop the flag")
     from .initializers import INITIALIZERS

@@ -637,14 +637,3 @@ def run_eval_command(args: argparse.Namespace) -> int:
             print(f"loku eval: warning: {tdec['thresholds_warning']}", file=sys.stderr)
     print(f"loku eval: wrote {json_path} and {md_path}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m loku.evaluate ...``): ``loku eval`` with the same options."""
-    from loku.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -22,8 +22,9 @@ verbatim in a later round is left out of that round (a sequence's requests are d
 ``repeated``: the model still reproducing it word for word is reported, not hidden.
 
 The rounds' generated sets are written to OUT.reveal/ while the loop runs and moved into the output
-(OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). A killed run is not
-resumed: run it again with ``--overwrite``.
+(OUT/reveal/round-NN/forget.jsonl and reveal.json, OUT/reveal/rounds.json). ``--resume OUT`` continues a
+killed run after its last finished round (each finished round's record, texts and delta are kept in
+OUT.reveal/.resume/); the round it was killed in is done again from its reveal.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from typing import Any, Callable
 from .config import UnlearnConfig
 from .errors import ConfigError
 
-__all__ = ["ReleaseResult", "reveal_and_release", "reveal_settings", "run_release", "work_dir"]
+__all__ = ["ReleaseResult", "resumable", "reveal_and_release", "reveal_settings", "run_release", "saved_config",
+           "work_dir"]
 
 
 @dataclass
@@ -64,79 +66,180 @@ def _normal(text: str) -> str:
 
 def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                        settings: Callable[[int], Any] | None = None,
-                       say: Callable[[str], None] = print) -> ReleaseResult:
+                       say: Callable[[str], None] = print, resume: bool = False) -> ReleaseResult:
     """Rounds of reveal -> unlearn from ``cfg`` (its ``reveal`` request, ``reveal_*`` options and the
     options of every round's unlearning); ``model`` (not modified) or ``cfg.model`` is the base.
-    ``settings(round)``: the round's :class:`loku.reveal.RevealSettings` (default from ``cfg``)."""
+    ``settings(round)``: the round's :class:`loku.reveal.RevealSettings` (default from ``cfg``).
+    ``resume``: continue the killed run that was writing to ``cfg.out`` after its last finished round."""
     import copy
 
+    from . import distributed as dist
     from .data import load_text_set
     from .models import load_model
-    from .requests import Previous
+    from .requests import Previous, sequence_result
     from .reveal import load_request, ngrams, request_ngrams, reveal, write_revealed
     from .save import check_output_dir
     from .trainer import master_dtype
 
     cfg.validate()
     request = load_request(cfg.reveal)
-    check_output_dir(cfg.out, cfg.overwrite)
     work = work_dir(cfg.out)
-    if work.exists():
-        if not cfg.overwrite:
-            raise ConfigError(f"{work}: a killed --reveal run left its rounds here; start afresh with --overwrite")
-        shutil.rmtree(work)
+    if resume:
+        saved = _saved_rounds(cfg)
+    else:
+        check_output_dir(cfg.out, cfg.overwrite)
+        if work.exists():
+            if not cfg.overwrite:
+                raise ConfigError(f"{work}: a killed --reveal run left its rounds here; continue it with --resume "
+                                  f"{cfg.out} or start afresh with --overwrite")
+            shutil.rmtree(work)
+        _start_rounds(cfg)
+        saved = []
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress)
+    accelerator = accelerator or dist.make_accelerator(cfg.device)
     base = copy.deepcopy(model).eval()
     retain = load_text_set(cfg.retain, "retain").texts if cfg.retain else []
     settings = settings or (lambda r: reveal_settings(cfg, r))
     result, previous, rounds, seen, unlearned = None, None, [], set(), []
     stopped, empty = f"the round budget ({cfg.reveal_rounds}) is spent", 0
     for number in range(1, cfg.reveal_rounds + 1):
-        current = result.model if result is not None else base
-        round_settings = settings(number)
-        n = round_settings.n  # what is not news: the request's own n-grams and every unlearned round's texts
-        known = request_ngrams(tokenizer, request, n).union(*(ngrams(ids, n) for ids in unlearned))
-        revealed = reveal(current, tokenizer, request, round_settings, retain_texts=retain, progress=cfg.progress)
-        fresh = [item for item in revealed["items"] if _normal(item["text"]) not in seen]
-        repeated = len(revealed["items"]) - len(fresh)
-        revealed["items"] = fresh
-        news = round_news(fresh, known, n, cfg.reveal_min_novelty)
-        mean_reward = sum(q["reward"] for q in revealed["history"]) / len(revealed["history"])
-        folder = write_revealed(revealed, work / f"round-{number:02d}")
-        record = {"round": number, "queries": len(revealed["history"]), "collected": len(fresh),
-                  "repeated": repeated, **news, "mean_reward": mean_reward, "refused": revealed["refused"],
-                  "seconds_reveal": revealed["seconds"], "forget": str(folder / "forget.jsonl")}
+        if number <= len(saved):  # finished by the killed run: its record and sequence, not its work again
+            record, fresh = saved[number - 1]["record"], saved[number - 1]["items"]
+            if saved[number - 1]["state"] is not None:
+                previous, result = _saved_sequence(cfg, saved[number - 1]["state"]), None
+            say(f"loku: round {number}: finished before the run was killed ({record['collected']} new texts)")
+        else:
+            if result is None and previous is not None:  # the resumed rounds' model, rebuilt once
+                result = sequence_result(previous.state, previous.deltas, cfg.strategy,
+                                         copy.deepcopy(base).to(accelerator.device), tokenizer)
+            current = result.model if result is not None else base
+            round_settings = settings(number)
+            n = round_settings.n  # what is not news: the request's own n-grams and every unlearned round's texts
+            known = request_ngrams(tokenizer, request, n).union(*(ngrams(ids, n) for ids in unlearned))
+            revealed = reveal(current, tokenizer, request, round_settings, retain_texts=retain, progress=cfg.progress)
+            fresh = [item for item in revealed["items"] if _normal(item["text"]) not in seen]
+            repeated = len(revealed["items"]) - len(fresh)
+            revealed["items"] = fresh
+            news = round_news(fresh, known, n, cfg.reveal_min_novelty)
+            mean_reward = sum(q["reward"] for q in revealed["history"]) / len(revealed["history"])
+            folder = write_revealed(revealed, work / f"round-{number:02d}")
+            record = {"round": number, "queries": len(revealed["history"]), "collected": len(fresh),
+                      "repeated": repeated, **news, "mean_reward": mean_reward, "refused": revealed["refused"],
+                      "seconds_reveal": revealed["seconds"], "forget": str(folder / "forget.jsonl")}
+            say(f"loku: round {number}: {len(fresh)} new texts from {record['queries']} queries (mean reward "
+                f"{mean_reward:.3f}, {repeated} repeated verbatim, {news['novel']} with >= {cfg.reveal_min_novelty:g} "
+                "of their n-grams new)")
+            # Nothing new (no collected text with enough n-grams unseen in the request and the earlier rounds) is
+            # not unlearned: its text was already a request of these rounds, and unlearning it again pushes the
+            # same content further down on every round (the compounding §9 and §12 warn about).
+            if news["novel"]:
+                result = _unlearn_round(cfg, record, base, tokenizer, accelerator, previous)
+                previous = Previous(work, result.state, result.deltas)
+            _save_round(cfg, record, fresh, result if news["novel"] else None)
         rounds.append(record)
-        say(f"loku: round {number}: {len(fresh)} new texts from {record['queries']} queries (mean reward "
-            f"{mean_reward:.3f}, {repeated} repeated verbatim, {news['novel']} with >= {cfg.reveal_min_novelty:g} "
-            "of their n-grams new)")
-        # Nothing new (no collected text with enough n-grams unseen in the request and the earlier rounds) is
-        # not unlearned: its text was already a request of these rounds, and unlearning it again pushes the
-        # same content further down on every round (the compounding §9 and §12 warn about).
-        empty = 0 if news["novel"] else empty + 1
-        if news["novel"]:
-            result = _unlearn_round(cfg, record, base, tokenizer, accelerator, previous)
-            previous = Previous(work, result.state, result.deltas)
+        empty = 0 if record["novel"] else empty + 1
+        if record["novel"]:
             seen |= {_normal(item["text"]) for item in fresh}
             unlearned += [item["ids"] for item in fresh]
         # The stop is decided after the round's texts are unlearned, not before: a low mean reward says the
         # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
         # what the model was just seen to produce, and stopping first would ship a model that still produces
         # them. (Deciding before generating would need the reward of texts not generated yet.)
-        if mean_reward < cfg.reveal_stop_reward:
-            stopped = (f"round {number}: the generations stopped revealing (mean reward {mean_reward:.3f} < "
-                       f"--reveal-stop-reward {cfg.reveal_stop_reward:g})"
-                       + (f"; its {len(fresh)} new texts were unlearned first" if news["novel"] else ""))
+        if record["mean_reward"] < cfg.reveal_stop_reward:
+            stopped = (f"round {number}: the generations stopped revealing (mean reward {record['mean_reward']:.3f} "
+                       f"< --reveal-stop-reward {cfg.reveal_stop_reward:g})"
+                       + (f"; its {record['collected']} new texts were unlearned first" if record["novel"] else ""))
             break
         if empty >= cfg.reveal_patience:
             which = f"round {number}" if empty == 1 else f"rounds {number - empty + 1}-{number}"
             stopped = (f"{which} revealed nothing new (no collected text with >= "
                        f"{cfg.reveal_min_novelty:g} of its n-grams new; --reveal-patience {empty})")
             break
+    if result is None and previous is not None:  # every round was finished before the run was killed
+        result = sequence_result(previous.state, previous.deltas, cfg.strategy,
+                                 copy.deepcopy(base).to(accelerator.device), tokenizer)
     say(f"loku: --reveal ended: {stopped}")
     return ReleaseResult(result, rounds, stopped)
+
+
+# --------------------------------------------------------------------------- resuming a killed run
+# OUT.reveal/.resume/ holds what a killed run needs to go on after its last finished round: the run's config
+# (release.json), each finished round's record and collected texts with their token ids (round-NN.json, with the
+# sequence's record after it when it unlearned something) and each unlearned round's delta (requests/NAME/).
+# A round killed before its record was written is done again from its reveal (same seed, same model).
+
+
+RELEASE = "release.json"
+
+
+def _resume_dir(cfg: UnlearnConfig) -> Path:
+    return work_dir(cfg.out) / ".resume"
+
+
+def resumable(out: str | Path) -> bool:
+    """Whether OUT is the output of a killed ``--reveal`` run that ``--resume OUT`` continues."""
+    return (work_dir(out) / ".resume" / RELEASE).is_file()
+
+
+def saved_config(out: str | Path) -> dict[str, Any]:
+    """The options the killed ``--reveal`` run writing to OUT was started with."""
+    import json
+
+    return json.loads((work_dir(out) / ".resume" / RELEASE).read_text(encoding="utf-8"))["config"]
+
+
+def _start_rounds(cfg: UnlearnConfig) -> None:
+    from .save import atomic_write_json
+
+    atomic_write_json(_resume_dir(cfg) / RELEASE, {"config": cfg.to_dict()})
+
+
+def _save_round(cfg: UnlearnConfig, record: dict[str, Any], fresh: list[dict[str, Any]], result) -> None:
+    """The finished round (after its unlearning): the delta first, then the record that names it."""
+    from .requests import write_delta
+    from .save import atomic_dir, atomic_write_json
+
+    folder = _resume_dir(cfg)
+    if result is not None:
+        with atomic_dir(folder / "requests" / record["request"]) as tmp:
+            write_delta(tmp, result.deltas[-1])
+    atomic_write_json(folder / f"round-{record['round']:02d}.json", {
+        "record": record, "items": [{"text": item["text"], "ids": list(item["ids"])} for item in fresh],
+        "state": result.state if result is not None else None})
+
+
+def _saved_rounds(cfg: UnlearnConfig) -> list[dict[str, Any]]:
+    """The killed run's finished rounds, in order; its options must be these (bar those that cannot change
+    the result)."""
+    import json
+
+    from .checkpoint import RESUME_MAY_CHANGE
+
+    if not resumable(cfg.out):
+        raise ConfigError(f"{cfg.out}: no killed --reveal run to continue here ({_resume_dir(cfg) / RELEASE} is "
+                          "missing); start it without --resume")
+    old, new = saved_config(cfg.out), cfg.to_dict()
+    changed = sorted(key for key in new if key not in RESUME_MAY_CHANGE and old.get(key) != new[key])
+    if changed:
+        raise ConfigError(f"{work_dir(cfg.out)}: the killed run was started with other options ({', '.join(changed)}); "
+                          "resume with the original ones")
+    saved = []
+    for number in range(1, cfg.reveal_rounds + 1):
+        path = _resume_dir(cfg) / f"round-{number:02d}.json"
+        if not path.is_file():
+            break
+        saved.append(json.loads(path.read_text(encoding="utf-8")))
+    return saved
+
+
+def _saved_sequence(cfg: UnlearnConfig, state: dict[str, Any]):
+    """The rounds' sequence as a finished round left it, its deltas read back from OUT.reveal/.resume/."""
+    from .requests import Previous, read_delta
+
+    folder = _resume_dir(cfg) / "requests"
+    return Previous(work_dir(cfg.out), state, [read_delta(folder / f["name"], f) for f in state["finished"]])
 
 
 def round_news(items: list[dict[str, Any]], known: set, n: int, min_novelty: float) -> dict[str, Any]:
@@ -190,7 +293,7 @@ def write_release(release: ReleaseResult, cfg: UnlearnConfig) -> Path:
         delta.forget = _relocated(delta.forget, work, final)
 
     def add_rounds(tmp: Path) -> None:
-        shutil.copytree(work, tmp / "reveal")
+        shutil.copytree(work, tmp / "reveal", ignore=shutil.ignore_patterns(".resume"))
         atomic_write_json(tmp / "reveal" / "rounds.json", {"rounds": rounds, "stopped": release.stopped})
 
     out = write_requests(result, cfg, extra=add_rounds)
@@ -198,9 +301,9 @@ def write_release(release: ReleaseResult, cfg: UnlearnConfig) -> Path:
     return out
 
 
-def run_release(cfg: UnlearnConfig, accelerator) -> int:
+def run_release(cfg: UnlearnConfig, accelerator, *, resume: bool = False) -> int:
     """``loku unlearn --reveal REQUEST``: exit 0 when every round met its stop rule, 3 otherwise."""
-    release = reveal_and_release(cfg, accelerator=accelerator)
+    release = reveal_and_release(cfg, accelerator=accelerator, resume=resume)
     if not accelerator.is_main_process:
         return 0
     if release.requests is None:

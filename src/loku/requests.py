@@ -280,7 +280,7 @@ def check_requests(configs: Sequence[UnlearnConfig], earlier: Sequence[str] = ()
     check_forget_files_distinct([*earlier, *(c.forget for c in configs)])
     for c in configs:
         c.validate()
-        if c.method_spec().adapter != "lora":
+        if c.method_spec().full_weights:
             raise ConfigError(f"method {c.method} trains every weight; a sequence of requests keeps each request as "
                               "a LoRA adapter: use a LoRA method (lora-ihl, fila-ihl, ...)")
     models = sorted({c.model for c in configs})
@@ -325,15 +325,17 @@ def previous_sequence(model: str | None) -> Previous | None:
     state = json.loads((folder / SEQUENCE).read_text(encoding="utf-8"))
     if state.get("kind") != KIND:
         raise ConfigError(f"{folder / SEQUENCE}: not the record of a sequence of requests")
-    return Previous(folder, state, [_read_delta(folder / "requests" / f["name"], f) for f in state["finished"]])
+    return Previous(folder, state, [read_delta(folder / "requests" / f["name"], f) for f in state["finished"]])
 
 
-def _write_delta(folder: Path, delta: Delta) -> None:
+def write_delta(folder: Path, delta: Delta) -> None:
+    """``delta`` as FOLDER/delta.safetensors (what :func:`read_delta` reads back exactly)."""
     save_file(delta.tensors(), str(folder / "delta.safetensors"),
               metadata={"fan_in_fan_out": str(delta.fan_in_fan_out), "forget": delta.forget})
 
 
-def _read_delta(folder: Path, finished: dict[str, Any]) -> Delta:
+def read_delta(folder: Path, finished: dict[str, Any]) -> Delta:
+    """The delta in FOLDER of the sequence's ``finished`` entry (its name and forget file)."""
     path = folder / "delta.safetensors"
     if not path.is_file():
         raise ModelError(f"{path}: missing; the folder of the earlier requests is incomplete (copy it whole)")
@@ -453,14 +455,24 @@ def unlearn_requests(requests: UnlearnConfig | Sequence[UnlearnConfig], forget: 
             discard_checkpoint(cfg.out)  # the request's per-epoch checkpoint
             start_file.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
-    report = sequence_report(state, deltas)
-    final = stacked_model(original, deltas) if STRATEGIES.trait(strategy, "keeps_adapters") else current
-    gate = None
+    result = sequence_result(state, deltas, strategy, original, tokenizer, merged=current)
     if first.gate_fpr is not None:
-        gate, report["gate"] = fit_request_gate(final, forget_batches, heldout_batches(first, tokenizer, original, pad),
-                                                first)
-    return RequestsResult(model=final, tokenizer=tokenizer, report=report, deltas=deltas, original=original,
-                          runs=[f["run"] for f in state["finished"]], gate=gate, state=state)
+        result.gate, result.report["gate"] = fit_request_gate(
+            result.model, forget_batches, heldout_batches(first, tokenizer, original, pad), first)
+    return result
+
+
+def sequence_result(state: dict[str, Any], deltas: list[Delta], strategy: str, original: torch.nn.Module,
+                    tokenizer, merged: torch.nn.Module | None = None) -> RequestsResult:
+    """The sequence that ``state`` records (its finished requests, ``deltas``) as :func:`unlearn_requests`
+    returns it, without a gate: its report and its model on ``original`` (the model before the first request).
+    ``merged``: ``apply_deltas(original, deltas)`` where the caller has it already (one copy of the model less)."""
+    if STRATEGIES.trait(strategy, "keeps_adapters"):
+        final = stacked_model(original, deltas)
+    else:
+        final = merged if merged is not None else apply_deltas(original, deltas)
+    return RequestsResult(model=final, tokenizer=tokenizer, report=sequence_report(state, deltas), deltas=deltas,
+                          original=original, runs=[f["run"] for f in state["finished"]], state=state)
 
 
 def heldout_batches(cfg: UnlearnConfig, tokenizer, model, pad: int) -> list[dict]:
@@ -585,7 +597,7 @@ def _save_request(ckpt: Path, state: dict, delta: Delta) -> None:
     """The finished request's delta, then the state naming it (so a crash in between redoes only that request)."""
     ckpt.mkdir(parents=True, exist_ok=True)
     with atomic_dir(ckpt / delta.name) as tmp:
-        _write_delta(tmp, delta)
+        write_delta(tmp, delta)
     atomic_write_json(ckpt / STATE, state)
 
 
@@ -610,7 +622,7 @@ def _resume(out: str, fresh: dict) -> tuple[dict, list[Delta]]:
         folder = ckpt / finished["name"]
         if not folder.is_dir() and state.get("continues"):
             folder = Path(state["continues"]) / "requests" / finished["name"]
-        deltas.append(_read_delta(folder, finished))
+        deltas.append(read_delta(folder, finished))
     state["resumed"] = True
     return state, deltas
 
@@ -650,7 +662,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
                 write_cards(tmp, report, requests_card_body(report, result.runs), {"model": "transformers"})
         for delta in result.deltas:  # what `--model THIS_FOLDER --forget NEXT` continues from
             (tmp / "requests" / delta.name).mkdir(parents=True)
-            _write_delta(tmp / "requests" / delta.name, delta)
+            write_delta(tmp / "requests" / delta.name, delta)
         if result.state is not None:
             atomic_write_json(tmp / SEQUENCE, result.state)
         atomic_write_json(tmp / "report.json", report)

@@ -179,7 +179,7 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
             model.float()
     pad = ensure_pad_token(tokenizer)
     sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set, model=model)
-    if cfg.method_spec().adapter == "lora":  # bad --targets / --rank fail now, not after the "before" evaluation
+    if not cfg.method_spec().full_weights:  # bad --targets / --rank fail now, not after the "before" evaluation
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     fingerprint = model_fingerprint(model)
     checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint) if resume else None
@@ -249,7 +249,7 @@ def master_dtype(cfg: UnlearnConfig) -> str:
     (autocast): Adam's steps of lr 5e-5 are below bf16's resolution for most weights, so bf16
     weights would silently drop most updates. LoRA adapters are float32 already (PEFT).
     """
-    return "float32" if cfg.method_spec().adapter == "full" else cfg.dtype
+    return "float32" if cfg.method_spec().full_weights else cfg.dtype
 
 
 def compute_autocast(cfg: UnlearnConfig, device: torch.device):
@@ -332,7 +332,7 @@ def adapt(run: Run) -> None:
         run.init_seconds = run.checkpoint.state["init_seconds"]
     else:
         run.init_seconds = time.time() - started
-        if method.adapter == "lora":
+        if not method.full_weights:
             run.start = moved_start(lora_layers(run.model), method.init)
     if "eps_dominated_share" in run.init_stats:
         share = run.init_stats["eps_dominated_share"]
@@ -393,7 +393,7 @@ def adapt_model(model, cfg: UnlearnConfig, forget_batches, retain_batches, *,
     exactly these base weights (the saved adapter needs only the start, :func:`adapt`).
     """
     method = cfg.method_spec()
-    if method.adapter == "full":
+    if method.full_weights:
         for p in model.parameters():
             p.requires_grad_(True)
         return model, [], {}, {}
@@ -577,7 +577,7 @@ def finish(run: Run) -> RunResult:
         "trainable_share": n_trainable / n_total,
         "processes": accelerator.num_processes,
         "flops": measure.estimate_flops(
-            n_total, full=cfg.method_spec().adapter == "full",
+            n_total, full=cfg.method_spec().full_weights,
             tokens_trained=dist.sum_over_processes(accelerator, run.tokens_trained), fisher_tokens=run.fisher_tokens,
             eval_tokens=eval_tokens, measurements=len(run.epochs) + 2, reference=run.reference is not None),
         "seconds": {"init": run.init_seconds, "total": time.time() - run.started},

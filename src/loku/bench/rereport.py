@@ -8,19 +8,17 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import BENCHES
 from .verdicts import TARGETS, verdicts
 
 __all__ = ["bench_kind", "rewrite"]
-
-RENDERERS = {"tdec": "loku.bench.summary", "tofu": "loku.bench.tofu_report",
-             "continual": "loku.bench.continual_report", "reveal": "loku.bench.reveal_report"}
 
 
 def bench_kind(summary: dict) -> str | None:
     """Which bench wrote a results.json: its command (`loku bench KIND ...`)."""
     command = summary.get("command") or []
     kind = command[2] if len(command) > 2 and command[1] == "bench" else None
-    return kind if kind in RENDERERS else None
+    return kind if kind in BENCHES and BENCHES[kind].report else None
 
 
 def rewrite(folder: Path) -> str:
@@ -37,7 +35,7 @@ def rewrite(folder: Path) -> str:
                           f"{'|'.join(TARGETS)} ...`; only a bench's results.json can be rewritten")
     summary["verdicts"] = verdicts(kind, summary)
     atomic_write_json(path, summary)
-    atomic_write_text(path.with_suffix(".md"), importlib.import_module(RENDERERS[kind]).render_markdown(summary))
+    atomic_write_text(path.with_suffix(".md"), importlib.import_module(BENCHES[kind].report).render_markdown(summary))
     return kind
 
 

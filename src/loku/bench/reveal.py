@@ -218,14 +218,16 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
     import shutil
 
     from ..checkpoint import discard as discard_checkpoint
-    from ..release import reveal_and_release
+    from ..release import resumable, reveal_and_release
     from ..requests import apply_deltas
 
     files, tokenizer = shared["files"], shared["tokenizer"]
     run_out = out / "arms" / "self-generated.run"
     run_cfg = cfg.unlearn_config(None, files["retain"], files["heldout"], str(run_out), reveal=files["request"],
                                  overwrite=True)
-    release = reveal_and_release(run_cfg, model=shared["planted"], tokenizer=tokenizer, say=lambda m: None)
+    # a bench restarted after a kill goes on after the arm's last finished round
+    release = reveal_and_release(run_cfg, model=shared["planted"], tokenizer=tokenizer, say=lambda m: None,
+                                 resume=resumable(run_out))
     rounds, collected, retain = [], [], [" ".join(t.split()) for t in shared["texts"]["retain"]]
     for k, record in enumerate(release.rounds):
         texts = [json.loads(line)["text"] for line in Path(record["forget"]).read_text(encoding="utf-8").splitlines()]

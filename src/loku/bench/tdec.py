@@ -854,24 +854,3 @@ def run(args: argparse.Namespace) -> int:
     summary = run_bench(cfg, out, progress=args.progress, command=command_line(), report_only=args.report_only,
                         jobs=args.jobs)
     return finish_command("tdec", summary, out, args.report_only)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point until ``loku bench tdec`` is wired: ``python -m loku.bench.tdec ...``."""
-    from ..errors import describe_error
-
-    parser = add_arguments(argparse.ArgumentParser(prog="loku bench tdec", description=__doc__.split("\n")[0]))
-    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except BaseException as err:  # noqa: BLE001
-        if args.debug or isinstance(err, SystemExit):
-            raise
-        code, message = describe_error(err, args)
-        print(f"loku: {message}", file=sys.stderr)
-        return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

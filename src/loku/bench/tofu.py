@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +121,7 @@ class TofuBenchConfig:
         from ..config import METHODS
 
         return [(s, m, r) for s in self.forget_splits for m in self.methods
-                for r in (self.ranks if METHODS[m].adapter == "lora" else [None])]
+                for r in (self.ranks if not METHODS[m].full_weights else [None])]
 
     def unlearn_config(self, method: str, rank: int | None, forget: str, retain: str, out: str,
                        model: str = "target"):

@@ -1,0 +1,4 @@
+"""``python -m loku ...``: the ``loku`` command (what the console script runs)."""
+from loku.cli import main
+
+raise SystemExit(main())
