@@ -8,6 +8,7 @@ import random
 import pytest
 
 from loku.bench import tdec
+from loku.bench.base import claim_folder
 from loku.bench.tdec import load_bench_config, run_bench
 from loku.errors import ConfigError, DataError
 from tiny_models import WORDS, make_tiny_model, word_tokenizer, write_csv
@@ -176,7 +177,7 @@ def test_a_folder_from_another_configuration_is_refused(bench_env, tmp_path, mon
     monkeypatch.setattr(tdec, "run_split", lambda *a, **k: {})
     monkeypatch.setattr(tdec, "load_model", lambda *a, **k: pytest.fail("not loaded"), raising=False)
     cfg = _cfg(bench_env)
-    tdec.claim_folder(out, cfg, cfg.check_data())
+    claim_folder(out, cfg, cfg.check_data())
     other = _cfg(bench_env, sizes={"n_forget": 6})
     with pytest.raises(ConfigError, match="another configuration .*sizes.n_forget"):
         run_bench(other, out, progress=False)

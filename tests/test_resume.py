@@ -118,7 +118,8 @@ def test_nan_loss_stops_and_names_the_epoch(memorized, tmp_path, monkeypatch):
 
 def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_default(memorized, tmp_path):
     """Upgrading loku adds options; a checkpoint written before one existed was made with its default."""
-    from loku.checkpoint import load_checkpoint, option_defaults
+    from loku.checkpoint import load_checkpoint
+    from loku.config import option_defaults
     from loku.models import load_model, model_fingerprint
 
     out = tmp_path / "run"
@@ -131,9 +132,9 @@ def test_a_checkpoint_older_than_an_option_resumes_when_the_option_is_at_its_def
     del state["config"]["strategy"]  # as written by a loku without --strategy
     state_file.write_text(json.dumps(state))
     fingerprint = model_fingerprint(load_model(str(memorized / "base"))[0])
-    assert load_checkpoint(out, config, fingerprint).state["epochs"] == state["epochs"]
+    assert load_checkpoint(out, config, fingerprint, option_defaults()).state["epochs"] == state["epochs"]
     with pytest.raises(ConfigError, match="other settings.*strategy"):
-        load_checkpoint(out, {**config, "strategy": "stack"}, fingerprint)
+        load_checkpoint(out, {**config, "strategy": "stack"}, fingerprint, option_defaults())
 
 
 def test_resume_from_a_checkpoint_without_the_start_still_saves_a_standard_adapter(memorized, tmp_path):

@@ -13,6 +13,33 @@ from typing import Any, Sequence
 
 from .save import atomic_write_text
 
+
+def format_value(value: Any) -> str:
+    """A number as the reports print it (4 decimals, 3 significant digits from 1000), None as a dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
+    return str(value)
+
+
+BEFORE_AFTER_ROWS = (
+    ("EL_n forget", "forget_el"),
+    ("MA forget", "forget_ma"),
+    ("EL_n held-out", "val_el"),
+    ("MA held-out", "val_ma"),
+    ("PPL held-out", "val_ppl"),
+)
+
+
+def before_after_table(before: dict, after: dict) -> str:
+    lines = ["| metric | before | after |", "|---|---:|---:|"]
+    for label, key in BEFORE_AFTER_ROWS:
+        if key in before or key in after:
+            lines.append(f"| {label} | {format_value(before.get(key))} | {format_value(after.get(key))} |")
+    return "\n".join(lines)
+
+
 TAGS = ["unlearning", "loku"]
 # What each folder is and how to load it, by the library the card names (huggingface_hub's library_name).
 LOADING = {
@@ -69,7 +96,6 @@ def gate_section(report: dict[str, Any]) -> list[str]:
 
 def run_card_body(report: dict[str, Any]) -> str:
     """A single run (loku.report): data, stop rule and outcome, before/after numbers."""
-    from .report import before_after_table
 
     cfg, th = report["config"], report["thresholds"]
     outcome = (f"**forgotten** after {report['epochs_to_success']} epoch(s)" if report["outcome"] == "success"

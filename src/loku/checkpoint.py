@@ -124,20 +124,13 @@ def read_state(out: str | Path) -> dict[str, Any]:
     return json.loads(state_file.read_text())
 
 
-def option_defaults() -> dict[str, Any]:
-    """Every ``loku unlearn`` option's default, as ``UnlearnConfig.to_dict()`` writes it."""
-    import dataclasses
-
-    from .config import UnlearnConfig
-
-    return {f.name: f.default for f in dataclasses.fields(UnlearnConfig) if f.default is not dataclasses.MISSING}
-
-
-def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: str) -> Checkpoint:
-    """Read the checkpoint of the run writing to ``out``; refuse one made with other settings or another base."""
+def load_checkpoint(out: str | Path, config: dict[str, Any], base_fingerprint: str,
+                    defaults: dict[str, Any] | None = None) -> Checkpoint:
+    """Read the checkpoint of the run writing to ``out``; refuse one made with other settings or another base.
+    ``defaults``: every option's default (an option newer than the checkpoint had its default then)."""
     folder = checkpoint_dir(out)
     state = read_state(out)
-    saved = {**option_defaults(), **state["config"]}  # an option newer than the checkpoint had its default then
+    saved = {**(defaults or {}), **state["config"]}
     changed = sorted(k for k in config if k not in RESUME_MAY_CHANGE and saved.get(k) != config[k])
     if changed:
         raise ConfigError(f"{folder}: the checkpoint was made with other settings ({', '.join(changed)}); "

@@ -234,7 +234,7 @@ class UnlearnConfig:
         if not all(isinstance(f, str) and f for f in self.forget_files()):
             raise ConfigError(f"--forget must be file paths, got {self.forget!r}")
         check_forget_files_distinct(self.forget_files())
-        from .requests import STRATEGIES
+        from .strategies import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES.names())}, got {self.strategy!r}")
@@ -299,6 +299,11 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every ``loku unlearn`` option's default, as ``UnlearnConfig.to_dict()`` writes it."""
+    return {f.name: f.default for f in dataclasses.fields(UnlearnConfig) if f.default is not dataclasses.MISSING}
 
 
 def check_targets(targets: str | Sequence[str]) -> None:

@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import save_adapter
-from .cards import run_card_body, write_cards
+from .cards import before_after_table, run_card_body, write_cards  # noqa: F401 - demo reads the table here
+from .cards import format_value as _fmt
 from .checkpoint import STATE, checkpoint_dir
 from .checkpoint import discard as discard_checkpoint
 from .config import UnlearnConfig
@@ -13,31 +14,6 @@ from .models import transformers_progress
 from .provenance import library_versions
 from .save import atomic_dir, atomic_write_json, atomic_write_text, merged_copy
 from .tracking import move_into_output
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
-    return str(value)
-
-
-BEFORE_AFTER_ROWS = (
-    ("EL_n forget", "forget_el"),
-    ("MA forget", "forget_ma"),
-    ("EL_n held-out", "val_el"),
-    ("MA held-out", "val_ma"),
-    ("PPL held-out", "val_ppl"),
-)
-
-
-def before_after_table(before: dict, after: dict) -> str:
-    lines = ["| metric | before | after |", "|---|---:|---:|"]
-    for label, key in BEFORE_AFTER_ROWS:
-        if key in before or key in after:
-            lines.append(f"| {label} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
-    return "\n".join(lines)
 
 
 def suites_table(before: dict, after: dict) -> str:

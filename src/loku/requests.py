@@ -62,22 +62,13 @@ from .checkpoint import load_start as _load_start, save_start as _save_start
 from .config import UnlearnConfig, check_forget_files_distinct
 from .errors import ConfigError, ModelError
 from .initializers import moved_start
-from .registry import Registry
+from .strategies import STRATEGIES, orthogonal_penalty  # noqa: F401 - the sequence's strategies
 from .save import atomic_dir, atomic_write_json, atomic_write_text
 
 KIND = "requests"  # the sequence's checkpoint state says so, beside a single run's
 
 
 # --------------------------------------------------------------------------- the math (pure)
-
-
-def orthogonal_penalty(earlier: Tensor, current: Tensor) -> Tensor:
-    """sum_i ||A_i A_k^T||_F^2 with the earlier A_i stacked as rows of ``earlier`` [sum r_i, in] (§8, O-LoRA).
-
-    Stacking the A_i is exact: ||[A_1; A_2] A_k^T||_F^2 = ||A_1 A_k^T||_F^2 + ||A_2 A_k^T||_F^2.
-    Gradient with respect to A_k: 2 A_k E^T E (E = ``earlier``, a constant).
-    """
-    return (earlier.to(current.dtype) @ current.T).pow(2).sum()
 
 
 def subspace_overlap(a_i: Tensor, a_k: Tensor) -> float:
@@ -163,39 +154,6 @@ class Delta:
         return cls(name, forget, tables["a"], tables["b"], tables["reads"], fan_in_fan_out)
 
 
-# strategy(earlier deltas, the new request's LoRA layers by name, its config) -> the extra loss term or None
-Strategy = Callable[[list[Delta], dict[str, Any], UnlearnConfig], Callable[[Any], Tensor] | None]
-STRATEGIES: Registry[Strategy] = Registry("strategy")
-
-
-@STRATEGIES.register("merge", keeps_adapters=False)
-def _merge(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> None:
-    return None
-
-
-@STRATEGIES.register("stack", keeps_adapters=True)
-def _stack(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> None:
-    return None
-
-
-@STRATEGIES.register("orthogonal", keeps_adapters=True)
-def _orthogonal(earlier: list[Delta], layers: dict[str, Any], cfg: UnlearnConfig) -> Callable[[Any], Tensor] | None:
-    from .initializers import ADAPTER
-
-    pairs = []
-    for name, layer in layers.items():
-        reads = [d.reads[name] for d in earlier if name in d.reads]
-        if reads:
-            weight = layer.lora_A[ADAPTER].weight
-            pairs.append((torch.cat(reads).to(weight.device, torch.float32), weight))
-    if not pairs or cfg.orthogonal_lambda == 0:
-        return None
-    lam = cfg.orthogonal_lambda
-
-    def penalty(model) -> Tensor:  # the layers' A's are the model's own parameters: the model is not needed
-        return lam * sum(orthogonal_penalty(e, a.float()) for e, a in pairs)
-
-    return penalty
 
 
 # --------------------------------------------------------------------------- building models from deltas
@@ -637,7 +595,7 @@ def write_requests(result: RequestsResult, cfg: UnlearnConfig, out: str | None =
     ``model/`` (the final model, every request folded in) unless ``save_model`` is off."""
     from .cards import requests_card_body, write_cards
     from .provenance import library_versions
-    from .report import transformers_progress
+    from .models import transformers_progress
     from .save import merged_copy
 
     out_path = Path(out or cfg.out)

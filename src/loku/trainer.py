@@ -29,7 +29,7 @@ from . import measure
 from . import tracking
 from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_weights, save_checkpoint,
                          trainable_state)
-from .config import UnlearnConfig
+from .config import UnlearnConfig, option_defaults
 from .errors import ConfigError, TrainingDiverged
 from .initializers import lora_layers, moved_start
 from .lm import context_length, ensure_pad_token
@@ -182,7 +182,7 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     if not cfg.method_spec().full_weights:  # bad --targets / --rank fail now, not after the "before" evaluation
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     fingerprint = model_fingerprint(model)
-    checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint) if resume else None
+    checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint, option_defaults()) if resume else None
     devices.place(model, accelerator.device).eval()
     eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
                     "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +34,8 @@ from typing import Any, Callable
 from ..errors import ConfigError, DataError
 from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
 from .planting import PlantingRecipe
-from .tdec import EvalSubsets, Store, _read_json, _section, config_values, downstream, existing_folder
+from .base import Store, config_values, existing_folder, read_json, section
+from .tdec import EvalSubsets, downstream
 
 __all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
 
@@ -142,10 +141,10 @@ def load_continual_config(name_or_path: str | None = "cpu", overrides: dict[str,
             values[key] = str(values[key])
     return ContinualConfig(
         **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals")},
-        sizes=_section(Sizes, values.get("sizes"), "sizes"),
+        sizes=section(Sizes, values.get("sizes"), "sizes"),
         planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
         else PlantingRecipe(),
-        evals=_section(EvalSubsets, values.get("evals"), "evals"),
+        evals=section(EvalSubsets, values.get("evals"), "evals"),
     )
 
 
@@ -362,7 +361,7 @@ def run_variant(cfg: ContinualConfig, out: Path, variant: str, shared: dict[str,
 
     result_path = out / "variants" / f"{variant}.json"
     if result_path.is_file():
-        done = _read_json(result_path)
+        done = read_json(result_path)
         if done.get("options") != cfg.variants[variant]:
             raise ConfigError(f"{result_path}: variant {variant} was run with other options ({done.get('options')}); "
                               "rename the variant or delete that file")
@@ -408,7 +407,7 @@ def run_continual(cfg: ContinualConfig, out: str | Path, *, progress: bool = Tru
                   tokenizer=None) -> dict[str, Any]:
     """Run (or continue) the continual bench in ``out``; returns the summary of results.json."""
     from .continual_report import write_outputs
-    from .jobs import open_bench
+    from .base import open_bench
 
     out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
                                   variants=list(cfg.variants))
@@ -439,7 +438,7 @@ def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .jobs import add_common_arguments
+    from .base import add_common_arguments
 
     parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo-125M, "
                                                         "a GPU) or a YAML file [default: cpu]")
@@ -448,6 +447,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .jobs import run_bench_command
+    from .base import run_bench_command
 
     return run_bench_command(args, "continual", load_continual_config, run_continual)

@@ -80,21 +80,21 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                   seconds: float | None = None) -> dict[str, Any]:
     from ..provenance import jsonable, library_versions
     from ..save import atomic_write_json, atomic_write_text
-    from .tdec import _read_json, machine
+    from .base import machine, read_json
 
-    shared = _read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
+    shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
     variants = {}
     for name in cfg.variants:
         path = out / "variants" / f"{name}.json"
         if path.is_file() and shared:
-            variants[name] = summarise(shared, _read_json(path))
+            variants[name] = summarise(shared, read_json(path))
     summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
                "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
                "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed}, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "seconds": seconds, "planting": shared.get("planting", {}).get("measurements"),
                "original": shared.get("original_downstream"), "variants": variants,
                "missing": [v for v in cfg.variants if v not in variants],
-               "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
     summary["verdicts"] = verdicts("continual", summary)
     summary["plots"] = []
     if variants:

@@ -32,11 +32,11 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from .data import Sizes, bench_texts, forget_file, role_texts, write_jsonl
 from .planting import PlantingRecipe
-from .tdec import Store, _read_json, _section, config_values, existing_folder
+from .base import Store, config_values, existing_folder, read_json, section
+from .reveal_report import ARMS
 
 __all__ = ["ARMS", "RevealBenchConfig", "load_reveal_config", "run", "run_reveal_bench"]
 
-ARMS = ("real-text", "self-generated", "coverage", "random-text")  # random-text needs self-generated's sizes
 N = 4  # n of the coverage recall
 
 SMOKE: dict[str, Any] = {
@@ -135,7 +135,7 @@ def load_reveal_config(name_or_path: str | None = "cpu", overrides: dict[str, An
         values["split"] = str(values["split"])
     return RevealBenchConfig(
         **{k: v for k, v in values.items() if k not in ("sizes", "planting")},
-        sizes=_section(Sizes, values.get("sizes"), "sizes"),
+        sizes=section(Sizes, values.get("sizes"), "sizes"),
         planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
         else PlantingRecipe())
 
@@ -281,7 +281,7 @@ def _coverage(cfg, out: Path, shared) -> dict[str, Any]:
 def _random_text(cfg, out: Path, shared) -> dict[str, Any]:
     from .. import trainer
 
-    generated = _read_json(out / "arms" / "self-generated.json")
+    generated = read_json(out / "arms" / "self-generated.json")
     if not generated["forget_texts"]:
         return {"skipped": "the self-generated arm unlearned nothing", "scores": None}
     n_tokens = max(12, round(generated["mean_tokens"]))
@@ -311,7 +311,7 @@ def run_arm(cfg: RevealBenchConfig, out: Path, arm: str, shared, say: Callable[[
 
     path = out / "arms" / f"{arm}.json"
     if path.is_file():
-        return _read_json(path)
+        return read_json(path)
     say(f"loku bench reveal: {arm}")
     started = time.time()
     entry = {"arm": arm, **_ARM_FUNCTIONS[arm](cfg, out, shared), "seconds": time.time() - started,
@@ -333,7 +333,8 @@ def run_reveal_bench(cfg: RevealBenchConfig, out: str | Path, *, progress: bool 
                      command: list[str] | None = None, report_only: bool = False, model=None,
                      tokenizer=None) -> dict[str, Any]:
     """Run (or continue) the reveal bench in ``out``; returns the summary of results.json."""
-    from .jobs import open_bench, run_tasks
+    from .base import open_bench
+    from .jobs import run_tasks
     from .reveal_report import write_outputs
 
     out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only)
@@ -355,7 +356,7 @@ def run_reveal_bench(cfg: RevealBenchConfig, out: str | Path, *, progress: bool 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .jobs import add_common_arguments
+    from .base import add_common_arguments
 
     parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (a GPU) or a "
                                                         "YAML file [default: cpu]")
@@ -364,6 +365,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .jobs import run_bench_command
+    from .base import run_bench_command
 
     return run_bench_command(args, "reveal", load_reveal_config, run_reveal_bench)

@@ -11,6 +11,8 @@ from .verdicts import verdict_lines, verdicts
 
 __all__ = ["queries_to_reach", "write_outputs"]
 
+ARMS = ("real-text", "self-generated", "coverage", "random-text")  # random-text needs self-generated's sizes
+
 UNLEARNED = ("real-text", "self-generated", "random-text")
 
 
@@ -43,18 +45,17 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                   seconds: float | None = None) -> dict[str, Any]:
     from ..provenance import jsonable, library_versions
     from ..save import atomic_write_json, atomic_write_text
-    from .reveal import ARMS
-    from .tdec import _read_json, machine
+    from .base import machine, read_json
 
-    shared = _read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
-    arms = {a: _read_json(out / "arms" / f"{a}.json") for a in ARMS if (out / "arms" / f"{a}.json").is_file()}
+    shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
+    arms = {a: read_json(out / "arms" / f"{a}.json") for a in ARMS if (out / "arms" / f"{a}.json").is_file()}
     summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
                "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
                "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed, "coverage": cfg.coverage["seeds"]},
                "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
                "planting": shared.get("planting", {}).get("measurements"), "original": shared.get("original"),
                "planted": shared.get("planted"), "arms": arms, "missing": [a for a in ARMS if a not in arms],
-               "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
     if "coverage" in arms:
         summary["coverage"] = summarise_coverage(arms["coverage"]["curves"])
     summary["plots"] = []

@@ -35,34 +35,24 @@ YAML file; ``--smoke`` shrinks any of them to a few seconds on a tiny model (CI)
 from __future__ import annotations
 
 import argparse
-import contextlib
+import concurrent.futures
 import dataclasses
-import difflib
-import gc
-import hashlib
 import json
-import os
-import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ..errors import ConfigError, DataError
+from . import jobs as jobs_mod
+from .base import Store, check_known, config_values, existing_folder, free_memory, read_json, section, slug
 from .data import HELDOUT_SOURCES, ROWS, Sizes, forget_file
 from .planting import PlantingRecipe
 
 __all__ = ["BenchConfig", "DEFAULT_METHODS", "SMOKE", "add_arguments", "load_bench_config", "run", "run_bench"]
 
 DEFAULT_METHODS = ["full-ga", "full-gd", "lora-gd", "lora-ihl", "fila-gd", "fila-ihl", "vila-ihl", "npo"]
-NAMED_CONFIGS = ("cpu", "paper")
-BENCH_RECORD = "bench.json"
-FORMAT = 1
 
-# --smoke: everything tiny, for CI on a tiny random model (applied on top of the chosen config).
 SMOKE: dict[str, Any] = {
     "sizes": {"n_forget": 4, "forget_tokens": 16, "n_heldout": 4, "n_retain": 4, "retain_tokens": 16, "n_ppl": 4,
               "ppl_tokens": 24, "n_general": 16, "general_tokens": 16},
@@ -144,15 +134,15 @@ class BenchConfig:
             raise ConfigError("a method or split is listed twice")
         self.sizes.validate()
         self.planting.validate()
-        for section, names, allow_none in ((self.evals, ("lambada", "pubmedqa", "dialogue"), True),
+        for part, names, allow_none in ((self.evals, ("lambada", "pubmedqa", "dialogue"), True),
                                            (self.evals, ("batch_size",), False),
                                            (self.reference, ("prompt_tokens", "new_tokens", "rep_n"), False)):
             for name in names:
-                value = getattr(section, name)
+                value = getattr(part, name)
                 if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool)
                                                       and value >= 1):
                     continue
-                kind = "evals" if section is self.evals else "reference"
+                kind = "evals" if part is self.evals else "reference"
                 raise ConfigError(f"{kind}.{name} must be a positive integer{' or null' if allow_none else ''}, "
                                   f"got {value!r}")
         if not isinstance(self.plant, bool) or not isinstance(self.pool, int) or not isinstance(self.seed, int):
@@ -264,71 +254,6 @@ class BenchConfig:
 # --------------------------------------------------------------------------- loading
 
 
-def _section(cls, values: Any, name: str):
-    if values is None:
-        return cls()
-    if not isinstance(values, dict):
-        raise ConfigError(f"{name}: expected a mapping of option: value, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        hint = "; ".join(f"did you mean {g[0]}?" for u in unknown if (g := difflib.get_close_matches(u, known, 1)))
-        raise ConfigError(f"{name}: unknown option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; known: "
-                          f"{', '.join(sorted(known))}")
-    return cls(**values)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def existing_folder(root: Path) -> Path:
-    """The shared data folder, or one line saying how to point at it."""
-    if not root.is_dir():
-        raise DataError(f"{root}: data folder not found; pass --data-dir pointing at the shared data folder "
-                        "(or set LOKU_DATA_DIR)")
-    return root
-
-
-def config_path(name_or_path: str, bench: str = "tdec") -> Path:
-    """``cpu`` / ``paper`` -> configs/bench-BENCH-NAME.yaml (in the working directory or loku's source
-    checkout); anything else is a YAML path."""
-    if name_or_path in NAMED_CONFIGS:
-        file = f"bench-{bench}-{name_or_path}.yaml"
-        candidates = [Path.cwd() / "configs" / file, Path(__file__).resolve().parents[3] / "configs" / file]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        raise ConfigError(f"configuration {name_or_path!r} not found ({' or '.join(map(str, candidates))}); run from "
-                          "the loku checkout or pass --config PATH_TO_YAML")
-    path = Path(name_or_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: bench configuration not found; pass --config cpu, paper or a YAML file")
-    return path
-
-
-def config_values(name_or_path: str | None, bench: str, overrides: dict[str, Any] | None,
-                  smoke: dict[str, Any] | None) -> dict[str, Any]:
-    """The options of a named or YAML bench configuration, the ``--smoke`` sizes and the flags laid over them."""
-    values: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = config_path(name_or_path, bench)
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML ({' '.join(str(err).split())}); fix the syntax there") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a bench configuration must be a mapping of option: value")
-        values.setdefault("name", name_or_path if name_or_path in NAMED_CONFIGS else path.stem)
-    if smoke is not None:
-        values = _merge(values, smoke)
-        values["name"] = f"{values.get('name', 'custom')}-smoke"
-    return _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None})
-
-
 def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
                       smoke: bool = False) -> BenchConfig:
     """A :class:`BenchConfig` from a named or YAML configuration, with ``--smoke`` and flag overrides on top."""
@@ -339,12 +264,7 @@ def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any
     if "model" in values:  # --model (comma-separated) or a YAML `model:` replaces the list of models
         model = values.pop("model")
         values["models"] = [m.strip() for m in model.split(",") if m.strip()] if isinstance(model, str) else model
-    known = {f.name for f in dataclasses.fields(BenchConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        hint = "; ".join(f"did you mean {g[0]}?" for u in unknown if (g := difflib.get_close_matches(u, known, 1)))
-        raise ConfigError(f"unknown bench option(s) {', '.join(unknown)}{f' ({hint})' if hint else ''}; known: "
-                          f"{', '.join(sorted(known))}")
+    check_known(BenchConfig, values, "unknown bench option(s)")
     for key in ("models", "splits", "methods"):
         if isinstance(values.get(key), str):
             values[key] = [v.strip() for v in values[key].split(",") if v.strip()]
@@ -353,11 +273,11 @@ def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any
     cfg = BenchConfig(
         **{k: v for k, v in values.items() if k not in ("sizes", "planting", "evals", "reference", "relearn",
                                                          "attacks")},
-        sizes=_section(Sizes, values.get("sizes"), "sizes"),
+        sizes=section(Sizes, values.get("sizes"), "sizes"),
         planting=PlantingRecipe.from_dict(values.get("planting")) if values.get("planting") is not None
         else PlantingRecipe(),
-        evals=_section(EvalSubsets, values.get("evals"), "evals"),
-        reference=_section(ReferenceOptions, values.get("reference"), "reference"),
+        evals=section(EvalSubsets, values.get("evals"), "evals"),
+        reference=section(ReferenceOptions, values.get("reference"), "reference"),
         relearn=RelearnSettings.from_dict(values.get("relearn")),
         attacks=AttackSettings.from_dict(values.get("attacks")),
     )
@@ -366,117 +286,7 @@ def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any
     return cfg
 
 
-# --------------------------------------------------------------------------- the bench folder
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: unreadable bench record ({err}); delete it (or the bench folder) and run again"
-                          ) from None
-
-
-def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for key in sorted(set(a) | set(b)):
-            out += _differing(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def claim_folder(out: Path, cfg: BenchConfig, data: dict[str, str]) -> dict[str, Any]:
-    """Create the bench folder, or check an existing one was made with this configuration."""
-    from ..save import atomic_write_json
-
-    identity = {"format": FORMAT, "config": cfg.identity(), "data": data}
-    record_path = out / BENCH_RECORD
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder; choose another --out")
-    if record_path.is_file():
-        record = _read_json(record_path)
-        if record.get("identity") != identity:
-            diff = _differing(record.get("identity"), identity)
-            raise ConfigError(f"{out}: this bench folder was made with another configuration (differs in: "
-                              f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}); choose another --out, or "
-                              "delete the folder to start afresh")
-        return record
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"{out}: folder exists, is not empty and is not a bench folder (no {BENCH_RECORD}); choose "
-                          "another --out")
-    record = {"identity": identity, "identity_sha256": _hash(identity), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "name": cfg.name}
-    atomic_write_json(record_path, record)
-    return record
-
-
-def slug(name: str) -> str:
-    """A folder name for a model: a local folder's own name, a hub id with / as _."""
-    if Path(name).expanduser().is_dir():
-        name = Path(name).expanduser().resolve().name
-    text = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name).strip("/"))
-    return text[-80:] or "model"
-
-
-class Store:
-    """A JSON file of named results, each computed once and written atomically when it is.
-
-    Safe for several bench processes on one folder (``--jobs``): a missing key is looked up on disk
-    again before it is computed, and written under a lock on the folder with whatever other
-    processes stored meanwhile (the first value stored for a key wins)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict[str, Any] = _read_json(path) if path.is_file() else {}
-
-    def reload(self) -> dict[str, Any]:
-        if self.path.is_file():
-            self.data = _read_json(self.path)
-        return self.data
-
-    def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.data and key not in self.reload():
-            from ..provenance import jsonable
-            from ..save import atomic_write_json
-
-            value = jsonable(compute())
-            with _folder_lock(self.path.parent):
-                self.reload().setdefault(key, value)
-                atomic_write_json(self.path, self.data)
-        return self.data[key]
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """An exclusive lock on ``folder`` between processes (a no-op where there is no ``fcntl``)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: one bench process per folder
-        yield
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 # --------------------------------------------------------------------------- running
-
-
-def _say(progress: bool) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        if progress:
-            print(message, file=sys.stderr, flush=True)
-
-    return say
 
 
 def downstream(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig) -> dict[str, Any]:
@@ -524,18 +334,6 @@ def unlearn_from(cfg, model, tokenizer, *, before: dict | None, resume: bool):
     trainer.adapt(run)
     trainer.train_until_stop(run)
     return trainer.finish(run), run.before
-
-
-def _free() -> None:
-    """Give back the memory of models dropped by the caller."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 @dataclass
@@ -673,7 +471,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
     result_path = ctx.split_dir / "runs" / f"{method}.json"
     if result_path.is_file():
         say(f"loku bench: split {split}, {method}: finished earlier, skipped")
-        return _read_json(result_path)
+        return read_json(result_path)
     out = ctx.split_dir / "runs" / method
     ucfg = cfg.unlearn_config(method, files["forget"], files["retain"], files["validation"], str(out),
                               model=f"{ctx.model_name} planted with split {split}" if cfg.plant else ctx.model_name)
@@ -719,7 +517,7 @@ def run_method(ctx: SplitContext, method: str, say: Callable[[str], None], progr
     atomic_write_json(result_path, jsonable(entry))
     discard_checkpoint(out)
     del result, evaluated
-    _free()
+    free_memory()
     say(f"loku bench: split {split}, {method}: {entry['outcome']} after {entry['epochs_run']} epoch(s); "
         f"EL {entry['after'].get('forget_el', float('nan')):.3f}, MA {entry['after']['forget_ma']:.3f}, Pile PPL "
         f"{scores['ppl_pile']:.2f} (original {ctx.original_scores['ppl_pile']:.2f}); "
@@ -736,20 +534,6 @@ def _val_ppl(model, tokenizer, texts: list[str], cfg: BenchConfig) -> float:
     ids = tokenize_texts(tokenizer, texts, max_length=1 << 20, source="held-out set")
     batch = int(cfg.unlearn.get("eval_batch_size", 8))
     return measure.heldout_scores(model, make_batches(ids, batch, ensure_pad_token(tokenizer)))[1]
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover
-        pass
-    return info
 
 
 def measure_original(cfg: BenchConfig, folder: Path, model_name: str, original, tokenizer,
@@ -776,7 +560,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     ``jobs`` > 1 runs the (split, method) runs in that many worker processes (:mod:`loku.bench.jobs`),
     the CPU cores shared out between them."""
     from ..models import load_model
-    from .jobs import open_bench
+    from .base import open_bench
     from .summary import write_outputs
 
     out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
@@ -784,8 +568,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
     started = time.time()
     if not report_only:
         if jobs > 1:
-            from .jobs import run_in_processes
-
             run_in_processes(cfg, out, jobs, say=say, progress=progress)
         for model_name in ([] if jobs > 1 else cfg.models):
             folder = out / slug(model_name)
@@ -796,7 +578,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, progress: bool = True, comma
             for split in cfg.splits:
                 run_split(cfg, model_name, original, tokenizer, split, folder, original_scores, say, progress)
             del original
-            _free()
+            free_memory()
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
     say(f"loku bench: results in {out / 'results.md'}")
     return summary
@@ -844,7 +626,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run(args: argparse.Namespace) -> int:
     """``loku bench tdec``: 0 when every (model, split, method) has a result."""
     from ..devices import use_device
-    from .jobs import command_line, finish_command
+    from .base import command_line, finish_command
 
     use_device(args.device)
     cfg = config_from_args(args)
@@ -854,3 +636,62 @@ def run(args: argparse.Namespace) -> int:
     summary = run_bench(cfg, out, progress=args.progress, command=command_line(), report_only=args.report_only,
                         jobs=args.jobs)
     return finish_command("tdec", summary, out, args.report_only)
+
+
+# --------------------------------------------------------------------------- --jobs N: tasks in worker processes
+# Tasks wait only for what they need, so no two processes ever compute the same thing: each model's own
+# downstream scores, then each split's planting and once-per-split measurements, then, as soon as a split's
+# measurements are there, its (model, split, method) runs not finished yet, in the order of ``cfg.methods``
+# (slow methods first there keep the end short). Every result is the file the serial bench would write.
+
+_loaded: dict[str, Any] = {}  # this worker's models and its last split's context
+
+
+def run_in_processes(cfg: BenchConfig, out: Path, jobs: int, *, say: Callable[[str], None], progress: bool) -> None:
+    """Run the bench's tasks in ``jobs`` worker processes (see the module docstring)."""
+    threads = jobs_mod.threads_per_job(jobs)
+    say(f"loku bench: {jobs} worker processes, {threads} thread(s) each")
+    failures: list[str] = []
+    with jobs_mod.pool(jobs) as pool:
+        def submit(task):
+            return pool.submit(_worker_task, cfg, str(out), *task, progress)
+
+        pending = {submit((m, None, None)): (m, None, None) for m in cfg.models}
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                model, split, method = pending.pop(future)
+                name = "/".join(str(part) for part in (model, split, method) if part is not None)
+                if not jobs_mod.succeeded(future, name, failures):  # what needed this task is not run
+                    say(f"loku bench: {failures[-1]}")
+                    continue
+                if split is None:  # the model's scores are there: plant and measure its splits
+                    pending.update({submit((model, s, None)): (model, s, None) for s in cfg.splits})
+                elif method is None:  # the split is measured: its runs
+                    pending.update({submit((model, split, m)): (model, split, m) for m in cfg.methods})
+    if failures:
+        raise jobs_mod.BenchTasksFailed(f"{len(failures)} bench task(s) failed (finished results are kept; rerun to retry): "
+                               + "; ".join(failures))
+
+
+def _worker_task(cfg, out: str, model_name: str, split: str | None, method: str | None, progress: bool) -> None:
+    from ..models import load_model
+
+    say = jobs_mod.worker_say(progress)
+    if _loaded.get("model_name") != model_name:
+        _loaded.clear()
+        original, tokenizer = load_model(model_name, progress=False)
+        _loaded.update(model_name=model_name, original=original.eval(), tokenizer=tokenizer)
+    original, tokenizer = _loaded["original"], _loaded["tokenizer"]
+    folder = Path(out) / slug(model_name)
+    scores = measure_original(cfg, folder, model_name, original, tokenizer, say)
+    if split is None:
+        return
+    ctx = _loaded.get("split")
+    if ctx is None or ctx.split != split:
+        _loaded.pop("split", None)
+        free_memory()
+        ctx = prepare_split(cfg, model_name, original, tokenizer, split, folder, scores, say, progress=False)
+        _loaded["split"] = ctx
+    if method is not None:
+        run_method(ctx, method, say, progress=False)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
-from .tdec import Store, _read_json, config_values, existing_folder
+from .base import Store, config_values, existing_folder, read_json
 
 __all__ = ["TofuBenchConfig", "author_rows", "load_tofu_bench_config", "run", "run_tofu_bench"]
 
@@ -80,7 +80,7 @@ class TofuBenchConfig:
     cache_dir: str | None = None
 
     def validate(self) -> "TofuBenchConfig":
-        from ..config import METHODS
+        from ..methods import METHODS
 
         bad = [s for s in self.forget_splits if s not in FORGET_AUTHORS]
         if bad or not self.forget_splits:
@@ -118,10 +118,15 @@ class TofuBenchConfig:
 
     def runs(self) -> list[tuple[str, str, int | None]]:
         """Every (forget split, method, rank) of the grid; full fine-tuning has no rank."""
-        from ..config import METHODS
+        from ..methods import METHODS
 
         return [(s, m, r) for s in self.forget_splits for m in self.methods
                 for r in (self.ranks if not METHODS[m].full_weights else [None])]
+
+    @staticmethod
+    def result_path(out: Path, split: str, method: str, rank: int | None) -> Path:
+        """Where the bench folder ``out`` keeps the result of one run of the grid."""
+        return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
 
     def unlearn_config(self, method: str, rank: int | None, forget: str, retain: str, out: str,
                        model: str = "target"):
@@ -319,11 +324,11 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
     from ..provenance import jsonable
     from ..save import atomic_write_json, merged_copy
 
-    tag = f"{method}" + (f"-r{rank}" if rank is not None else "")
-    result_path = out / split / f"{tag}.json"
+    result_path = cfg.result_path(out, split, method, rank)
     if result_path.is_file():
-        return _read_json(result_path)
-    run_out = out / split / tag
+        return read_json(result_path)
+    run_out = result_path.with_suffix("")
+    tag = run_out.name
     ucfg = cfg.unlearn_config(method, rank, shared["files"]["forget"][split], shared["files"]["retain"], str(run_out))
     ucfg.progress, ucfg.overwrite = progress, False
     resume = (checkpoint_dir(run_out) / STATE).is_file()
@@ -361,7 +366,7 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
 def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = True, jobs: int = 1,
                    command: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     """Run (or continue) the TOFU bench in ``out``; returns the summary of results.json."""
-    from .jobs import open_bench
+    from .base import open_bench
     from .tofu_report import write_outputs
 
     out, record, say = open_bench(cfg, out, progress=progress, command=command, jobs=jobs, report_only=report_only,
@@ -369,7 +374,7 @@ def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = Tr
     started = time.time()
     if not report_only:
         shared = prepare(cfg, out, say)
-        pending = [r for r in cfg.runs() if not _result_path(out, *r).is_file()]
+        pending = [r for r in cfg.runs() if not cfg.result_path(out, *r).is_file()]
         if jobs > 1 and len(pending) > 1:
             from .jobs import run_tasks
 
@@ -380,10 +385,6 @@ def run_tofu_bench(cfg: TofuBenchConfig, out: str | Path, *, progress: bool = Tr
     summary = write_outputs(out, cfg, record, command=command, seconds=time.time() - started)
     say(f"loku bench tofu: results in {out / 'results.md'}")
     return summary
-
-
-def _result_path(out: Path, split: str, method: str, rank: int | None) -> Path:
-    return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
 
 
 def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | None) -> None:
@@ -397,7 +398,7 @@ def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | N
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .jobs import add_common_arguments
+    from .base import add_common_arguments
 
     parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M, a TOFU subset, 2 CPU cores), paper "
                                                         "(Phi-1.5 / Llama-2-7B, full TOFU, a GPU) or a YAML file")
@@ -409,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .jobs import run_bench_command
+    from .base import run_bench_command
 
     return run_bench_command(args, "tofu", load_tofu_bench_config, run_tofu_bench, methods=args.methods,
                              ranks=args.ranks, forget_splits=args.forget_splits)

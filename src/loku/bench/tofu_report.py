@@ -22,17 +22,16 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                   seconds: float | None = None) -> dict[str, Any]:
     from ..provenance import jsonable, library_versions
     from ..save import atomic_write_json, atomic_write_text
-    from .tdec import _read_json, machine
-    from .tofu import _result_path
+    from .base import machine, read_json
 
-    shared = _read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
+    shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
     runs, missing = {}, []
     for split, method, rank in cfg.runs():
-        path = _result_path(out, split, method, rank)
+        path = cfg.result_path(out, split, method, rank)
         if not path.is_file():
             missing.append([split, method, rank])
             continue
-        entry = _read_json(path)
+        entry = read_json(path)
         trajectory = _trajectory(entry)
         qualities = [t["forget_quality"] for t in trajectory]
         runs.setdefault(split, []).append({
@@ -49,7 +48,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
                "finetune": {"target": shared.get("target_finetune"),
                             "reference": {s: shared.get(f"reference_finetune/{s}") for s in cfg.forget_splits}},
                "runs": runs, "missing": missing,
-               "invocations": _read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
     summary["plots"] = []
     if runs:
         try:
