@@ -84,6 +84,8 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
     cfg.validate()
     request = load_request(cfg.reveal)
     work = work_dir(cfg.out)
+    accelerator = accelerator or dist.make_accelerator(cfg.device)
+    main = accelerator.is_main_process  # the only process that writes the rounds' records
     if resume:
         saved = _saved_rounds(cfg)
     else:
@@ -92,13 +94,14 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
             if not cfg.overwrite:
                 raise ConfigError(f"{work}: a killed --reveal run left its rounds here; continue it with --resume "
                                   f"{cfg.out} or start afresh with --overwrite")
-            shutil.rmtree(work)
-        _start_rounds(cfg)
+            if main:
+                shutil.rmtree(work)
+        if main:
+            _start_rounds(cfg)
         saved = []
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress)
-    accelerator = accelerator or dist.make_accelerator(cfg.device)
     base = copy.deepcopy(model).eval()
     retain = load_text_set(cfg.retain, "retain").texts if cfg.retain else []
     settings = settings or (lambda r: reveal_settings(cfg, r))
@@ -137,7 +140,8 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
             if news["novel"]:
                 result = _unlearn_round(cfg, record, base, tokenizer, accelerator, previous)
                 previous = Previous(work, result.state, result.deltas)
-            _save_round(cfg, record, fresh, result if news["novel"] else None)
+            if main:
+                _save_round(cfg, record, fresh, result if news["novel"] else None)
         rounds.append(record)
         empty = 0 if record["novel"] else empty + 1
         if record["novel"]:

@@ -154,8 +154,6 @@ class Delta:
         return cls(name, forget, tables["a"], tables["b"], tables["reads"], fan_in_fan_out)
 
 
-
-
 # --------------------------------------------------------------------------- building models from deltas
 
 
