@@ -74,3 +74,10 @@ def test_a_new_forget_term_that_needs_the_reference_gets_it(memorized, tmp_path,
                         progress=False)
     report = unlearn(cfg).report
     assert report["epochs_run"] == 1 and report["flops"]["training"] > 0
+
+
+def test_a_method_spec_says_what_trains_and_refuses_an_unknown_kind():
+    assert METHODS["full-ga"].full_weights and METHODS["npo"].full_weights
+    assert not any(METHODS[m].full_weights for m in ("lora-ihl", "fila-ihl", "vila-ihl", "fila-ihl-margin"))
+    with pytest.raises(ValueError, match="'full' or 'lora'"):
+        MethodSpec("qlora", "gaussian", "ihl", 1e-3)

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import yaml
 
 from .errors import ConfigError
-from .methods import METHODS, MethodSpec
 from .eval_options import DTYPES, EvalOptions
+from .methods import METHODS, MethodSpec
 from .options import check_fields, coerce_numbers
 
 

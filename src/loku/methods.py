@@ -27,7 +27,6 @@ class MethodSpec:
         return self.adapter == "full"
 
 
-
 METHODS: dict[str, MethodSpec] = {
     "full-ga": MethodSpec("full", None, "ga", 5e-5),
     "full-gd": MethodSpec("full", None, "gd", 5e-5),

@@ -106,6 +106,11 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
     retain = load_text_set(cfg.retain, "retain").texts if cfg.retain else []
     settings = settings or (lambda r: reveal_settings(cfg, r))
     result, previous, rounds, seen, unlearned = None, None, [], set(), []
+
+    def resumed_result():  # the model and report of the rounds the killed run finished
+        return sequence_result(previous.state, previous.deltas, cfg.strategy,
+                               copy.deepcopy(base).to(accelerator.device), tokenizer)
+
     stopped, empty = f"the round budget ({cfg.reveal_rounds}) is spent", 0
     for number in range(1, cfg.reveal_rounds + 1):
         if number <= len(saved):  # finished by the killed run: its record and sequence, not its work again
@@ -115,8 +120,7 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
             say(f"loku: round {number}: finished before the run was killed ({record['collected']} new texts)")
         else:
             if result is None and previous is not None:  # the resumed rounds' model, rebuilt once
-                result = sequence_result(previous.state, previous.deltas, cfg.strategy,
-                                         copy.deepcopy(base).to(accelerator.device), tokenizer)
+                result = resumed_result()
             current = result.model if result is not None else base
             round_settings = settings(number)
             n = round_settings.n  # what is not news: the request's own n-grams and every unlearned round's texts
@@ -162,8 +166,7 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
                        f"{cfg.reveal_min_novelty:g} of its n-grams new; --reveal-patience {empty})")
             break
     if result is None and previous is not None:  # every round was finished before the run was killed
-        result = sequence_result(previous.state, previous.deltas, cfg.strategy,
-                                 copy.deepcopy(base).to(accelerator.device), tokenizer)
+        result = resumed_result()
     say(f"loku: --reveal ended: {stopped}")
     return ReleaseResult(result, rounds, stopped)
 
@@ -178,26 +181,26 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
 RELEASE = "release.json"
 
 
-def _resume_dir(cfg: UnlearnConfig) -> Path:
-    return work_dir(cfg.out) / ".resume"
+def _resume_dir(out: str | Path) -> Path:
+    return work_dir(out) / ".resume"
 
 
 def resumable(out: str | Path) -> bool:
     """Whether OUT is the output of a killed ``--reveal`` run that ``--resume OUT`` continues."""
-    return (work_dir(out) / ".resume" / RELEASE).is_file()
+    return (_resume_dir(out) / RELEASE).is_file()
 
 
 def saved_config(out: str | Path) -> dict[str, Any]:
     """The options the killed ``--reveal`` run writing to OUT was started with."""
     import json
 
-    return json.loads((work_dir(out) / ".resume" / RELEASE).read_text(encoding="utf-8"))["config"]
+    return json.loads((_resume_dir(out) / RELEASE).read_text(encoding="utf-8"))["config"]
 
 
 def _start_rounds(cfg: UnlearnConfig) -> None:
     from .save import atomic_write_json
 
-    atomic_write_json(_resume_dir(cfg) / RELEASE, {"config": cfg.to_dict()})
+    atomic_write_json(_resume_dir(cfg.out) / RELEASE, {"config": cfg.to_dict()})
 
 
 def _save_round(cfg: UnlearnConfig, record: dict[str, Any], fresh: list[dict[str, Any]], result) -> None:
@@ -205,7 +208,7 @@ def _save_round(cfg: UnlearnConfig, record: dict[str, Any], fresh: list[dict[str
     from .requests import write_delta
     from .save import atomic_dir, atomic_write_json
 
-    folder = _resume_dir(cfg)
+    folder = _resume_dir(cfg.out)
     if result is not None:
         with atomic_dir(folder / "requests" / record["request"]) as tmp:
             write_delta(tmp, result.deltas[-1])
@@ -222,7 +225,7 @@ def _saved_rounds(cfg: UnlearnConfig) -> list[dict[str, Any]]:
     from .checkpoint import RESUME_MAY_CHANGE
 
     if not resumable(cfg.out):
-        raise ConfigError(f"{cfg.out}: no killed --reveal run to continue here ({_resume_dir(cfg) / RELEASE} is "
+        raise ConfigError(f"{cfg.out}: no killed --reveal run to continue here ({_resume_dir(cfg.out) / RELEASE} is "
                           "missing); start it without --resume")
     old, new = saved_config(cfg.out), cfg.to_dict()
     changed = sorted(key for key in new if key not in RESUME_MAY_CHANGE and old.get(key) != new[key])
@@ -231,7 +234,7 @@ def _saved_rounds(cfg: UnlearnConfig) -> list[dict[str, Any]]:
                           "resume with the original ones")
     saved = []
     for number in range(1, cfg.reveal_rounds + 1):
-        path = _resume_dir(cfg) / f"round-{number:02d}.json"
+        path = _resume_dir(cfg.out) / f"round-{number:02d}.json"
         if not path.is_file():
             break
         saved.append(json.loads(path.read_text(encoding="utf-8")))
@@ -242,7 +245,7 @@ def _saved_sequence(cfg: UnlearnConfig, state: dict[str, Any]):
     """The rounds' sequence as a finished round left it, its deltas read back from OUT.reveal/.resume/."""
     from .requests import Previous, read_delta
 
-    folder = _resume_dir(cfg) / "requests"
+    folder = _resume_dir(cfg.out) / "requests"
     return Previous(work_dir(cfg.out), state, [read_delta(folder / f["name"], f) for f in state["finished"]])
 
 

@@ -22,15 +22,13 @@ import yaml
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["BENCH_RECORD", "Store", "add_common_arguments", "check_known", "claim_folder", "command_line", "config_values",
-           "existing_folder", "finish_command", "free_memory", "machine", "open_bench", "printer", "read_json",
-           "run_bench_command", "section", "slug"]
+__all__ = ["BENCH_RECORD", "Store", "add_common_arguments", "check_known", "claim_folder", "command_line",
+           "config_values", "existing_folder", "finish_command", "free_memory", "machine", "open_bench", "printer",
+           "read_json", "run_bench_command", "section", "slug"]
 
 NAMED_CONFIGS = ("cpu", "paper")
 BENCH_RECORD = "bench.json"
 FORMAT = 1
-
-# --smoke: everything tiny, for CI on a tiny random model (applied on top of the chosen config).
 
 
 # --------------------------------------------------------------------------- configuration files
@@ -210,6 +208,7 @@ def _folder_lock(folder: Path):
 
 
 def machine() -> dict[str, Any]:
+    """What a bench ran on: platform, cores, thread settings and the GPU, if any (recorded with its results)."""
     info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                             "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     try:
@@ -224,6 +223,7 @@ def machine() -> dict[str, Any]:
 
 
 def printer(progress: bool) -> Callable[[str], None]:
+    """A bench's progress messages, on stderr (nothing with ``progress`` off)."""
     def say(message: str) -> None:
         if progress:
             print(message, file=sys.stderr, flush=True)

@@ -328,8 +328,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
                           "ratio to the original's; agreement F1: token overlap with the original's continuation.", ""]
         lines += verdict_lines("tdec", (summary.get("verdicts") or {}).get(model, {}),
                                "### Against the targets (§12: as if never seen; means over the splits)")
-        lines += _attacksection(result, cfg)
-        lines += _openunlearningsection(result)
+        lines += _attack_section(result, cfg)
+        lines += _openunlearning_section(result)
     if summary.get("missing"):
         lines += [f"Missing results ({len(summary['missing'])}): " + ", ".join(
             "/".join(m) for m in summary["missing"][:20]), ""]
@@ -348,7 +348,7 @@ def _reference_rows(result: dict[str, Any]) -> dict[str, dict]:
     return extra
 
 
-def _attacksection(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+def _attack_section(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     """The attack table (§13): forget MA / EL_10 unquantized, after int8 / NF4 rounding and under the probes."""
     if not any(stats.get("nf4_ma", {}).get("n") for stats in result["table"].values()):
         return []  # a folder from before the attacks were measured
@@ -365,7 +365,7 @@ def _attacksection(result: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             "the text.", ""]
 
 
-def _openunlearningsection(result: dict[str, Any]) -> list[str]:
+def _openunlearning_section(result: dict[str, Any]) -> list[str]:
     """OpenUnlearning's forget-set metrics under their key names (§14), for comparison with its tables."""
     if not any(stats.get("extraction_strength", {}).get("n") for stats in result["table"].values()):
         return []  # a folder from before they were measured

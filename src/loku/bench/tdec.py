@@ -53,6 +53,7 @@ __all__ = ["BenchConfig", "DEFAULT_METHODS", "SMOKE", "add_arguments", "load_ben
 
 DEFAULT_METHODS = ["full-ga", "full-gd", "lora-gd", "lora-ihl", "fila-gd", "fila-ihl", "vila-ihl", "npo"]
 
+# --smoke: everything tiny, for CI on a tiny random model (applied on top of the chosen config).
 SMOKE: dict[str, Any] = {
     "sizes": {"n_forget": 4, "forget_tokens": 16, "n_heldout": 4, "n_retain": 4, "retain_tokens": 16, "n_ppl": 4,
               "ppl_tokens": 24, "n_general": 16, "general_tokens": 16},
@@ -135,8 +136,8 @@ class BenchConfig:
         self.sizes.validate()
         self.planting.validate()
         for part, names, allow_none in ((self.evals, ("lambada", "pubmedqa", "dialogue"), True),
-                                           (self.evals, ("batch_size",), False),
-                                           (self.reference, ("prompt_tokens", "new_tokens", "rep_n"), False)):
+                                        (self.evals, ("batch_size",), False),
+                                        (self.reference, ("prompt_tokens", "new_tokens", "rep_n"), False)):
             for name in names:
                 value = getattr(part, name)
                 if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool)
@@ -670,8 +671,8 @@ def run_in_processes(cfg: BenchConfig, out: Path, jobs: int, *, say: Callable[[s
                 elif method is None:  # the split is measured: its runs
                     pending.update({submit((model, split, m)): (model, split, m) for m in cfg.methods})
     if failures:
-        raise jobs_mod.BenchTasksFailed(f"{len(failures)} bench task(s) failed (finished results are kept; rerun to retry): "
-                               + "; ".join(failures))
+        raise jobs_mod.BenchTasksFailed(f"{len(failures)} bench task(s) failed (finished results are kept; rerun "
+                                        "to retry): " + "; ".join(failures))
 
 
 def _worker_task(cfg, out: str, model_name: str, split: str | None, method: str | None, progress: bool) -> None:
