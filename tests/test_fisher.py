@@ -25,7 +25,8 @@ from loku.fisher import (
     relative_fisher,
     variance_fisher,
 )
-from loku.models import is_conv1d, resolve_targets
+from loku.lm import is_conv1d
+from loku.models import resolve_targets
 from tiny_models import make_tiny_model
 
 V = 5

@@ -116,7 +116,8 @@ def lora_model(arch: str, rank: int = 4):
     """A tiny model wrapped in a LoRA adapter on its QV+FFN layers, as loku.trainer.adapt_model wraps it."""
     from peft import LoraConfig, get_peft_model
 
-    from loku.models import is_conv1d, resolve_targets
+    from loku.lm import is_conv1d
+    from loku.models import resolve_targets
 
     model = make_tiny_model(arch)
     targets = resolve_targets(model, "qv-ffn")

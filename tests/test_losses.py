@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loku.losses import (
-    LOSSES,
+    FORGET_TERMS,
+    RETAIN_TERMS,
     inverted_hinge_loss,
     kl_to_reference,
     mean_nll,
@@ -103,10 +104,10 @@ def test_ga_and_gd_are_the_negated_and_added_language_model_losses():
         lf, lr = model(input_ids=forget).logits, model(input_ids=retain).logits
     ga, parts = unlearning_loss("ga", lf, forget, lr, retain)
     assert ga.item() == pytest.approx(-nll_f.item(), rel=1e-5) and "retain" not in parts
-    gd, parts = unlearning_loss("gd", lf, forget, lr, retain, gamma=0.5, alpha=2.0)
+    gd, parts = unlearning_loss("ga", lf, forget, lr, retain, retain_term="nll", gamma=0.5, alpha=2.0)
     assert gd.item() == pytest.approx(-0.5 * nll_f.item() + 2.0 * nll_r.item(), rel=1e-5)
     assert parts == pytest.approx({"forget": -nll_f.item(), "retain": nll_r.item()}, rel=1e-5)
-    ihl, parts = unlearning_loss("ihl", lf, forget, lr, retain)
+    ihl, parts = unlearning_loss("ihl", lf, forget, lr, retain, retain_term="nll")
     assert ihl.item() == pytest.approx(inverted_hinge_loss(lf, forget).item() + nll_r.item(), rel=1e-5)
 
 
@@ -135,16 +136,22 @@ def test_kl_retain_term_is_zero_at_the_reference_and_positive_elsewhere():
     assert kl_to_reference(moved, ref, labels).item() == pytest.approx((kl[keep]).mean().item(), rel=1e-5)
 
 
-def test_which_losses_need_the_frozen_reference_model():
-    assert needs_reference("npo", None) and needs_reference("ihl", "kl")
-    assert not needs_reference("ihl", None) and not needs_reference("gd", "nll")
-    assert set(LOSSES) == {"ga", "gd", "ihl", "npo", "ihl-margin", "undial", "me"}
-    assert needs_reference("undial", None) and reference_sides("undial", None) == (True, False)
-    assert not needs_reference("ihl-margin", None) and not needs_reference("me", None)
+def test_which_methods_need_the_frozen_reference_model():
+    from loku.methods import METHODS
+
+    def needs(method, retain_term=None):
+        return needs_reference(*METHODS[method].loss_terms(retain_term))
+
+    assert needs("npo") and needs("fila-ihl", "kl") and needs("fila-undial")
+    assert not needs("fila-ihl") and not needs("full-gd") and not needs("fila-ihl-margin") and not needs("fila-me")
+    assert set(FORGET_TERMS.names()) >= {"ga", "ihl", "npo", "ihl_margin", "undial", "me"}
+    assert set(RETAIN_TERMS.names()) >= {"nll", "kl"}
+    assert METHODS["full-ga"].loss_terms() == ("ga", "none") and METHODS["full-gd"].loss_terms() == ("ga", "nll")
     # Only the side whose term compares gets a reference forward pass (IHL + KL: retain only).
-    assert reference_sides("ihl", "kl") == (False, True) and reference_sides("npo", None) == (True, False)
-    assert reference_sides("npo", "kl") == (True, True) and reference_sides("ga", None) == (False, False)
-    with pytest.raises(ValueError, match="unknown loss"):
+    assert reference_sides("ihl", "kl") == (False, True) and reference_sides("npo", "nll") == (True, False)
+    assert reference_sides("npo", "kl") == (True, True) and reference_sides("ga", "none") == (False, False)
+    assert reference_sides("undial", "nll") == (True, False) and reference_sides("ga", "none") == (False, False)
+    with pytest.raises(ValueError, match="unknown forget term"):
         unlearning_loss("magic", torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))
 
 
@@ -262,7 +269,7 @@ def test_new_forget_terms_go_through_unlearning_loss_with_their_options():
 
     logits, ref = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
     labels = masked_labels((2, 5), 7)
-    total, parts = unlearning_loss("ihl-margin", logits, labels, ihl_margin=0.3)
+    total, parts = unlearning_loss("ihl_margin", logits, labels, ihl_margin=0.3)
     assert parts["forget"] == pytest.approx(float(margin_hinge_loss(logits, labels, 0.3)))
     total, parts = unlearning_loss("undial", logits, labels, ref_forget_logits=ref, undial_beta=30.0)
     assert parts["forget"] == pytest.approx(float(undial_loss(logits, ref, labels, 30.0)))

@@ -7,7 +7,7 @@ import torch
 from loku.config import UnlearnConfig
 from loku.methods import METHODS, MethodSpec
 from loku.initializers import INITIALIZERS, lora_layers
-from loku.losses import FORGET_TERMS, LOSSES, LossSpec, inverted_hinge_loss, needs_reference
+from loku.losses import FORGET_TERMS, inverted_hinge_loss, needs_reference
 from loku.models import load_model
 from loku.registry import Registry
 from loku.report import write_run
@@ -48,8 +48,12 @@ if "test-needs-ref" not in FORGET_TERMS:
         return inverted_hinge_loss(x.logits, x.labels)
 
 
-def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memorized, tmp_path, monkeypatch):
-    monkeypatch.setitem(METHODS, "test-method", MethodSpec("lora", "test-halve-base", "ihl", 1e-3))
+if "test-method" not in METHODS:  # a new method is one registration
+    METHODS.register("test-method")(MethodSpec("lora", "test-halve-base", "ihl", "nll", 1e-3))
+    METHODS.register("test-ref-method")(MethodSpec("lora", "gaussian", "test-needs-ref", "nll", 1e-3))
+
+
+def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memorized, tmp_path):
     cfg = UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
                         retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),
                         out=str(tmp_path / "run"), method="test-method", rank=4, lora_alpha=8, max_epochs=1,
@@ -64,10 +68,8 @@ def test_a_new_initialiser_that_replaces_base_weights_saves_its_residual(memoriz
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_a_new_forget_term_that_needs_the_reference_gets_it(memorized, tmp_path, monkeypatch):
-    monkeypatch.setitem(LOSSES, "test-ref-loss", LossSpec("test-needs-ref", "nll"))
-    monkeypatch.setitem(METHODS, "test-ref-method", MethodSpec("lora", "gaussian", "test-ref-loss", 1e-3))
-    assert needs_reference("test-ref-loss", None)
+def test_a_new_forget_term_that_needs_the_reference_gets_it(memorized, tmp_path):
+    assert needs_reference(*METHODS["test-ref-method"].loss_terms())
     cfg = UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
                         retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),
                         out=str(tmp_path / "run"), method="test-ref-method", rank=4, lora_alpha=8, max_epochs=1,
@@ -80,4 +82,4 @@ def test_a_method_spec_says_what_trains_and_refuses_an_unknown_kind():
     assert METHODS["full-ga"].full_weights and METHODS["npo"].full_weights
     assert not any(METHODS[m].full_weights for m in ("lora-ihl", "fila-ihl", "vila-ihl", "fila-ihl-margin"))
     with pytest.raises(ValueError, match="'full' or 'lora'"):
-        MethodSpec("qlora", "gaussian", "ihl", 1e-3)
+        MethodSpec("qlora", "gaussian", "ihl", "nll", 1e-3)

@@ -184,6 +184,8 @@ def test_bad_reveal_options(memorized, request_file, tmp_path):
         config(memorized, tmp_path / "missing.json", tmp_path / "o").validate()
     with pytest.raises(ConfigError, match="reveal_budget|--reveal-budget"):
         config(memorized, request_file, tmp_path / "o", reveal_budget=0).validate()
+    with pytest.raises(ConfigError, match="--reveal-selector must be one of neural-ucb, random, ucb1, got 'greedy'"):
+        config(memorized, request_file, tmp_path / "o", reveal_selector="greedy").validate()
     for bad in (0.0, 1.5):  # no novelty, or more than all of a text's n-grams, can tell news apart
         with pytest.raises(ConfigError, match=r"--reveal-min-novelty must lie in \(0, 1\]"):
             config(memorized, request_file, tmp_path / "o", reveal_min_novelty=bad).validate()

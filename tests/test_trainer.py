@@ -256,3 +256,27 @@ def test_never_seen_forget_terms_unlearn_end_to_end(memorized, tmp_path, method)
     assert report["epochs_run"] == 2
     assert all(torch.isfinite(torch.tensor([e["loss_forget"], e["loss_retain"]])).all() for e in report["epochs"])
     assert report["before"]["forget_ma"] > 0.95 and report["after"]["forget_ma"] < report["before"]["forget_ma"] - 0.2
+
+
+def test_one_entry_for_every_caller_no_measuring_and_thresholds_from_the_stop_rule(memorized, tmp_path):
+    """trainer.unlearn is the one entry (issue 22): ``measure=False`` runs exactly max_epochs with no MA/EL and
+    no stop rule, calling ``on_epoch`` after each; the paper rule's thresholds come from its ``held_out`` (§6)."""
+    from loku.stop import make_stop_rule
+
+    seen = []
+    cfg = config(memorized, tmp_path / "fixed", max_epochs=2)
+    report = unlearn(cfg, measure=False, on_epoch=lambda record, model: seen.append((record["epoch"], model))).report
+    assert [e for e, _ in seen] == [1, 2] and report["epochs_run"] == 2 and report["outcome"] == "not measured"
+    assert report["after"] is None and report["thresholds"] is None and "forget_ma" not in report["epochs"][0]
+    assert all(m is not None and not m.training for _, m in seen)
+
+    asked = []
+
+    def held_out(run):
+        asked.append(run.before["val_ma"])
+        return {"ma": 1.5, "el": 1.5}  # above any MA/EL: the first epoch succeeds
+
+    cfg = config(memorized, tmp_path / "held", max_epochs=5)
+    report = unlearn(cfg, stop=make_stop_rule(cfg, held_out=held_out)).report
+    assert len(asked) == 1 and report["thresholds"]["ma"] == 1.5 and report["epochs_run"] == 1
+    assert report["outcome"] == "success"

@@ -103,8 +103,8 @@ def spy_first_step(monkeypatch, forget_file: str, seen: dict) -> None:
     def ids(batch):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    def spy(model, reference, loss, forget, retain, cfg):
-        out = real(model, reference, loss, forget, retain, cfg)
+    def spy(model, reference, forget, retain, cfg):
+        out = real(model, reference, forget, retain, cfg)
         if cfg.forget == forget_file and not seen:
             with torch.no_grad():
                 seen.update(forget=forget, retain=retain, parts=out[1], model_retain=model(**ids(retain)).logits,

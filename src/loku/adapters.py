@@ -8,7 +8,7 @@ unlearned model, and no full-size weight is stored. A plain LoRA start (B0 = 0) 
 
 Folders of earlier loku versions kept the replaced weights W_res in ``residual_base.safetensors`` and
 the rank-r adapter, right only on W_res: :func:`attach_saved_adapter` still loads them (with a
-warning), and :func:`convert_adapter` (``loku convert-adapter OLD NEW``) rewrites them in the
+warning), and :func:`loku.convert.convert_adapter` (``loku convert-adapter OLD NEW``) rewrites them in the
 standard layout. The base is identified by :func:`loku.provenance.model_fingerprint`.
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import ConfigError, ModelError
+from .errors import ModelError
 from .provenance import fingerprint_dtypes, fingerprints_match
-from .save import atomic_dir, atomic_write_json
+from .save import atomic_write_json
 
 ADAPTER_META = "loku_adapter.json"
 RESIDUAL_FILE = "residual_base.safetensors"  # the layout of earlier loku versions (read, never written)
@@ -202,62 +202,3 @@ def start_from_residual(layers: dict[str, Any], residual: dict[str, Tensor]) -> 
         moved = moved.T if layer.fan_in_fan_out else moved  # GPT-2's Conv1D stores [in, out]
         start[name] = factor_moved_start(moved, layer.r[ADAPTER], layer.scaling[ADAPTER])
     return start
-
-
-def convert_adapter(old: str | os.PathLike, new: str | os.PathLike, *, model: str | None = None,
-                    overwrite: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
-    """Rewrite an old-layout loku adapter folder (LoRA + ``residual_base.safetensors``) as a standard LoRA on
-    the original base, written atomically to ``new``. ``model``: the base (default: the one the folder names).
-    Returns what was done, with the largest difference between the old and the new layer weights."""
-    from peft import PeftModel
-
-    from .initializers import lora_layers
-    from .models import load_model
-    from .save import check_output_dir
-
-    folder, meta = adapter_folder(old)
-    if not is_old_layout(meta):
-        raise ConfigError(f"{folder}: already a standard LoRA on the original base (no {RESIDUAL_FILE}); "
-                          "PEFT loads it as it is, nothing to convert")
-    if not (folder / meta["residual_base"]).is_file():
-        raise ModelError(f"{folder / meta['residual_base']}: missing; copy the adapter folder whole and convert again")
-    new_path = check_output_dir(new, overwrite)
-    if new_path.resolve() == folder.resolve():
-        raise ConfigError(f"{new_path}: the converted adapter must go to another folder than the old one")
-    base_name = model or meta.get("base_model")
-    if not base_name:
-        raise ConfigError(f"{folder / ADAPTER_META}: names no base model; pass it with --model")
-    base, _ = load_model(base_name, dtype="float32", trust_remote_code=trust_remote_code, progress=False)
-    check_base(folder, meta, base)
-    residual = _residual(folder, meta, base)
-    peft_model = PeftModel.from_pretrained(base, str(folder), is_trainable=False)  # on the ORIGINAL weights
-    layers = lora_layers(peft_model)
-    a, b, fan_in_fan_out = standard_factors(layers, start_from_residual(layers, residual))
-    error = _conversion_error(layers, residual, a, b)
-    with atomic_dir(new_path) as tmp:
-        save_adapter(tmp, a, b, fan_in_fan_out=fan_in_fan_out,
-                     meta={**{k: v for k, v in meta.items() if k not in ("residual_base", "layout")},
-                           "base_model": meta.get("base_model") or base_name, "converted_from": str(folder)})
-        card = folder / "README.md"
-        if card.is_file():  # the run's card, if the old folder had one
-            (tmp / "README.md").write_bytes(card.read_bytes())
-    return {"old": str(folder), "new": str(new_path), "base_model": base_name,
-            "rank": max(int(t.shape[0]) for t in a.values()), "max_weight_difference": error}
-
-
-@torch.no_grad()
-def _conversion_error(layers: dict[str, Any], residual: dict[str, Tensor], a: dict[str, Tensor],
-                      b: dict[str, Tensor]) -> float:
-    """max |(W + B'A') - (W_res + s B A)| over every layer: the old model against the converted one."""
-    from .initializers import ADAPTER
-
-    worst = 0.0
-    for name, layer in layers.items():
-        w = layer.get_base_layer().weight.detach().float().cpu()
-        w = w.T if layer.fan_in_fan_out else w
-        w_res = residual.get(f"{name}.weight")
-        w_res = w if w_res is None else (w_res.float().T if layer.fan_in_fan_out else w_res.float())
-        old = w_res + layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight.float().cpu()
-                                                @ layer.lora_A[ADAPTER].weight.float().cpu())
-        worst = max(worst, float((w + b[name] @ a[name] - old).abs().max()))
-    return worst

@@ -194,7 +194,7 @@ def refuse_quantized_sequence(cfg: UnlearnConfig) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .adapters import convert_adapter
+    from .convert import convert_adapter
 
     done = convert_adapter(args.old, args.new, model=args.model, overwrite=args.overwrite,
                            trust_remote_code=args.trust_remote_code)

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .eval_options import DTYPES, EvalOptions
 from .methods import METHODS, MethodSpec
 from .options import check_fields, coerce_numbers
+from .reveal_options import reveal_field
 
 
 def suite_option(name: str) -> Any:
@@ -63,7 +64,7 @@ class UnlearnConfig:
                                                   "range": ">= 1"})
     gamma: float = field(default=1.0, metadata={"help": "weight of the forget term of the loss", "range": ">= 0"})
     alpha: float = field(default=1.0, metadata={"help": "weight of the retain term of the loss", "range": ">= 0"})
-    retain_term: str | None = field(default=None, metadata={  # None: the loss's default
+    retain_term: str | None = field(default=None, metadata={  # None: the method's default
         "help": "retain loss: nll (default) or kl to the original model, or none"})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO's beta (inverse temperature)", "range": "> 0"})
     ihl_margin: float = field(default=0.1, metadata={
@@ -172,12 +173,9 @@ class UnlearnConfig:
                 "reveals itself, unlearned in rounds of reveal -> unlearn, one adapter a round (Reveal-and-Release, "
                 "docs/algorithms.md §9; --strategy orthogonal unless given)"})
     reveal_rounds: int = field(default=3, metadata={"help": "--reveal: at most this many rounds", "range": ">= 1"})
-    reveal_budget: int = field(default=64, metadata={"help": "--reveal: queries (sampled generations) a round",
-                                                     "range": ">= 1"})
-    reveal_selector: str = field(default="neural-ucb", metadata={
-        "help": "--reveal: instruction selection", "choices": ("neural-ucb", "ucb1", "random")})
-    reveal_max_new_tokens: int = field(default=48, metadata={"help": "--reveal: tokens a generation",
-                                                             "range": ">= 4"})
+    reveal_budget: int = reveal_field("budget")  # a round's; the options of loku.reveal_options.RevealSettings
+    reveal_selector: str = reveal_field("selector")
+    reveal_max_new_tokens: int = reveal_field("max_new_tokens")
     reveal_stop_reward: float = field(default=0.1, metadata={
         "help": "--reveal: stop once a round's mean reward is below this (the generations stopped revealing)",
         "range": ">= 0"})
@@ -203,6 +201,10 @@ class UnlearnConfig:
 
     def method_spec(self) -> MethodSpec:
         return METHODS[self.method]
+
+    def loss_terms(self) -> tuple[str, str]:
+        """(forget term, retain term) of the run: the method's, --retain-term replacing its retain term."""
+        return self.method_spec().loss_terms(self.retain_term)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else self.method_spec().lr
@@ -259,7 +261,7 @@ class UnlearnConfig:
         check_stop_options(self)
         from .losses import uses_retain
 
-        if uses_retain(self.method_spec().loss, self.retain_term) and not self.retain:
+        if uses_retain(self.loss_terms()[1]) and not self.retain:
             raise ConfigError(f"method {self.method} has a retain term: pass --retain FILE (or --retain-term none)")
         if self.eval_suites:
             from .evaluate import expand_suites
@@ -289,6 +291,9 @@ class UnlearnConfig:
                               "text, too close to everything to gate on)")
         round_file = f"{self.out}.reveal/round-01/forget.jsonl"  # where the first round's forget set is written
         checked = dataclasses.replace(self, reveal=None, forget=round_file).validate()
+        from .reveal_options import settings_from_unlearn
+
+        settings_from_unlearn(self).validate("--reveal-")  # the selector (its registry), before any model loads
         self.dtype = checked.dtype  # "auto" resolved there, as for every other run
         return self
 

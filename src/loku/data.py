@@ -19,7 +19,7 @@ cache path or a random fingerprint).
 
 A ``question``/``answer`` (or ``prompt``/``completion``) item stays a pair, a ``messages`` item a
 :class:`loku.chat.Conversation` (:attr:`TextSet.qa`): :func:`tokenize_set` formats it, once the tokenizer
-(and model) are known, with ``--template`` (:func:`loku.metrics.tofu.choose_template`: the chat template, TOFU's
+(and model) are known, with ``--template`` (:func:`loku.chat.choose_template`: the chat template, TOFU's
 strings or none) and the same token split :mod:`loku.metrics.tofu` scores, and records how
 many leading tokens are prompt; :func:`make_batches` sets those tokens' labels to
 :data:`IGNORE_INDEX`, so losses push only the answer (the assistant reply) down, as TOFU does. Plain
@@ -671,7 +671,7 @@ def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overf
     """Tokenize a :class:`TextSet` for training: plain texts as :func:`tokenize_texts` does, question/
     answer pairs as TOFU evaluation scores them, with their prompt tokens to be masked.
 
-    Each pair or conversation is formatted with :func:`loku.metrics.tofu.choose_template` ``(model,
+    Each pair or conversation is formatted with :func:`loku.chat.choose_template` ``(model,
     tokenizer, template)`` -- the template :func:`loku.metrics.tofu.evaluate_tofu` picks for the same
     model, tokenizer and ``template`` name (``chat``, ``tofu``, ``none`` or a TOFU template name) -- and split
     by its ``token_pair``: the prompt tokens (TOFU's strings: with the tokenizer's special tokens, e.g. BOS;
@@ -685,7 +685,7 @@ def tokenize_set(tokenizer: Any, text_set: TextSet, *, max_length: int, on_overf
         ids = tokenize_texts(tokenizer, text_set.texts, max_length=max_length, source=text_set.path,
                              on_overflow=on_overflow, add_bos=add_bos, model_context=model_context)
         return TokenizedSet(ids=ids, prompt_lengths=[0] * len(ids))
-    from loku.metrics.tofu import choose_template
+    from loku.chat import choose_template
 
     _check_tokenize_args(max_length, on_overflow)
     source = text_set.path

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .eval_options import DEVICE_MAPS
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements over GPUs and CPU
 
 DEVICE_HELP = ("cpu, cuda, cuda:N, mps or auto (the GPU when CUDA has one, else the CPU; mps only when asked) "
                "[default: auto]")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import ConfigError
+from .devices import DEVICE_MAPS
 from .options import check_fields
 
 ALL_SUITES = ("tdec", "ppl", "reasoning", "dialogue", "tofu", "mia")
@@ -22,7 +23,6 @@ EXTRA_SUITES = ("attacks",)
 DEFAULT_FORGET = Path("tdec") / "forget" / "lm_extraction_32_0.csv"
 DTYPES = ("float32", "bfloat16", "float16")
 OUTPUT_FORMATS = ("loku", "openunlearning")  # eval.json/eval.md always; openunlearning.json beside them
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placements over GPUs and CPU
 
 
 def _parse_tasks(value: str | Sequence[str] | None) -> list[str] | None:

@@ -3,7 +3,7 @@
 What TOFU's benchmark needs before anything can be unlearned (docs/algorithms.md §7): a model that
 learned the fictitious authors (the target) and one that learned all but the forget authors (the
 reference, ``--exclude`` the forget split). Question/answer, prompt/completion and ``messages`` items are
-formatted with ``--template`` as TOFU evaluation formats them (:func:`loku.metrics.tofu.choose_template`: the
+formatted with ``--template`` as TOFU evaluation formats them (:func:`loku.chat.choose_template`: the
 tokenizer's chat template by default; ``--template tofu`` for TOFU's strings, ChatML for SmolLM2), so
 training and scoring see the same tokens; the prompt tokens are masked, the answer (the assistant turn) is
 trained. Plain texts train on every token.

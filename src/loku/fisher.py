@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .errors import TrainingDiverged
+from .lm import is_conv1d
 from .losses import IGNORE_INDEX, token_nll
-from .models import is_conv1d
 
 FISHER_MODES = ("per_sample", "batch", "per_sample_loop")
 TILE_ELEMENTS = 1 << 17  # per-sample gradient block of the hooked pass: 512 KB of float32, about half an L2

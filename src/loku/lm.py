@@ -403,3 +403,10 @@ def greedy_generate(
                     row = row[:cut]
                 outputs[i] = row
     return outputs
+
+
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D, which stores its weight [in, out] (every other linear layer: [out, in])."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

@@ -1,9 +1,9 @@
 """Unlearning losses (docs/algorithms.md §1, §12). Every function returns a scalar to MINIMISE.
 
 A method's loss is a forget term (registry ``FORGET_TERMS``) weighted by gamma plus a retain term
-(registry ``RETAIN_TERMS``) weighted by alpha; ``LOSSES`` names the combinations (the paper's, then
-forget terms with a finite optimum at "never seen"). All math
-runs in float32, whatever dtype the model computes in.
+(registry ``RETAIN_TERMS``, or "none") weighted by alpha; which terms a method uses is its
+:class:`loku.methods.MethodSpec`. A new term is one registered function. All math runs in float32,
+whatever dtype the model computes in.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .lm import IGNORE_INDEX, shift, token_nll  # the token arithmetic every loss builds on
+from .methods import NO_RETAIN
 from .registry import Registry
 
 
@@ -171,72 +172,46 @@ def _retain_kl(x: LossInputs) -> Tensor:
     return kl_to_reference(x.logits, x.ref_logits, x.labels)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    forget: str
-    retain: str  # default retain term; "none" for plain gradient ascent
+def uses_retain(retain_term: str) -> bool:
+    """Whether there is a retain term (and so retain batches are needed)."""
+    return retain_term != NO_RETAIN
 
 
-LOSSES: dict[str, LossSpec] = {
-    "ga": LossSpec("ga", "none"),
-    "gd": LossSpec("ga", "nll"),
-    "ihl": LossSpec("ihl", "nll"),
-    "npo": LossSpec("npo", "nll"),
-    # Forget terms with a finite optimum at "never seen" (docs/algorithms.md §12), GD's retain term.
-    "ihl-margin": LossSpec("ihl_margin", "nll"),
-    "undial": LossSpec("undial", "nll"),
-    "me": LossSpec("me", "nll"),
-}
-
-
-def retain_term_of(loss: str, retain_term: str | None) -> str:
-    return retain_term if retain_term is not None else LOSSES[loss].retain
-
-
-def uses_retain(loss: str, retain_term: str | None) -> bool:
-    """Whether the loss has a retain term (and so needs retain batches)."""
-    return retain_term_of(loss, retain_term) != "none"
-
-
-def reference_sides(loss: str, retain_term: str | None) -> tuple[bool, bool]:
+def reference_sides(forget_term: str, retain_term: str) -> tuple[bool, bool]:
     """(forget term, retain term): which compare against the original model's logits (trait
-    ``needs_reference``: NPO on the forget side, KL on the retain side)."""
-    term = retain_term_of(loss, retain_term)
-    return (bool(FORGET_TERMS.trait(LOSSES[loss].forget, "needs_reference")),
-            bool(uses_retain(loss, retain_term) and RETAIN_TERMS.trait(term, "needs_reference")))
+    ``needs_reference``: NPO and UNDIAL on the forget side, KL on the retain side)."""
+    return (bool(FORGET_TERMS.trait(forget_term, "needs_reference")),
+            bool(uses_retain(retain_term) and RETAIN_TERMS.trait(retain_term, "needs_reference")))
 
 
-def needs_reference(loss: str, retain_term: str | None) -> bool:
-    """Whether a term compares against the original model's logits (NPO, KL)."""
-    return any(reference_sides(loss, retain_term))
+def needs_reference(forget_term: str, retain_term: str) -> bool:
+    """Whether a term compares against the original model's logits (NPO, UNDIAL, KL)."""
+    return any(reference_sides(forget_term, retain_term))
 
 
 def unlearning_loss(
-    loss: str,
+    forget_term: str,
     forget_logits: Tensor,
     forget_labels: Tensor,
     retain_logits: Tensor | None = None,
     retain_labels: Tensor | None = None,
     *,
+    retain_term: str = NO_RETAIN,
     ref_forget_logits: Tensor | None = None,
     ref_retain_logits: Tensor | None = None,
     gamma: float = 1.0,
     alpha: float = 1.0,
-    retain_term: str | None = None,
     npo_beta: float = 0.1,
     ihl_margin: float = 0.1,
     undial_beta: float = 10.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """gamma * forget term + alpha * retain term, and each part's value for the logs."""
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of: {', '.join(LOSSES)}")
-    spec = LOSSES[loss]
-    forget = FORGET_TERMS.get(spec.forget)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta,
+    """gamma * forget term + alpha * retain term (the registered terms so named), and each part's value
+    for the logs. Without retain logits the retain term is left out."""
+    forget = FORGET_TERMS.get(forget_term)(LossInputs(forget_logits, forget_labels, ref_forget_logits, npo_beta,
                                                       ihl_margin, undial_beta))
     total, parts = gamma * forget, {"forget": float(forget.detach())}
-    term = retain_term_of(loss, retain_term)
-    if uses_retain(loss, retain_term) and retain_logits is not None:
-        retain = RETAIN_TERMS.get(term)(LossInputs(retain_logits, retain_labels, ref_retain_logits, npo_beta))
+    if uses_retain(retain_term) and retain_logits is not None:
+        retain = RETAIN_TERMS.get(retain_term)(LossInputs(retain_logits, retain_labels, ref_retain_logits, npo_beta))
         total = total + alpha * retain
         parts["retain"] = float(retain.detach())
     return total, parts

@@ -1,20 +1,27 @@
-"""The unlearning methods: each a :class:`MethodSpec` (what trains, how the adapter starts, the forget loss
-and the paper's learning rate). A new method is one entry of :data:`METHODS`; callers ask the spec
-(``spec.full_weights``), never compare names. No feature module is imported here."""
+"""The unlearning methods: each a :class:`MethodSpec` registered in :data:`METHODS` (what trains, how the
+adapter starts, the forget term, the default retain term and the paper's learning rate). A new method is
+one registration; callers ask the spec (``spec.full_weights``, ``spec.loss_terms(...)``), never compare
+names. The terms themselves are functions registered in loku.losses (``FORGET_TERMS``, ``RETAIN_TERMS``);
+no feature module is imported here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["METHODS", "MethodSpec"]
+from .registry import Registry
+
+__all__ = ["METHODS", "MethodSpec", "NO_RETAIN"]
+
+NO_RETAIN = "none"  # the retain term of plain gradient ascent: no retain batches at all
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the paper's Table 1: which parameters train, how the adapter starts, which loss."""
+    """One row of the paper's Table 1: which parameters train, how the adapter starts, which loss terms."""
 
     adapter: str  # "full" (every weight trains) or "lora" (an adapter trains, the base is frozen)
     init: str | None  # initialiser name for LoRA (loku.initializers.INITIALIZERS)
-    loss: str  # loku.losses.LOSSES
+    forget: str  # forget term (loku.losses.FORGET_TERMS), weighted by gamma
+    retain: str  # default retain term (loku.losses.RETAIN_TERMS, or "none"), weighted by alpha
     lr: float  # the paper's learning rate for this kind of run (§6)
 
     def __post_init__(self) -> None:
@@ -26,23 +33,29 @@ class MethodSpec:
         """Every weight of the model trains (no adapter): float32 master weights, no LoRA options."""
         return self.adapter == "full"
 
+    def loss_terms(self, retain_term: str | None = None) -> tuple[str, str]:
+        """(forget term, retain term): ``retain_term`` (--retain-term) replaces the method's default."""
+        return self.forget, retain_term if retain_term is not None else self.retain
 
-METHODS: dict[str, MethodSpec] = {
-    "full-ga": MethodSpec("full", None, "ga", 5e-5),
-    "full-gd": MethodSpec("full", None, "gd", 5e-5),
-    "lora-ga": MethodSpec("lora", "gaussian", "ga", 2e-4),  # TOFU's Figure 5 runs every loss at each LoRA rank
-    "lora-gd": MethodSpec("lora", "gaussian", "gd", 2e-4),
-    "lora-ihl": MethodSpec("lora", "gaussian", "ihl", 2e-4),
-    "fila-gd": MethodSpec("lora", "fila", "gd", 2e-4),
-    "fila-ihl": MethodSpec("lora", "fila", "ihl", 2e-4),  # LoKU
-    "vila-ihl": MethodSpec("lora", "vila", "ihl", 2e-4),
-    "npo": MethodSpec("full", None, "npo", 5e-5),
-    "lora-npo": MethodSpec("lora", "gaussian", "npo", 2e-4),
+
+METHODS: Registry[MethodSpec] = Registry("method")
+for _name, _spec in {
+    "full-ga": MethodSpec("full", None, "ga", NO_RETAIN, 5e-5),
+    "full-gd": MethodSpec("full", None, "ga", "nll", 5e-5),
+    "lora-ga": MethodSpec("lora", "gaussian", "ga", NO_RETAIN, 2e-4),  # TOFU's Figure 5: every loss at each rank
+    "lora-gd": MethodSpec("lora", "gaussian", "ga", "nll", 2e-4),
+    "lora-ihl": MethodSpec("lora", "gaussian", "ihl", "nll", 2e-4),
+    "fila-gd": MethodSpec("lora", "fila", "ga", "nll", 2e-4),
+    "fila-ihl": MethodSpec("lora", "fila", "ihl", "nll", 2e-4),  # LoKU
+    "vila-ihl": MethodSpec("lora", "vila", "ihl", "nll", 2e-4),
+    "npo": MethodSpec("full", None, "npo", "nll", 5e-5),
+    "lora-npo": MethodSpec("lora", "gaussian", "npo", "nll", 2e-4),
     # Forget terms with a finite optimum at "never seen" (docs/algorithms.md §12); not the paper's.
-    "fila-ihl-margin": MethodSpec("lora", "fila", "ihl-margin", 2e-4),
-    "fila-undial": MethodSpec("lora", "fila", "undial", 2e-4),
-    "fila-me": MethodSpec("lora", "fila", "me", 2e-4),
-    "lora-ihl-margin": MethodSpec("lora", "gaussian", "ihl-margin", 2e-4),
-    "lora-undial": MethodSpec("lora", "gaussian", "undial", 2e-4),
-    "lora-me": MethodSpec("lora", "gaussian", "me", 2e-4),
-}
+    "fila-ihl-margin": MethodSpec("lora", "fila", "ihl_margin", "nll", 2e-4),
+    "fila-undial": MethodSpec("lora", "fila", "undial", "nll", 2e-4),
+    "fila-me": MethodSpec("lora", "fila", "me", "nll", 2e-4),
+    "lora-ihl-margin": MethodSpec("lora", "gaussian", "ihl_margin", "nll", 2e-4),
+    "lora-undial": MethodSpec("lora", "gaussian", "undial", "nll", 2e-4),
+    "lora-me": MethodSpec("lora", "gaussian", "me", "nll", 2e-4),
+}.items():
+    METHODS.register(_name)(_spec)

@@ -399,9 +399,3 @@ def weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The shape of a layer's weight; a bitsandbytes 4-bit weight is stored packed, its shape in its quant_state."""
     state = getattr(module.weight, "quant_state", None)
     return tuple(state.shape if state is not None else module.weight.shape)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)

@@ -52,3 +52,10 @@ class Registry(Generic[F]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+    def __getitem__(self, name: str) -> F:
+        return self.get(name)
+
+    def __iter__(self):
+        """The names, sorted (help texts and error messages list them in this order)."""
+        return iter(self.names())

@@ -54,10 +54,9 @@ def work_dir(out: str | Path) -> Path:
 
 
 def reveal_settings(cfg: UnlearnConfig, round_number: int):
-    from .reveal import RevealSettings
+    from .reveal_options import settings_from_unlearn
 
-    return RevealSettings(budget=cfg.reveal_budget, selector=cfg.reveal_selector,
-                          max_new_tokens=cfg.reveal_max_new_tokens, seed=cfg.seed + round_number - 1).validate()
+    return settings_from_unlearn(cfg, seed=cfg.seed + round_number - 1).validate("--reveal-")
 
 
 def _normal(text: str) -> str:

@@ -52,18 +52,11 @@ from torch import Tensor
 
 from .errors import ConfigError, DataError
 from .registry import Registry
+from .reveal_options import BUILTIN_TEMPLATES, PROMPT_FORMATS, RevealSettings
 
 __all__ = ["BUILTIN_TEMPLATES", "NeuralUCB", "REWARDS", "RevealSettings", "Request", "SELECTORS", "UCB1",
            "add_arguments", "load_request", "ngram_recall", "novelty", "request_ngrams", "reveal", "run",
            "write_revealed"]
-
-BUILTIN_TEMPLATES = {
-    "continue": "{fragment}",
-    "recite": "Recite the text that begins with: {fragment}\n{fragment}",
-    "complete": "Complete the following text exactly.\n{fragment}",
-    "about": "Here is what is known about {description}:\n",
-    "document": "{description}\n\n{fragment}",
-}
 
 
 @dataclass
@@ -104,53 +97,6 @@ def load_request(path: str | Path) -> Request:
     if not request.texts():
         raise DataError(f"{path}: the request is empty; give a description or at least one fragment")
     return request
-
-
-PROMPT_FORMATS = ("chat", "none")  # how instructions reach the model (loku.chat: no TOFU strings here)
-
-
-@dataclass
-class RevealSettings:
-    budget: int = 64  # queries (one sampled generation each)
-    selector: str = "neural-ucb"
-    templates: dict[str, str] = field(default_factory=lambda: dict(BUILTIN_TEMPLATES))
-    max_new_tokens: int = 48
-    temperature: float = 0.7
-    top_k: int = 40
-    n: int = 4  # n of the n-gram rewards
-    # confidence leads: on the planted SmolLM2 memorized continuations score ~0.8 and sampled junk 0.1-0.2,
-    # while the mean-hidden-state cosine is ~0.8 for both (hidden states are anisotropic) and overlap with
-    # a fragment mostly rewards echoing it back
-    weights: dict[str, float] = field(default_factory=lambda: {"overlap": 0.1, "confidence": 0.6, "similarity": 0.3})
-    min_reward: float = 0.05  # generations below it are not collected
-    exploration: float = 1.0  # UCB's nu (neural-ucb) or c (ucb1)
-    seed: int = 0
-    prompt_format: str = "none"  # "chat": each instruction a user turn of the chat template; "none": raw text
-
-    def prompt_ids(self, tokenizer: Any, instruction: str) -> list[int]:
-        """The tokens the model is asked with: the instruction as a chat turn, or as raw text."""
-        from .chat import chat_template_of
-        from .lm import encode
-
-        if self.prompt_format == "chat":
-            return chat_template_of(tokenizer).prompt_ids(tokenizer, instruction)
-        return encode(tokenizer, instruction, special=True)
-
-    def validate(self) -> "RevealSettings":
-        if self.budget < 1:
-            raise ConfigError(f"--budget must be at least 1 query, got {self.budget}")
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"--selector must be one of {', '.join(SELECTORS.names())}, got {self.selector!r}")
-        unknown = sorted(set(self.weights) - set(REWARDS.names()))
-        if unknown or not self.weights:
-            raise ConfigError(f"unknown reward(s) {', '.join(unknown) or '(none)'}; choose from "
-                              f"{', '.join(REWARDS.names())}")
-        if self.prompt_format not in PROMPT_FORMATS:
-            raise ConfigError(f"--template must be {' or '.join(PROMPT_FORMATS)} (or NAME=TEXT, an instruction), "
-                              f"got {self.prompt_format!r}")
-        if self.max_new_tokens < self.n or self.temperature <= 0 or self.top_k < 1:
-            raise ConfigError("max_new_tokens must be >= n, temperature > 0, top_k >= 1")
-        return self
 
 
 # --------------------------------------------------------------------------- rewards (pure, registry)
@@ -455,23 +401,19 @@ def write_revealed(result: dict[str, Any], out: str | Path) -> Path:
 
 
 def add_arguments(parser) -> Any:
+    from .options import add_arguments as add_arguments_of
+
     parser.add_argument("--request", required=True, help="the request: JSON/YAML {description, fragments} or text "
                                                           "(first line the description, then one fragment a line)")
     parser.add_argument("--model", default="smollm2-135m", help="the model to ask [default: smollm2-135m]")
     parser.add_argument("--out", required=True, help="output folder: forget.jsonl (for loku unlearn) and reveal.json")
-    parser.add_argument("--budget", type=int, default=64, help="queries (one sampled generation each) [default: 64]")
-    parser.add_argument("--selector", default="neural-ucb", help=f"instruction selection: {', '.join(SELECTORS.names())}"
-                                                                  " [default: neural-ucb]")
     parser.add_argument("--template", action="append", default=[], metavar="NAME=TEXT",
                         help="an instruction of your own ({fragment} and {description} are filled); repeatable. "
                              "--template chat or none: ask with the tokenizer's chat template (the instruction a "
                              "user turn; default when the tokenizer has one) or raw text")
     parser.add_argument("--only-templates", default=None, help="keep only these templates (comma-separated names)")
     parser.add_argument("--retain", default=None, help="texts never to collect verbatim (any loku data file)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per generation [default: 48]")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature [default: 0.7]")
-    parser.add_argument("--min-reward", type=float, default=0.05, help="generations below are not collected")
-    parser.add_argument("--seed", type=int, default=0, help="seed of sampling and selection [default: 0]")
+    add_arguments_of(parser, RevealSettings)  # --budget, --selector, --max-new-tokens, --temperature, ...
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off: safe)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     from .eval_options import DTYPES
@@ -508,10 +450,12 @@ def run(args) -> int:
         templates = {n: templates[n] for n in keep}
     if len(set(formats)) > 1:
         raise ConfigError("--template chat and --template none: give one of them")
-    settings = RevealSettings(budget=args.budget, selector=args.selector, templates=templates,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              min_reward=args.min_reward, seed=args.seed,
-                              prompt_format=formats[0] if formats else "none").validate()
+    from .options import check_fields, values_from
+
+    settings = RevealSettings(**values_from(RevealSettings, args), templates=templates,
+                              prompt_format=formats[0] if formats else "none")
+    check_fields(settings)  # each flag's range, named
+    settings.validate()
     retain = load_text_set(args.retain, "retain").texts if args.retain else []
     check_output_dir(args.out, False)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress,

@@ -16,7 +16,7 @@ registered in :data:`STOP_RULES` with its traits (``needs_validation``, ``checks
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,13 +28,32 @@ BOOTSTRAP_SAMPLES = 1000  # resamples of the held-out set per band; the band's q
 BOOTSTRAP_SEED_OFFSET = 30_000  # apart from the other seeded draws of a run (shuffles: +epoch, +10_000; Fisher: +20_000)
 
 
+HeldOut = Callable[[Any], dict[str, float]]  # the run -> the held-out set's {"ma", "el"} the thresholds default to
+
+
 class StopRule:
-    """The paper's rule; the base of the others. Holds no state: everything is in the epoch records."""
+    """The paper's rule; the base of the others. Holds only the thresholds: the rest is in the epoch records.
+
+    ``held_out``: where thresholds not given in the config come from (default: the run's own "before"
+    measurement of the validation set; a sequence of requests gives the model before its first request's).
+    """
 
     name = "paper"
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, held_out: HeldOut | None = None) -> None:
         self.cfg = cfg
+        self.held_out = held_out
+        self.thresholds: dict[str, float] | None = None  # {"ma", "el"}, set by set_thresholds
+
+    def set_thresholds(self, run) -> None:
+        """Forget MA/EL at or below these succeed (§6): each the config's, else the held-out set's before
+        unlearning. Called fresh and on resume alike (the "before" numbers are in the checkpoint)."""
+        given = {"ma": self.cfg.ma_threshold, "el": self.cfg.el_threshold}
+        if any(v is None for v in given.values()):
+            held = (self.held_out(run) if self.held_out is not None
+                    else {"ma": run.before["val_ma"], "el": run.before["val_el"]})
+            given = {k: held[k] if v is None else v for k, v in given.items()}
+        self.thresholds = given
 
     def calibrate(self, run) -> None:
         """On the model before unlearning (``run.original``, else ``run.model`` before the adapter): the rule's
@@ -49,8 +68,8 @@ class StopRule:
 
     def after_epoch(self, run, record: dict[str, Any]) -> None:
         """Forget MA and EL at or below the held-out thresholds (§6); the record holds the epoch's measurement."""
-        record["success"] = bool(record["forget_ma"] <= run.ma_threshold and record.get("forget_el") is not None
-                                 and record["forget_el"] <= run.el_threshold)
+        record["success"] = bool(record["forget_ma"] <= self.thresholds["ma"] and record.get("forget_el") is not None
+                                 and record["forget_el"] <= self.thresholds["el"])
 
     def keep_best(self, run) -> None:
         """After the last epoch: leave the state the rule chose in ``run.model`` (the paper: the last one)."""
@@ -70,8 +89,9 @@ STOP_RULES: Registry[type[StopRule]] = Registry("stop rule")
 STOP_RULES.register("paper")(StopRule)
 
 
-def make_stop_rule(cfg) -> StopRule:
-    return STOP_RULES.get(cfg.stop_rule)(cfg)
+def make_stop_rule(cfg, held_out: HeldOut | None = None) -> StopRule:
+    """``cfg.stop_rule``'s rule; ``held_out``: see :class:`StopRule`."""
+    return STOP_RULES.get(cfg.stop_rule)(cfg, held_out)
 
 
 def check_stop_options(cfg) -> None:
@@ -168,8 +188,8 @@ class TwoSidedRule(StopRule):
 
     name = "two-sided"
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, held_out: HeldOut | None = None) -> None:
+        super().__init__(cfg, held_out)
         self.bands: dict[str, Band] = {}
         self.checks: list[Check] = []
         self.best: Check | None = None

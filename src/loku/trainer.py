@@ -1,10 +1,13 @@
 """The unlearning loop (docs/algorithms.md §6), as phases a reader can follow top to bottom:
 
-    prepare -> measure_before -> adapt -> [train_epoch -> decide -> save_epoch]* -> finish
+    prepare -> measure_before -> adapt -> [train_epoch -> decide -> save_epoch -> on_epoch]* -> finish
                                           (train_until_stop; when to stop and which state to keep: stop.py)
 
-Each phase takes the :class:`Run` (everything a run holds between phases) and is usable alone:
-the continual and self-generated-data loops reuse them. The math lives in losses.py, fisher.py
+:func:`unlearn` is the one entry every caller uses (the CLI, a sequence of requests, the benches); what
+they vary is given to it, never written into the :class:`Run` between phases: the stop rule (with
+its thresholds, :mod:`loku.stop`), a "before" measurement shared by several runs, the model a run is
+anchored to, an extra loss term, a per-epoch callback, or no measuring at all (a caller that scores
+the epochs itself). The math lives in losses.py, fisher.py
 and initializers.py; data in data.py; metrics in measure.py and metrics/; several processes in
 distributed.py. Runs unchanged under ``accelerate launch`` (only the main process writes).
 """
@@ -32,11 +35,11 @@ from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_w
 from .config import UnlearnConfig, option_defaults
 from .errors import ConfigError, TrainingDiverged
 from .initializers import lora_layers, moved_start
-from .lm import context_length, ensure_pad_token
-from .models import check_rank, is_conv1d, load_model, resolve_targets
+from .lm import context_length, ensure_pad_token, is_conv1d
+from .models import check_rank, load_model, resolve_targets
 from .provenance import model_fingerprint, set_seed
 from .save import check_output_dir
-from .stop import make_stop_rule
+from .stop import StopRule, make_stop_rule
 
 
 @dataclass
@@ -77,10 +80,10 @@ class Run:
     started: float = field(default_factory=time.time)
     before: dict[str, Any] = field(default_factory=dict)
     suites_before: dict | None = None
-    ma_threshold: float = 0.0
-    el_threshold: float = 0.0
-    # The model the run is anchored to when it is not the run's own start: a sequence of requests
-    # (loku.requests) sets the model before its FIRST request. The reference logits of every term with the
+    # False: no MA/EL measurement before, per epoch or after, and no stop rule: exactly max_epochs epochs.
+    measuring: bool = True
+    # The model the run is anchored to when it is not the run's own start: for a sequence of requests
+    # (loku.requests), the model before its FIRST request. The reference logits of every term with the
     # trait needs_reference and the two-sided rule's bands come from it; None: the run's own start.
     original: Any = None
     reference: Any = None  # frozen model the losses compare against (the original, else a copy of the start)
@@ -97,7 +100,8 @@ class Run:
     # A term added to every micro-batch's loss (the continual loop's O-LoRA penalty, loku.requests);
     # its value is logged as loss_extra. None: the loss is the method's alone.
     extra_loss: Callable[[Any], torch.Tensor] | None = None
-    stop_rule: Any = None  # loku.stop.StopRule: when to stop, which state to keep
+    stop_rule: Any = None  # loku.stop.StopRule: when to stop, which state to keep, the thresholds
+    on_epoch: Callable[[dict[str, Any], Any], None] | None = None  # (epoch record, unwrapped model) after saving
     tracking: tracking.Tracking = field(default_factory=tracking.Tracking)  # --report-to (main process only)
 
     @property
@@ -113,26 +117,47 @@ class Run:
 
     @property
     def succeeded(self) -> bool:
-        return bool(self.epochs) and self.epochs[-1]["success"]
+        return bool(self.epochs) and self.epochs[-1].get("success", False)
 
     @property
     def stopped(self) -> bool:
-        """The stop rule ended the run (the paper's rule: only by succeeding)."""
-        return bool(self.epochs) and self.epochs[-1].get("stopped", self.epochs[-1]["success"])
+        """The stop rule ended the run (the paper's rule: only by succeeding; never when not measuring)."""
+        return bool(self.epochs) and self.epochs[-1].get("stopped", self.epochs[-1].get("success", False))
 
 
 # --------------------------------------------------------------------------- the run, top to bottom
 
 
-def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False) -> RunResult:
+ExtraLoss = Callable[[Any], torch.Tensor]  # the model -> a term added to every micro-batch's loss
+
+
+def unlearn(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False,
+            stop: StopRule | None = None, before: dict[str, Any] | None = None, original=None,
+            extra_loss: Callable[[Any], ExtraLoss | None] | None = None,
+            on_epoch: Callable[[dict[str, Any], Any], None] | None = None, measure: bool = True,
+            train_in_place: bool = False) -> RunResult:
     """Run one unlearning job. The model passed in (or loaded) is never modified: a copy is trained.
 
     With ``resume`` the run continues from the checkpoint of ``cfg.out`` (written after every epoch)
     and ends with exactly the result the uninterrupted run would have had.
+
+    ``stop``: the stop rule (default: ``cfg.stop_rule``'s, thresholds from the config or the held-out set).
+    ``before``: the pre-unlearning measurement of this very model and data, taken once for several runs.
+    ``original``: the model the run is anchored to when it is not its own start (a sequence's model before
+    its first request): the reference of the terms that need one and the two-sided rule's bands.
+    ``extra_loss``: given the adapted model, the term to add to the loss (or None); its value is logged
+    as ``loss_extra``. ``on_epoch(record, model)``: called after each epoch's checkpoint.
+    ``measure=False``: no MA/EL measurement and no stop rule, exactly ``max_epochs`` epochs (a caller that
+    scores the epochs itself with ``on_epoch``); the report then holds no before/after numbers.
+    ``train_in_place``: ``model`` is trained itself, not a copy (a caller handing over a copy it made).
     """
-    run = prepare(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, resume=resume)
-    measure_before(run)
+    run = prepare(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, resume=resume, stop=stop,
+                  train_in_place=train_in_place)
+    run.original, run.measuring, run.on_epoch = original, measure, on_epoch
+    measure_before(run, before=before)
     adapt(run)
+    if extra_loss is not None:
+        run.extra_loss = extra_loss(run.model)
     train_until_stop(run)
     return finish(run)
 
@@ -146,8 +171,11 @@ def train_until_stop(run: Run) -> None:
         record = train_epoch(run, epoch)
         decide(run, record)
         save_epoch(run)
-        bar.set_postfix(ma=f"{record['forget_ma']:.3f}",
-                        el="-" if record.get("forget_el") is None else f"{record['forget_el']:.3f}")
+        if run.on_epoch is not None:
+            run.on_epoch(record, run.accelerator.unwrap_model(run.model))
+        if "forget_ma" in record:
+            bar.set_postfix(ma=f"{record['forget_ma']:.3f}",
+                            el="-" if record.get("forget_el") is None else f"{record['forget_el']:.3f}")
         if run.stopped:
             break
     bar.close()
@@ -157,7 +185,8 @@ def train_until_stop(run: Run) -> None:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False) -> Run:
+def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False,
+            stop: StopRule | None = None, train_in_place: bool = False) -> Run:
     """Check everything that can be checked cheaply, then load and tokenize: bad input fails in seconds."""
     cfg.validate()
     if len(cfg.forget_files()) > 1:
@@ -174,7 +203,7 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
                                       progress=cfg.progress, quantization=devices.quantization_of(cfg),
                                       device=accelerator.device)
     else:
-        model = copy.deepcopy(model)
+        model = model if train_in_place else copy.deepcopy(model)
         if master_dtype(cfg) == "float32":
             model.float()
     pad = ensure_pad_token(tokenizer)
@@ -190,7 +219,7 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     resume_step = checkpoint.state["epochs"][-1].get("optimizer_steps", 0) + 1 if checkpoint is not None else None
     return Run(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, sets=sets,
                eval_batches=eval_batches, base_fingerprint=fingerprint, checkpoint=checkpoint, resumed=resume,
-               stop_rule=make_stop_rule(cfg),
+               stop_rule=stop if stop is not None else make_stop_rule(cfg),
                tracking=tracking.open_tracking(cfg.report_to, cfg.logging_dir, cfg.out, cfg.to_dict(),
                                                is_main_process=accelerator.is_main_process, resume_step=resume_step))
 
@@ -266,6 +295,8 @@ def measure_before(run: Run, before: dict[str, Any] | None = None) -> None:
     ``before``: that measurement taken once for several runs from the same model (a bench's methods of
     one split), used instead of measuring again; the stop rule is calibrated all the same."""
     cfg = run.cfg
+    if not run.measuring:
+        return
     if run.checkpoint is None and before is not None:
         run.before = copy.deepcopy(before)
         run.suites_before = None
@@ -277,8 +308,7 @@ def measure_before(run: Run, before: dict[str, Any] | None = None) -> None:
     else:
         run.before = run.checkpoint.state["before"]
         run.suites_before = run.checkpoint.state.get("suites_before")
-    run.ma_threshold = cfg.ma_threshold if cfg.ma_threshold is not None else run.before["val_ma"]
-    run.el_threshold = cfg.el_threshold if cfg.el_threshold is not None else run.before["val_el"]
+    run.stop_rule.set_thresholds(run)
     if run.checkpoint is None:
         run.stop_rule.calibrate(run)
     else:
@@ -304,7 +334,7 @@ def adapt(run: Run) -> None:
     from .losses import needs_reference
 
     cfg, method = run.cfg, run.cfg.method_spec()
-    if needs_reference(method.loss, cfg.retain_term):
+    if needs_reference(*cfg.loss_terms()):
         # One reference for both sides (docs/algorithms.md §8, §12): in a sequence the model before the first
         # request, shared, not copied; anchoring to the run's start instead keeps every earlier request's drift.
         run.reference = (run.original if run.original is not None
@@ -443,7 +473,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
     world = accelerator.num_processes
     group = dist.step_group_size(cfg.one_step_per_epoch, cfg.grad_accum, len(pairs), world)
     steps = dist.plan_steps(pairs, group, world, accelerator.process_index)
-    with_retain = uses_retain(cfg.method_spec().loss, cfg.retain_term)
+    with_retain = uses_retain(cfg.loss_terms()[1])
     sums: dict[str, float] = {}
     micro_batches = 0
     model.eval()  # no dropout while unlearning (Jang et al.); gradients flow as usual
@@ -456,7 +486,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             rb = {k: v.to(accelerator.device) for k, v in rb.items()} if rb is not None and with_retain else None
             with contextlib.nullcontext() if i == len(share) else accelerator.no_sync(model):
                 with compute_autocast(cfg, accelerator.device):
-                    loss, parts = batch_loss(model, run.reference, cfg.method_spec().loss, fb, rb, cfg)
+                    loss, parts = batch_loss(model, run.reference, fb, rb, cfg)
                 if run.extra_loss is not None:
                     extra = run.extra_loss(model)
                     loss = loss + extra
@@ -480,7 +510,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, Any]:
             **dist.mean_over_processes(accelerator, sums, micro_batches), "seconds": time.time() - started}
 
 
-def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, cfg: UnlearnConfig):
+def batch_loss(model, reference, forget: dict, retain: dict | None, cfg: UnlearnConfig):
     """One micro-batch's unlearning loss: the model on the forget (and retain) batch, the frozen
     reference model too where the loss compares against it. Returns (loss, parts for the logs)."""
     from . import losses  # looked up at call time, so the loss can be swapped (tests inject NaN this way)
@@ -488,17 +518,18 @@ def batch_loss(model, reference, loss: str, forget: dict, retain: dict | None, c
     def logits(m, batch):
         return m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
+    forget_term, retain_term = cfg.loss_terms()
     ref_f = ref_r = None
     if reference is not None:
         # Only the sides whose term compares against the reference (IHL + KL needs no reference forget pass).
-        forget_side, retain_side = losses.reference_sides(loss, cfg.retain_term)
+        forget_side, retain_side = losses.reference_sides(forget_term, retain_term)
         with torch.no_grad():
             ref_f = logits(reference, forget) if forget_side else None
             ref_r = logits(reference, retain) if retain is not None and retain_side else None
     return losses.unlearning_loss(
-        loss, logits(model, forget), forget["labels"], logits(model, retain) if retain is not None else None,
-        retain["labels"] if retain is not None else None, ref_forget_logits=ref_f, ref_retain_logits=ref_r,
-        gamma=cfg.gamma, alpha=cfg.alpha, retain_term=cfg.retain_term, npo_beta=cfg.npo_beta,
+        forget_term, logits(model, forget), forget["labels"], logits(model, retain) if retain is not None else None,
+        retain["labels"] if retain is not None else None, retain_term=retain_term, ref_forget_logits=ref_f,
+        ref_retain_logits=ref_r, gamma=cfg.gamma, alpha=cfg.alpha, npo_beta=cfg.npo_beta,
         ihl_margin=cfg.ihl_margin, undial_beta=cfg.undial_beta)
 
 
@@ -515,14 +546,16 @@ def diverged(run: Run, epoch: int, step: int) -> TrainingDiverged:
 
 def decide(run: Run, record: dict[str, Any]) -> None:
     """Measure the epoch's state and apply the stop rule (loku.stop; the paper's: forget MA and EL at or
-    below the thresholds)."""
+    below the thresholds). Not measuring: the record as trained, and the run goes on."""
     cfg = run.cfg
     started = time.time()
-    unwrapped = run.accelerator.unwrap_model(run.model)
-    record.update(run.on_main(lambda: measure.evaluate_state(unwrapped, run.eval_batches, cfg.el_n,
-                                                             with_el=cfg.el_every_epoch,
-                                                             ma_threshold=run.ma_threshold, progress=cfg.progress)))
-    run.stop_rule.after_epoch(run, record)
+    if run.measuring:
+        unwrapped = run.accelerator.unwrap_model(run.model)
+        ma_threshold = run.stop_rule.thresholds["ma"]
+        record.update(run.on_main(lambda: measure.evaluate_state(unwrapped, run.eval_batches, cfg.el_n,
+                                                                 with_el=cfg.el_every_epoch,
+                                                                 ma_threshold=ma_threshold, progress=cfg.progress)))
+        run.stop_rule.after_epoch(run, record)
     record["seconds"] += time.time() - started
     run.epochs.append(record)
     run.tracking.log_epoch(record, run.optimizer_steps)
@@ -551,20 +584,22 @@ def finish(run: Run) -> RunResult:
     """The "after" numbers and the report (everything report.json holds besides config and versions)."""
     cfg, accelerator = run.cfg, run.accelerator
     model = accelerator.unwrap_model(run.model).eval()
-    after = run.on_main(lambda: measure.evaluate_state(model, run.eval_batches, cfg.el_n, with_el=True,
-                                                       progress=cfg.progress))
-    suites_after = run.on_main(lambda: measure.run_eval_suites(model, run.tokenizer, cfg, {
-        "ma": run.ma_threshold, "el": run.el_threshold, "el_n": cfg.el_n, "source": "run",
-        "note": threshold_source(cfg)}))
+    thresholds = run.stop_rule.thresholds
+    after = suites_after = None
+    if run.measuring:
+        after = run.on_main(lambda: measure.evaluate_state(model, run.eval_batches, cfg.el_n, with_el=True,
+                                                           progress=cfg.progress))
+        suites_after = run.on_main(lambda: measure.run_eval_suites(model, run.tokenizer, cfg, {
+            **thresholds, "el_n": cfg.el_n, "source": "run", "note": threshold_source(cfg)}))
     n_total = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     eval_tokens = sum(measure.token_count(b) for b in run.eval_batches.values())
     sets = run.sets
     report = {
-        "outcome": "success" if run.succeeded else "failed",
+        "outcome": "not measured" if not run.measuring else "success" if run.succeeded else "failed",
         "epochs_run": len(run.epochs),
         "epochs_to_success": len(run.epochs) if run.succeeded else None,
-        "thresholds": {"ma": run.ma_threshold, "el": run.el_threshold, "source": threshold_source(cfg)},
+        "thresholds": {**thresholds, "source": threshold_source(cfg)} if thresholds is not None else None,
         "precision": {"weights": master_dtype(cfg), "compute": cfg.dtype},
         "before": run.before,
         "after": after,

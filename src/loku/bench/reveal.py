@@ -279,7 +279,7 @@ def _coverage(cfg, out: Path, shared) -> dict[str, Any]:
 
 
 def _random_text(cfg, out: Path, shared) -> dict[str, Any]:
-    from .. import trainer
+    from ..trainer import unlearn
 
     generated = read_json(out / "arms" / "self-generated.json")
     if not generated["forget_texts"]:
@@ -290,12 +290,8 @@ def _random_text(cfg, out: Path, shared) -> dict[str, Any]:
     files = shared["files"]
     run_cfg = cfg.unlearn_config(str(path), files["retain"], files["heldout"], str(out / "arms" / "random-text.run"),
                                  overwrite=True, max_epochs=max(1, generated["epochs_run"]))
-    run = trainer.prepare(run_cfg, model=shared["planted"], tokenizer=shared["tokenizer"])
-    trainer.measure_before(run)
-    run.ma_threshold = run.el_threshold = -1.0  # the stop rule off: exactly max_epochs epochs
-    trainer.adapt(run)
-    trainer.train_until_stop(run)
-    result = trainer.finish(run)
+    # Exactly as many epochs as the self-generated arm ran, scored below: nothing to measure on the way.
+    result = unlearn(run_cfg, model=shared["planted"], tokenizer=shared["tokenizer"], measure=False)
     return {"epochs_run": result.report["epochs_run"], "forget_texts": len(texts), "tokens_each": n_tokens,
             "scores": scores(result.model, shared["tokenizer"], shared["texts"], cfg)}
 

@@ -325,16 +325,12 @@ def _reference_kwargs(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def unlearn_from(cfg, model, tokenizer, *, before: dict | None, resume: bool):
-    """``loku.trainer.unlearn(cfg, model=model, tokenizer=tokenizer)``, phase by phase, with the
-    pre-unlearning measurement ``before`` (the same planted model and batches for every method of a
-    split) reused instead of measured again. Returns (RunResult, the run's ``before``)."""
-    from .. import trainer
+    """``loku.trainer.unlearn`` with the pre-unlearning measurement ``before`` (the same planted model and
+    batches for every method of a split) reused instead of measured again. Returns (RunResult, its ``before``)."""
+    from ..trainer import unlearn
 
-    run = trainer.prepare(cfg, model=model, tokenizer=tokenizer, resume=resume)
-    trainer.measure_before(run, before=before)
-    trainer.adapt(run)
-    trainer.train_until_stop(run)
-    return trainer.finish(run), run.before
+    result = unlearn(cfg, model=model, tokenizer=tokenizer, resume=resume, before=before)
+    return result, result.report["before"]
 
 
 @dataclass

@@ -134,8 +134,8 @@ class TofuBenchConfig:
 
         values = {**self.unlearn, **self.method_options.get(method, {}), "method": method, "forget": forget,
                   "retain": retain, "out": out, "model": model, "seed": self.seed, "template": self.template,
-                  # TOFU runs a fixed number of epochs: run_one's loop ignores the stop rule; given thresholds
-                  # only spare the held-out set it would need
+                  # TOFU runs a fixed number of epochs (run_one: unlearn(measure=False), no stop rule); given
+                  # thresholds only spare the held-out set it would need
                   "ma_threshold": 0.0, "el_threshold": 0.0}
         if rank is not None:
             values.update(rank=rank, lora_alpha=2 * rank)
@@ -318,11 +318,11 @@ def _second_reference_quality(cfg: TofuBenchConfig, base, tokenizer, data_file: 
 def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int | None, shared: dict[str, Any],
             say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
     """One (split, method, rank): unlearn for the configured epochs, TOFU's scores after each epoch."""
-    from .. import trainer
     from ..checkpoint import STATE, checkpoint_dir
     from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
     from ..save import atomic_write_json, merged_copy
+    from ..trainer import unlearn
 
     result_path = cfg.result_path(out, split, method, rank)
     if result_path.is_file():
@@ -335,24 +335,18 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
     say(f"loku bench tofu: {split}, {tag}: {'resuming' if resume else 'unlearning'}")
     scores = Store(out / split / f"{tag}.epochs.json")
     started = time.time()
-    run = trainer.prepare(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume)
-    # TOFU runs a fixed number of epochs and scores them itself: the stop rule's EL/MA measurements
-    # (trainer.measure_before / decide) would only cost time
-    run.before, run.suites_before = {}, None
-    run.ma_threshold, run.el_threshold = ucfg.ma_threshold, ucfg.el_threshold
-    trainer.adapt(run)
-    for epoch in range(len(run.epochs) + 1, ucfg.max_epochs + 1):
-        run.epochs.append(trainer.train_epoch(run, epoch))
-        trainer.save_epoch(run)
-        model = merged_copy(run.accelerator.unwrap_model(run.model)).eval()
-        scores.get(str(epoch), lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split], cfg,
-                                                   shared["references"][split]))
-        del model
-    model = run.accelerator.unwrap_model(run.model)
-    n_total = sum(p.numel() for p in model.parameters())
+
+    def score(record: dict[str, Any], trained) -> None:
+        model = merged_copy(trained).eval()
+        scores.get(str(record["epoch"]), lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split],
+                                                             cfg, shared["references"][split]))
+
+    # TOFU runs a fixed number of epochs and scores each itself: the stop rule's MA/EL would only cost time.
+    result = unlearn(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume, measure=False,
+                     on_epoch=score)
     entry = {"split": split, "method": method, "rank": rank, "seed": ucfg.seed, "unlearn_config": ucfg.to_dict(),
-             "trainable_share": sum(p.numel() for p in model.parameters() if p.requires_grad) / n_total,
-             "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in run.epochs],
+             "trainable_share": result.report["trainable_share"],
+             "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in result.report["epochs"]],
              "seconds": time.time() - started}
     atomic_write_json(result_path, jsonable(entry))
     discard_checkpoint(run_out)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -51,6 +50,9 @@ from torch import Tensor
 
 from loku.errors import ConfigError, DataError
 from loku.save import atomic_write_text
+
+# The question/answer templates live with the chat templates (loku.chat); TOFU's scoring uses them.
+from loku.chat import TEMPLATES, QATemplate, choose_template, qa_token_pair  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from loku.chat import ChatTemplate
@@ -182,126 +184,11 @@ def _load_from_hub(name: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- templates
 
-@dataclass(frozen=True)
-class QATemplate:
-    """How a question/answer pair becomes one text, with locuslab/tofu's three tags.
-
-    As in TOFU's ``convert_raw_data_to_model_format``: the prompt is
-    ``question_start + question + question_end``, the answer part ``answer_tag + answer``, the full
-    text their concatenation with nothing in between. The prompt (its tokens including any BOS
-    the tokenizer adds) is context; the answer part, then EOS, are the scored / trained tokens.
-    """
-
-    name: str
-    question_start: str
-    question_end: str
-    answer_tag: str
-
-    def format_prompt(self, question: str) -> str:
-        return self.question_start + question + self.question_end
-
-    def format_answer(self, answer: str) -> str:
-        return self.answer_tag + answer
-
-    def format_full(self, question: str, answer: str) -> str:
-        return self.format_prompt(question) + self.format_answer(answer)
-
-    def token_pair(self, tokenizer: Any, item: Any) -> tuple[list[int], list[int]]:
-        """:func:`qa_token_pair` of a (question, answer) pair or a one-exchange :class:`loku.chat.Conversation`."""
-        from loku.chat import as_pair
-
-        return _tofu_token_pair(tokenizer, self, *as_pair(item, self.name))
-
-    def prompt_ids(self, tokenizer: Any, question: str) -> list[int]:
-        """The prompt text encoded on its own, with special tokens (TOFU's ``run_generation``)."""
-        from loku.lm import encode
-
-        return encode(tokenizer, self.format_prompt(question), special=True)
-
-
-TEMPLATES = {
-    # locuslab/tofu config/model_config.yaml, llama2-7b: "[INST] {q} [/INST]{a}" (no space before the answer)
-    "llama2": QATemplate("llama2", "[INST] ", " [/INST]", ""),
-    # locuslab/tofu config/model_config.yaml, phi (also stablelm, pythia-1.4): "Question: {q}\nAnswer: {a}";
-    # "Answer: " belongs to the answer part, so it is scored and trained as in TOFU
-    "phi": QATemplate("phi", "Question: ", "\n", "Answer: "),
-    # loku's own choice for chat models with ChatML (SmolLM2, Qwen): TOFU had no such model
-    "chatml": QATemplate("chatml", "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n", ""),
-    # any other model: TOFU's tags for its non-Llama families (phi, stablelm, pythia)
-    "generic": QATemplate("generic", "Question: ", "\n", "Answer: "),
-    # --template none: question (prompt) and answer (completion) as given, concatenated
-    "none": QATemplate("none", "", "", ""),
-}
 
 #: Version of loku's TOFU scoring conventions (templates above, EOS scored after the answer, split
 #: of the tokens after the prompt's own token count). Recorded in every evaluation and reference
 #: log; a reference with another version was scored differently and is refused.
 SCORING_VERSION = 2
-
-
-def choose_template(model: Any, tokenizer: Any, name: str | None = None) -> "QATemplate | ChatTemplate":
-    """How question/answer items become tokens: ``--template`` ``name`` (:mod:`loku.chat`).
-
-    ``None`` -> ``chat`` when the tokenizer has a chat template, else ``tofu``. ``chat`` -> the tokenizer's
-    chat template (:class:`loku.chat.ChatTemplate`); a name in :data:`TEMPLATES` -> that one; ``tofu`` -> one of
-    TOFU's strings by tokenizer chat template, then model type: ``<|im_start|>`` in the chat template (or
-    vocabulary) -> chatml (SmolLM2, Qwen); ``[INST]`` -> llama2; model type ``phi`` -> phi; model type
-    ``llama`` without a chat template -> llama2 (the TOFU Llama-2 fine-tunes); anything else -> generic
-    (``Question: ...\\nAnswer: ...``).
-    """
-    from loku.chat import chat_template_of, check_template, has_chat_template
-
-    check_template(name)
-    if name is None:
-        name = "chat" if has_chat_template(tokenizer) else "tofu"
-    if name == "chat":
-        return chat_template_of(tokenizer)
-    if name != "tofu":
-        return TEMPLATES[name]
-    chat = getattr(tokenizer, "chat_template", None) or ""
-    if not isinstance(chat, str):
-        chat = json.dumps(chat)
-    vocab = getattr(tokenizer, "get_vocab", lambda: {})()
-    if "<|im_start|>" in chat or "<|im_start|>" in vocab:
-        return TEMPLATES["chatml"]
-    if "[INST]" in chat:
-        return TEMPLATES["llama2"]
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
-    if model_type in ("phi", "phi3"):
-        return TEMPLATES["phi"]
-    if model_type == "llama" and not chat:
-        return TEMPLATES["llama2"]
-    return TEMPLATES["generic"]
-
-
-def qa_token_pair(tokenizer: Any, template: "QATemplate | ChatTemplate", question: str,
-                  answer: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, answer_ids)`` of a QA example in ``template`` (its ``token_pair``): for TOFU's strings
-    :func:`_tofu_token_pair`, for the chat template :meth:`loku.chat.ChatTemplate.token_pair`."""
-    return template.token_pair(tokenizer, (question, answer))
-
-
-def _tofu_token_pair(tokenizer: Any, template: QATemplate, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, answer_ids)`` exactly as locuslab/tofu builds a QA example.
-
-    The full text is tokenised once with the tokenizer's special tokens (BOS where it adds one);
-    the first ``len(tokenize(prompt, add_special_tokens=True))`` tokens are the prompt, the rest
-    the answer, followed by ``tokenizer.eos_token_id`` (TOFU labels that EOS too) when the
-    tokenizer has one. Training on QA data (:func:`loku.data.tokenize_set`) and TOFU scoring both
-    use this, so they see the same token sequence.
-    """
-    from loku.lm import encode
-
-    n_prompt = len(encode(tokenizer, template.format_prompt(question), special=True))
-    full = encode(tokenizer, template.format_full(question, answer), special=True)
-    answer_ids = full[n_prompt:]
-    if not answer_ids:
-        raise DataError(f"answer {answer[:40]!r} to question {question[:40]!r} adds no tokens after the prompt; "
-                        f"give a non-empty answer")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        answer_ids = answer_ids + [eos]
-    return full[:n_prompt], answer_ids
 
 
 # ----------------------------------------------------------------------------- pure metrics
