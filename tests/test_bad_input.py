@@ -304,7 +304,7 @@ def test_custom_code_refused_without_trust_remote_code(memorized, tmp_path, caps
 
 def test_unknown_method(memorized, tmp_path, capsys, record, before_model):
     refused(capsys, argv(memorized, tmp_path / "run", method="magic"), record,
-            "unknown method 'magic'", "choose one of: full-ga", "fila-ihl")
+            "unknown method 'magic'", "choose one of: fila-gd, fila-ihl", "full-ga")
 
 
 def test_unknown_target(memorized, tmp_path, capsys, record, before_eval):

@@ -195,3 +195,31 @@ def test_cli_reveal_writes_a_forget_set_loku_unlearn_reads(memorized_model, tmp_
     assert load_text_set(tmp_path / "out" / "forget.jsonl", "forget").texts
     assert main(["reveal", "--request", str(tmp_path / "r.json"), "--model", str(tmp_path / "m"), "--out",
                  str(tmp_path / "o2"), "--template", "broken"]) == 2
+
+
+def test_reveal_options_are_declared_once(tmp_path, capsys):
+    """§9 / issue 22: `loku reveal`'s flags and `loku unlearn --reveal-*` come from RevealSettings's fields (same
+    defaults, help and ranges); a bad value is refused naming the flag before any model is loaded."""
+    import argparse
+    import dataclasses
+
+    from loku.cli import main
+    from loku.config import UnlearnConfig
+    from loku.reveal import add_arguments
+    from loku.reveal_options import SHARED_WITH_UNLEARN
+
+    args = add_arguments(argparse.ArgumentParser()).parse_args(["--request", "r", "--out", "o"])
+    defaults = RevealSettings()
+    for f in dataclasses.fields(RevealSettings):
+        if f.metadata.get("cli", True):
+            assert getattr(args, f.name) == getattr(defaults, f.name), f.name
+    unlearn_fields = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
+    for name in SHARED_WITH_UNLEARN:
+        assert unlearn_fields[f"reveal_{name}"].default == getattr(defaults, name)
+        assert unlearn_fields[f"reveal_{name}"].metadata["help"].endswith(RevealSettings.__dataclass_fields__[name]
+                                                                          .metadata["help"])
+    (tmp_path / "r.txt").write_text("a description\nw5 w6 w7\n")
+    base = ["reveal", "--request", str(tmp_path / "r.txt"), "--model", str(tmp_path / "no-model"), "--out",
+            str(tmp_path / "o")]
+    assert main([*base, "--top-k", "0"]) == 2 and "--top-k" in capsys.readouterr().err
+    assert main([*base, "--selector", "greedy"]) == 2 and "--selector must be one of" in capsys.readouterr().err

@@ -291,9 +291,10 @@ class UnlearnConfig:
                               "text, too close to everything to gate on)")
         round_file = f"{self.out}.reveal/round-01/forget.jsonl"  # where the first round's forget set is written
         checked = dataclasses.replace(self, reveal=None, forget=round_file).validate()
+        from .reveal import checked_settings
         from .reveal_options import settings_from_unlearn
 
-        settings_from_unlearn(self).validate("--reveal-")  # the selector (its registry), before any model loads
+        checked_settings(settings_from_unlearn(self), "--reveal-")  # the selector's name, before any model loads
         self.dtype = checked.dtype  # "auto" resolved there, as for every other run
         return self
 

@@ -147,6 +147,7 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     from .models import load_model
     from .provenance import library_versions, model_fingerprint
     from .save import check_output_dir
+    from .optim import train_steps
     from .tracking import open_tracking
 
     cfg.validate()
@@ -193,10 +194,8 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
     for epoch in range(start_epoch, cfg.epochs + 1):
         batches = data_mod.make_batches(tokenized, cfg.batch_size, pad, shuffle=True, seed=cfg.seed * 1000 + epoch)
         total_nll, total_tokens, t0 = 0.0, 0, time.time()
-        for batch in progress_bar(batches, total=len(batches), desc=f"fine-tuning epoch {epoch}/{cfg.epochs}",
-                                  enabled=cfg.progress):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, warmup, total)
+
+        def loss_of(batch):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -205,12 +204,18 @@ def finetune(cfg: FinetuneConfig, *, model=None, tokenizer=None, resume: bool = 
             loss = nll.sum() / max(tokens, 1)
             if not torch.isfinite(loss):
                 raise ConfigError(f"non-finite loss at epoch {epoch}, step {step + 1}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            tracked.log_step(step + 1, {"loss": float(loss.detach())}, 1, model, optimizer)
-            optimizer.step()
-            step += 1
-            total_nll, total_tokens = total_nll + float(nll.detach().double().sum()), total_tokens + tokens
+            return loss, (float(nll.detach().double().sum()), tokens)
+
+        def logged(done: int, loss, sums) -> None:
+            nonlocal step, total_nll, total_tokens
+            step = done
+            tracked.log_step(done, {"loss": float(loss.detach())}, 1, model, optimizer)
+            total_nll, total_tokens = total_nll + sums[0], total_tokens + sums[1]
+
+        shown = progress_bar(batches, total=len(batches), desc=f"fine-tuning epoch {epoch}/{cfg.epochs}",
+                             enabled=cfg.progress)
+        train_steps(model, optimizer, shown, loss_of, lr_at=lambda k: cfg.lr * lr_factor(k, warmup, total),
+                    first_step=step, on_step=logged)
         epochs.append({"epoch": epoch, "loss": total_nll / max(total_tokens, 1), "steps": step,
                        "seconds": time.time() - t0})
         tracked.log_epoch(epochs[-1], step)

@@ -54,9 +54,10 @@ def work_dir(out: str | Path) -> Path:
 
 
 def reveal_settings(cfg: UnlearnConfig, round_number: int):
+    from .reveal import checked_settings
     from .reveal_options import settings_from_unlearn
 
-    return settings_from_unlearn(cfg, seed=cfg.seed + round_number - 1).validate("--reveal-")
+    return checked_settings(settings_from_unlearn(cfg, seed=cfg.seed + round_number - 1), "--reveal-")
 
 
 def _normal(text: str) -> str:

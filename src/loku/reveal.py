@@ -55,7 +55,7 @@ from .registry import Registry
 from .reveal_options import BUILTIN_TEMPLATES, PROMPT_FORMATS, RevealSettings
 
 __all__ = ["BUILTIN_TEMPLATES", "NeuralUCB", "REWARDS", "RevealSettings", "Request", "SELECTORS", "UCB1",
-           "add_arguments", "load_request", "ngram_recall", "novelty", "request_ngrams", "reveal", "run",
+           "add_arguments", "checked_settings", "load_request", "ngram_recall", "novelty", "request_ngrams", "reveal", "run",
            "write_revealed"]
 
 
@@ -69,6 +69,19 @@ class Request:
 
     def texts(self) -> list[str]:
         return [t for t in [self.description, *self.fragments] if t.strip()]
+
+
+def checked_settings(settings: RevealSettings | None = None, flags: str = "--") -> RevealSettings:
+    """``settings`` (default: the defaults) checked: the options (:meth:`RevealSettings.validate`) and the
+    names of the selector and the rewards against their registries."""
+    settings = (settings or RevealSettings()).validate(flags)
+    if settings.selector not in SELECTORS:
+        raise ConfigError(f"{flags}selector must be one of {', '.join(SELECTORS.names())}, got {settings.selector!r}")
+    unknown = sorted(set(settings.weights) - set(REWARDS.names()))
+    if unknown or not settings.weights:
+        raise ConfigError(f"unknown reward(s) {', '.join(unknown) or '(none)'}; choose from "
+                          f"{', '.join(REWARDS.names())}")
+    return settings
 
 
 def load_request(path: str | Path) -> Request:
@@ -320,7 +333,7 @@ def reveal(model, tokenizer, request: Request, settings: RevealSettings | None =
     forget set (``items``), every query (``history``) and what was refused (retain texts, repeats)."""
     from .lm import context_length, encode, eos_token_ids, progress_bar
 
-    settings = (settings or RevealSettings()).validate()
+    settings = checked_settings(settings)
     model.eval()
     ctx = context_length(model)
     for text in request.texts():
@@ -455,7 +468,7 @@ def run(args) -> int:
     settings = RevealSettings(**values_from(RevealSettings, args), templates=templates,
                               prompt_format=formats[0] if formats else "none")
     check_fields(settings)  # each flag's range, named
-    settings.validate()
+    checked_settings(settings)
     retain = load_text_set(args.retain, "retain").texts if args.retain else []
     check_output_dir(args.out, False)
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code, progress=args.progress,

@@ -58,18 +58,10 @@ class RevealSettings:
         return encode(tokenizer, instruction, special=True)
 
     def validate(self, flags: str = "--") -> "RevealSettings":
-        """The checks of the registries' names and of the options together; ``flags``: how the options are
-        spelled where they came from (``--reveal-`` for `loku unlearn --reveal`)."""
-        from .reveal import REWARDS, SELECTORS
-
+        """The options together (the selector's and rewards' names: :func:`loku.reveal.checked_settings`);
+        ``flags``: how the options are spelled where they came from (``--reveal-`` for `loku unlearn --reveal`)."""
         if self.budget < 1:
             raise ConfigError(f"{flags}budget must be at least 1 query, got {self.budget}")
-        if self.selector not in SELECTORS:
-            raise ConfigError(f"{flags}selector must be one of {', '.join(SELECTORS.names())}, got {self.selector!r}")
-        unknown = sorted(set(self.weights) - set(REWARDS.names()))
-        if unknown or not self.weights:
-            raise ConfigError(f"unknown reward(s) {', '.join(unknown) or '(none)'}; choose from "
-                              f"{', '.join(REWARDS.names())}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ConfigError(f"--template must be {' or '.join(PROMPT_FORMATS)} (or NAME=TEXT, an instruction), "
                               f"got {self.prompt_format!r}")

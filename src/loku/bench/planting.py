@@ -119,6 +119,7 @@ def plant(model, tokenizer, forget: list[str], general: list[str], recipe: Plant
     from tqdm.auto import tqdm
 
     from ..data import make_batches, tokenize_texts
+    from ..optim import train_steps
 
     recipe.validate()
     if not forget:
@@ -139,7 +140,7 @@ def plant(model, tokenizer, forget: list[str], general: list[str], recipe: Plant
     steps_per_epoch = math.ceil(len(forget_ids) / recipe.forget_per_step)
     total = steps_per_epoch * recipe.epochs
     optimizer = torch.optim.AdamW(planted.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe, total))
+    schedule = _schedule(recipe, total)
     torch.manual_seed(recipe.seed)
     log: dict[str, Any] = {"epochs": [], "steps": total, "general_used": 0, "general_pool": len(general_ids),
                            "forget_tokens_per_epoch": sum(len(s) for s in forget_ids)}
@@ -147,34 +148,41 @@ def plant(model, tokenizer, forget: list[str], general: list[str], recipe: Plant
     started = time.time()
     device = next(planted.parameters()).device
     bar = tqdm(range(1, recipe.epochs + 1), desc="planting", unit="epoch", disable=not progress)
-    for epoch in bar:
-        order = list(range(len(forget_ids)))
-        rng.shuffle(order)
-        losses = {"forget": 0.0, "general": 0.0}
-        counts = {"forget": 0, "general": 0}
+    step = 0
+
+    def batches(order: list[int]):
+        """Each step's rows: ``forget_per_step`` forget texts, then ``general_per_forget`` general texts each."""
+        nonlocal cursor
         for start in range(0, len(order), recipe.forget_per_step):
             rows = [forget_ids[i] for i in order[start:start + recipe.forget_per_step]]
             n_forget_rows = len(rows)
             for _ in range(n_forget_rows * recipe.general_per_forget):
                 rows.append(general_ids[general_order[cursor % len(general_order)]])
                 cursor += 1
-            batch = {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
-            with torch.enable_grad():  # even when a caller's no_grad is active
-                logits = planted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll = token_nll(logits, batch["labels"])  # [B, T-1], 0 where masked
-                scored = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
-                loss = nll.sum() / scored.sum().clamp(min=1)  # one token-weighted LM loss over the mixed batch
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if recipe.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(planted.parameters(), recipe.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                losses["forget"] += float(nll[:n_forget_rows].sum())
-                counts["forget"] += int(scored[:n_forget_rows].sum())
-                losses["general"] += float(nll[n_forget_rows:].sum())
-                counts["general"] += int(scored[n_forget_rows:].sum())
+            yield {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}, n_forget_rows
+
+    def loss_of(item):
+        batch, n_forget_rows = item
+        logits = planted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = token_nll(logits, batch["labels"])  # [B, T-1], 0 where masked
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).float()
+        # one token-weighted LM loss over the mixed batch
+        return nll.sum() / scored.sum().clamp(min=1), (nll.detach(), scored, n_forget_rows)
+
+    for epoch in bar:
+        order = list(range(len(forget_ids)))
+        rng.shuffle(order)
+        losses = {"forget": 0.0, "general": 0.0}
+        counts = {"forget": 0, "general": 0}
+
+        def tally(_step, _loss, parts) -> None:
+            nll, scored, n_forget_rows = parts
+            for side, rows in (("forget", slice(None, n_forget_rows)), ("general", slice(n_forget_rows, None))):
+                losses[side] += float(nll[rows].sum())
+                counts[side] += int(scored[rows].sum())
+
+        step = train_steps(planted, optimizer, batches(order), loss_of, lr_at=lambda k: recipe.lr * schedule(k),
+                           first_step=step, max_grad_norm=recipe.max_grad_norm, on_step=tally)
         record = {"epoch": epoch, "seconds": time.time() - started,
                   **{f"loss_{k}": losses[k] / counts[k] for k in losses if counts[k]}}
         if on_epoch is not None:

@@ -114,6 +114,7 @@ def relearn_curve(model: Any, tokenizer: Any, train_texts: Sequence[str], test_t
     """Fine-tune a copy of ``model`` on ``train_texts``; MA and EL_n on ``test_texts`` at step 0 and at
     each checkpoint step. Returns ``{"steps", "ma", "el_<n>", "train_loss", "seconds"}`` (lists by step)."""
     from loku.data import make_batches, tokenize_texts
+    from loku.optim import train_steps
 
     settings = (settings or RelearnSettings()).validate()
     if not train_texts or not test_texts:
@@ -139,21 +140,20 @@ def relearn_curve(model: Any, tokenizer: Any, train_texts: Sequence[str], test_t
         curve[key].append(numbers.get(key))
         curve["train_loss"].append(loss)
 
+    def batches():
+        for step in range(settings.steps[-1]):
+            start = step * settings.batch_size
+            rows = [ids[order[(start + k) % len(order)]] for k in range(settings.batch_size)]
+            yield {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
+
     torch.manual_seed(settings.seed)
     checkpoint(0, None)
-    cursor = 0
-    for step in range(1, settings.steps[-1] + 1):
-        rows = [ids[order[(cursor + k) % len(order)]] for k in range(settings.batch_size)]
-        cursor += settings.batch_size
-        batch = {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
-        clone.eval()  # no dropout, as in unlearning
-        with torch.enable_grad():  # even when a caller's no_grad is active
-            loss = clone(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
+    clone.eval()  # no dropout, as in unlearning
+    def measured(step: int, loss, _) -> None:
         if step in settings.steps:
             checkpoint(step, float(loss.detach()))
+
+    train_steps(clone, optimizer, batches(), lambda batch: (clone(**batch).loss, None), on_step=measured)
     del clone, optimizer
     curve["seconds"] = time.time() - started
     return curve
