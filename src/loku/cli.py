@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import sys
 import typing
@@ -11,7 +10,6 @@ from .bench import BENCHES
 from .config import UnlearnConfig, config_fields, load_config
 from .errors import describe_error
 from .options import add_arguments
-from .tracking import refuse_sequence
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per UnlearnConfig field (help, default and range in the field); defaults stay None so
@@ -124,73 +122,14 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def run_unlearn(args: argparse.Namespace) -> int:
-    from .report import write_run
-    from .distributed import make_accelerator
-    from .trainer import unlearn
+    from .run import resumed_config, unlearn_job
 
     overrides = {name: getattr(args, name) for name in config_fields()}
     if args.resume:
         cfg = resumed_config(args.resume, overrides)
     else:
         cfg = load_config(args.config, overrides).validate()
-    accelerator = make_accelerator(cfg.device)
-    if cfg.reveal is not None:  # the forget sets are generated, round by round (docs/algorithms.md §9)
-        from .release import run_release
-
-        refuse_sequence(cfg)
-        refuse_quantized_sequence(cfg)
-
-        if overrides.get("strategy") is None and not args.resume:  # a resumed run keeps the strategy it had
-            cfg = dataclasses.replace(cfg, strategy="orthogonal")
-        return run_release(cfg, accelerator, resume=bool(args.resume))
-    # A sequence of requests, or one request kept as its own adapter (--strategy stack/orthogonal, --gate-fpr):
-    # a single run folds its adapter into the weights and fits no gate, so those options would do nothing there.
-    from .requests import previous_sequence
-
-    if (len(cfg.forget_files()) > 1 or cfg.strategy != "merge" or cfg.gate_fpr is not None
-            or previous_sequence(cfg.model) is not None):  # --model OUT_OF_A_SEQUENCE: one request more
-        return run_requests(cfg, accelerator, resume=bool(args.resume))
-    result = unlearn(cfg, accelerator=accelerator, resume=bool(args.resume))
-    if not accelerator.is_main_process:
-        return 0
-    out = write_run(result, cfg)
-    report = result.report
-    print(f"loku: {report['outcome']} after {report['epochs_run']} epoch(s); results in {out}/report.md")
-    return 0 if report["outcome"] == "success" else 3
-
-
-def run_requests(cfg: UnlearnConfig, accelerator, *, resume: bool) -> int:
-    """Several --forget files: deletion requests one after another (docs/algorithms.md §8)."""
-    from .requests import unlearn_requests, write_requests
-
-    refuse_sequence(cfg)
-    refuse_quantized_sequence(cfg)
-    result = unlearn_requests(cfg, accelerator=accelerator, resume=resume)
-    if not accelerator.is_main_process:
-        return 0
-    out = write_requests(result, cfg)
-    report = result.report
-    failed = [r["name"] for r in report["requests"] if r["outcome"] != "success"]
-    relapsed = sorted({r["request"] for r in report["relapses"]})
-    kept = [r["request"] for r in report["not_forgotten"]]
-    n = len(report["requests"])
-    print(f"loku: {n} request{'s' if n != 1 else ''} ({report['strategy']}); failed: {', '.join(failed) or 'none'}; "
-          f"relapsed: {', '.join(relapsed) or 'none'}; not forgotten: {', '.join(kept) or 'none'}; "
-          f"results in {out}/report.md")
-    # Exit 3 when a request failed its own stop rule (every request not forgotten did) or relapsed.
-    return 0 if not failed and not relapsed else 3
-
-
-def refuse_quantized_sequence(cfg: UnlearnConfig) -> None:
-    """A sequence of requests (or --reveal) stacks and merges adapters on the base, which a 4/8-bit base cannot take."""
-    from .devices import quantization_of
-    from .errors import ConfigError
-
-    bits = quantization_of(cfg)
-    if bits is not None:
-        raise ConfigError(f"--load-in-{bits} trains the adapter of one request (one --forget, --strategy merge, no "
-                          f"--gate-fpr or --reveal): a sequence folds each adapter into a base that {bits} cannot "
-                          "hold; run the sequence in full precision")
+    return unlearn_job(cfg, resume=bool(args.resume), strategy_given=overrides.get("strategy") is not None)
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -202,18 +141,6 @@ def run_convert(args: argparse.Namespace) -> int:
           f"(largest weight difference to the old folder's model {done['max_weight_difference']:.2g}); load it with "
           f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), \"{done['new']}\")")
     return 0
-
-
-def resumed_config(out: str, overrides: dict) -> UnlearnConfig:
-    """The killed run's own options; only those that cannot change the result may be overridden."""
-    from .checkpoint import RESUME_MAY_CHANGE, read_state
-    from .release import resumable, saved_config
-
-    # a --reveal run: its own options (its checkpoint, if any, is of the round it was killed in)
-    values = saved_config(out) if resumable(out) else read_state(out)["config"]
-    values.update({k: v for k, v in overrides.items() if v is not None and k in RESUME_MAY_CHANGE})
-    values["out"] = out
-    return UnlearnConfig(**values).validate()
 
 
 if __name__ == "__main__":
