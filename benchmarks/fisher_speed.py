@@ -221,7 +221,7 @@ def train_epochs(model, cfg, forget_ids, retain_ids, pad: int, epochs: int) -> l
         forget = data_mod.make_batches(forget_ids, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + epoch)
         retain = data_mod.make_batches(retain_ids, cfg.batch_size, pad, shuffle=True, seed=cfg.seed + 10_000 + epoch)
         for fb, rb in data_mod.pair_batches(forget, retain):
-            loss, _ = batch_loss(model, None, "ihl", fb, rb, cfg)
+            loss, _ = batch_loss(model, None, fb, rb, cfg)  # cfg: fila-ihl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -180,16 +180,17 @@ def svd_phase(model, targets, fishers, cfg, args) -> dict:
 
 def step_phase(model, method, forget, retain, reference, cfg, args) -> dict:
     """Time the unlearning step of loku.trainer.unlearn: two forwards, loku's loss, backward, AdamW step."""
+    from loku.losses import uses_retain
     from loku.trainer import batch_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=method.lr, weight_decay=0.0)
-    use_retain = method.loss != "ga"
+    use_retain = uses_retain(cfg.loss_terms()[1])
     fb, rb = forget[0], retain[0]
     model.eval()  # no dropout while unlearning, as the trainer does
 
     def step():
-        loss, _ = batch_loss(model, reference, method.loss, fb, rb if use_retain else None, cfg)
+        loss, _ = batch_loss(model, reference, fb, rb if use_retain else None, cfg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +237,7 @@ def run_one(model_name: str, method_name: str, args, record: dict) -> None:
     retain = [random_batch(vocab, args, g) for _ in range(max(args.fisher_batches, 1))]
     cfg = UnlearnConfig(model=model_name, method=method_name, rank=args.rank, targets=args.targets,
                         fisher_mode="per_sample", svd=args.svd, dtype=args.dtype, progress=False)
-    targets = resolve_targets(model, cfg.targets) if method.adapter == "lora" else []
+    targets = resolve_targets(model, cfg.targets) if not method.full_weights else []
     record["target_layers"] = len(targets)
 
     if method.init == "fila":
@@ -250,7 +251,7 @@ def run_one(model_name: str, method_name: str, args, record: dict) -> None:
         record["fisher_batch"], _ = fisher_phase(model, targets, forget, retain, "batch", args, keep=False)
 
     record["phase"] = "adapt"
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference(method.loss, None) else None
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference(*cfg.loss_terms()) else None
     reset_peak(args.device)
     # FILA's initialiser was timed above; the step does not depend on the adapter's starting values.
     run_init = method.init != "fila"
@@ -266,7 +267,7 @@ def run_one(model_name: str, method_name: str, args, record: dict) -> None:
 
     record["phase"] = "step"
     record["step"] = step = step_phase(model, method, forget, retain, reference, cfg, args)
-    per_token = (6 if method.adapter == "full" else 4) * n_params + (2 * n_params if reference is not None else 0)
+    per_token = (6 if method.full_weights else 4) * n_params + (2 * n_params if reference is not None else 0)
     record["flops_per_step"] = float(per_token * step["tokens_per_step"])
     record["achieved_tflops"] = record["flops_per_step"] / step["median_seconds"] / 1e12
     peak, _ = peak_tflops(args)
