@@ -83,3 +83,31 @@ def test_a_method_spec_says_what_trains_and_refuses_an_unknown_kind():
     assert not any(METHODS[m].full_weights for m in ("lora-ihl", "fila-ihl", "vila-ihl", "fila-ihl-margin"))
     with pytest.raises(ValueError, match="'full' or 'lora'"):
         MethodSpec("qlora", "gaussian", "ihl", "nll", 1e-3)
+
+
+COUNTED: list[int] = []
+if "test-counted" not in FORGET_TERMS:
+    @FORGET_TERMS.register("test-counted")
+    def _counted(x):
+        COUNTED.append(1)
+        return inverted_hinge_loss(x.logits, x.labels)
+
+
+def test_a_new_forget_term_is_one_registered_function(memorized, tmp_path):
+    """Issue 22: a forget term registered in loku.losses runs with --forget-term under any method (the method keeps
+    what trains, the start and the lr); an unknown name is refused before any work."""
+    from loku.errors import ConfigError
+
+    def cfg(**kw):
+        return UnlearnConfig(model=str(memorized / "base"), forget=str(memorized / "forget.txt"),
+                             retain=str(memorized / "retain.txt"), validation=str(memorized / "validation.txt"),
+                             out=str(tmp_path / "run"), method="lora-ihl", rank=4, lora_alpha=8, max_epochs=1,
+                             progress=False, **kw)
+
+    COUNTED.clear()
+    run_cfg = cfg(forget_term="test-counted")
+    assert run_cfg.loss_terms() == ("test-counted", "nll") and cfg().loss_terms() == ("ihl", "nll")
+    report = unlearn(run_cfg).report
+    assert COUNTED and report["epochs_run"] == 1 and report["epochs"][0]["loss_forget"] is not None
+    with pytest.raises(ConfigError, match="--forget-term must be one of .*ihl.*, got 'nope'"):
+        cfg(forget_term="nope").validate()

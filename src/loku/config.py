@@ -66,6 +66,9 @@ class UnlearnConfig:
     alpha: float = field(default=1.0, metadata={"help": "weight of the retain term of the loss", "range": ">= 0"})
     retain_term: str | None = field(default=None, metadata={  # None: the method's default
         "help": "retain loss: nll (default) or kl to the original model, or none"})
+    forget_term: str | None = field(default=None, metadata={  # None: the method's
+        "help": "forget loss instead of the method's (a registered term: ga, ihl, ihl_margin, undial, me, npo, ...); "
+                "the method still sets what trains, how the adapter starts and the learning rate"})
     npo_beta: float = field(default=0.1, metadata={"help": "NPO's beta (inverse temperature)", "range": "> 0"})
     ihl_margin: float = field(default=0.1, metadata={
         "help": "ihl-margin methods: the hinge max(0, p(x_t) - max_(v != x_t) p(v) + m) is 0 once the memorized "
@@ -203,8 +206,8 @@ class UnlearnConfig:
         return METHODS[self.method]
 
     def loss_terms(self) -> tuple[str, str]:
-        """(forget term, retain term) of the run: the method's, --retain-term replacing its retain term."""
-        return self.method_spec().loss_terms(self.retain_term)
+        """(forget term, retain term) of the run: the method's, --forget-term / --retain-term replacing them."""
+        return self.method_spec().loss_terms(self.retain_term, self.forget_term)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else self.method_spec().lr
@@ -248,11 +251,14 @@ class UnlearnConfig:
                               "--gate-fpr RATE (and --strategy stack or orthogonal)")
         if self.gate_fpr is not None and not self.validation:
             raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
-        from .losses import RETAIN_TERMS
+        from .losses import FORGET_TERMS, RETAIN_TERMS
 
         if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
             raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or none, "
                               f"got {self.retain_term!r}")
+        if self.forget_term is not None and self.forget_term not in FORGET_TERMS:
+            raise ConfigError(f"--forget-term must be one of {', '.join(FORGET_TERMS.names())}, "
+                              f"got {self.forget_term!r}")
         if self.method_spec().full_weights and self.dtype == "float16":
             raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
                               "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")

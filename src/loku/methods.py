@@ -33,9 +33,11 @@ class MethodSpec:
         """Every weight of the model trains (no adapter): float32 master weights, no LoRA options."""
         return self.adapter == "full"
 
-    def loss_terms(self, retain_term: str | None = None) -> tuple[str, str]:
-        """(forget term, retain term): ``retain_term`` (--retain-term) replaces the method's default."""
-        return self.forget, retain_term if retain_term is not None else self.retain
+    def loss_terms(self, retain_term: str | None = None, forget_term: str | None = None) -> tuple[str, str]:
+        """(forget term, retain term): ``forget_term`` / ``retain_term`` (--forget-term, --retain-term) replace
+        the method's."""
+        return (forget_term if forget_term is not None else self.forget,
+                retain_term if retain_term is not None else self.retain)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
