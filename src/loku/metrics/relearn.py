@@ -146,13 +146,12 @@ def relearn_curve(model: Any, tokenizer: Any, train_texts: Sequence[str], test_t
             rows = [ids[order[(start + k) % len(order)]] for k in range(settings.batch_size)]
             yield {k: v.to(device) for k, v in make_batches(rows, len(rows), pad)[0].items()}
 
-    torch.manual_seed(settings.seed)
-    checkpoint(0, None)
-    clone.eval()  # no dropout, as in unlearning
     def measured(step: int, loss, _) -> None:
         if step in settings.steps:
             checkpoint(step, float(loss.detach()))
 
+    torch.manual_seed(settings.seed)
+    checkpoint(0, None)  # leaves the clone in eval mode: no dropout while relearning, as in unlearning
     train_steps(clone, optimizer, batches(), lambda batch: (clone(**batch).loss, None), on_step=measured)
     del clone, optimizer
     curve["seconds"] = time.time() - started
