@@ -56,7 +56,7 @@ def test_the_graph_sees_an_import_circle():
     assert "a" in reachable(graph, "a") and "d" not in reachable(graph, "d")
 
 
-@pytest.mark.parametrize("module", ["loku.config", "loku.methods", "loku.strategies", "loku.trainer",
+@pytest.mark.parametrize("module", ["loku.config", "loku.checks", "loku.methods", "loku.strategies", "loku.trainer",
                                    "loku.requests", "loku.requests.sequence", "loku.requests.output",
                                    "loku.requests.delta", "loku.release", "loku.evaluate", "loku.report",
                                    "loku.bench.tdec", "loku.bench.jobs", "loku.bench.base"])
@@ -73,6 +73,9 @@ def test_only_python_m_loku_imports_the_command_line():
 
 def test_what_the_configuration_checks_against_does_not_import_the_machinery():
     graph = import_graph()
+    # the options' own declarations only; the checks that need another module are that module's (loku.checks)
+    assert graph["loku.config"] <= {"loku.errors", "loku.eval_options", "loku.methods", "loku.options",
+                                    "loku.reveal_options"}, graph["loku.config"]
     assert reachable(graph, "loku.methods") <= {"loku.registry"}
     for leaf in ("loku.strategies", "loku.checkpoint", "loku.stop", "loku.tracking", "loku.losses"):
         assert not reachable(graph, leaf) & {"loku.config", "loku.requests", "loku.trainer"}, leaf

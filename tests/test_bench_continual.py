@@ -20,7 +20,7 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     out = tmp_path / "continual"
     summary = run_continual(_cfg(bench_env), out, progress=False, command=["loku", "bench", "continual", "--smoke"])
     assert summary["missing"] == []
-    assert set(summary["variants"]) == {"lora-gd", "lora-ihl", "fila-ihl", "fila-ihl-orthogonal"}
+    assert set(summary["variants"]) == {"lora-gd", "lora-ihl", "fila-ihl", "fila-ihl-orthogonal", "fila-ihl-margin"}
     for name, v in summary["variants"].items():
         assert [t["task"] for t in v["tasks"]] == [0, 1, 2], name  # task 0: the planted model
         assert all("ppl_pile" in t for t in v["tasks"])
@@ -50,8 +50,8 @@ def test_smoke_continual_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # 
     assert "| ordinary text + the forget prompt |" in md and "Dilution attack (4 forget texts" in md
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"]["bench"] == 0 and results["data_sha256"] and results["planting"]["planted"]
-    assert md.count("Relapses (met the stop rule, then back above its thresholds): none") == 4
-    assert md.count("Not forgotten (never met the stop rule; last measured): request-01 after request-02") == 4
+    assert md.count("Relapses (met the stop rule, then back above its thresholds): none") == 5
+    assert md.count("Not forgotten (never met the stop rule; last measured): request-01 after request-02") == 5
 
     # A rerun reads every finished variant back; nothing is unlearned again.
     monkeypatch.setattr("loku.requests.unlearn_requests", lambda *a, **k: pytest.fail("unlearned again"))

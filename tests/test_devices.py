@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from loku.checks import check_unlearn
 from loku import devices
 from loku.cli import main
 from loku.config import UnlearnConfig
@@ -42,12 +43,12 @@ def config(root, out, **kw) -> UnlearnConfig:
 def test_auto_device_and_dtype_are_a_gpu_in_bf16_when_there_is_one(monkeypatch, memorized, tmp_path):
     assert devices.resolve_device("auto") == torch.device("cpu")  # this machine: no CUDA
     assert devices.default_dtype(torch.device("cpu")) == "float32"
-    assert config(memorized, tmp_path / "cpu").validate().dtype == "float32"
+    assert check_unlearn(config(memorized, tmp_path / "cpu")).dtype == "float32"
     fake_cuda(monkeypatch)
     assert devices.resolve_device("auto") == torch.device("cuda")
     assert devices.default_dtype(torch.device("cuda")) == "bfloat16"
-    assert config(memorized, tmp_path / "gpu").validate().dtype == "bfloat16"  # recorded in report.json
-    assert config(memorized, tmp_path / "given", dtype="float32").validate().dtype == "float32"
+    assert check_unlearn(config(memorized, tmp_path / "gpu")).dtype == "bfloat16"  # recorded in report.json
+    assert check_unlearn(config(memorized, tmp_path / "given", dtype="float32")).dtype == "float32"
     fake_cuda(monkeypatch, bf16=False)  # a GPU without bf16 (pre-Ampere): float32
     assert devices.default_dtype(torch.device("cuda")) == "float32"
 

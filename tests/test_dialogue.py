@@ -92,8 +92,14 @@ def test_f1_with_a_model_that_answers_cat_then_newline(tmp_path, gpt2_tok):
         D.evaluate_dialogue(model, gpt2_tok, path, limit=0)
 
 
-def test_dialogue_sets_end_to_end_on_a_tiny_model(shared_data, gpt2_tok):
+def test_dialogue_and_reasoning_suites_take_a_limit_per_set(shared_data, gpt2_tok):
+    """The benches' subsets: each named set its own number of items, 0 leaving a set out (one run_suites call)."""
+    from loku.evaluate import run_suites
+
     model = make_tiny_model("gpt_neo", vocab=50257, n_ctx=256)
-    res = D.evaluate_dialogue_sets(model, gpt2_tok, shared_data, limit=2, batch_size=2, max_new_tokens=4)
-    assert set(res) == set(D.DIALOGUE_SETS) | {"mean_f1"}
-    assert all(res[n]["n"] == 2 and 0 <= res[n]["f1"] <= 1 for n in D.DIALOGUE_SETS)
+    res = run_suites(model, gpt2_tok, ["dialogue", "reasoning"], data_dir=shared_data, batch_size=2, limit=5,
+                     set_limits={"dialogue": 2, "pubmedqa": 0})["suites"]
+    assert set(res["dialogue"]) == set(D.DIALOGUE_SETS) | {"mean_f1"}
+    assert all(res["dialogue"][n]["n"] == 2 and 0 <= res["dialogue"][n]["f1"] <= 1 for n in D.DIALOGUE_SETS)
+    assert res["dialogue"]["mean_f1"] == pytest.approx(sum(res["dialogue"][n]["f1"] for n in D.DIALOGUE_SETS) / 4)
+    assert res["reasoning"]["lambada"]["n"] == 5 and "pubmedqa" not in res["reasoning"]  # --limit where no own

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loku.checks import check_unlearn
 from loku.config import UnlearnConfig
 from loku.methods import METHODS, MethodSpec
 from loku.initializers import INITIALIZERS, lora_layers
@@ -110,4 +111,4 @@ def test_a_new_forget_term_is_one_registered_function(memorized, tmp_path):
     report = unlearn(run_cfg).report
     assert COUNTED and report["epochs_run"] == 1 and report["epochs"][0]["loss_forget"] is not None
     with pytest.raises(ConfigError, match="--forget-term must be one of .*ihl.*, got 'nope'"):
-        cfg(forget_term="nope").validate()
+        check_unlearn(cfg(forget_term="nope"))

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from loku.checks import check_unlearn
 from loku.cli import main
 from loku.config import UnlearnConfig
 from loku.errors import ConfigError
@@ -179,16 +180,16 @@ def test_every_round_is_anchored_to_the_model_before_the_first(memorized, reques
 
 def test_bad_reveal_options(memorized, request_file, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
-        config(memorized, request_file, tmp_path / "o", forget=str(memorized / "forget.txt")).validate()
+        check_unlearn(config(memorized, request_file, tmp_path / "o", forget=str(memorized / "forget.txt")))
     with pytest.raises(ConfigError, match="request file not found"):
-        config(memorized, tmp_path / "missing.json", tmp_path / "o").validate()
+        check_unlearn(config(memorized, tmp_path / "missing.json", tmp_path / "o"))
     with pytest.raises(ConfigError, match="reveal_budget|--reveal-budget"):
-        config(memorized, request_file, tmp_path / "o", reveal_budget=0).validate()
+        check_unlearn(config(memorized, request_file, tmp_path / "o", reveal_budget=0))
     with pytest.raises(ConfigError, match="--reveal-selector must be one of neural-ucb, random, ucb1, got 'greedy'"):
-        config(memorized, request_file, tmp_path / "o", reveal_selector="greedy").validate()
+        check_unlearn(config(memorized, request_file, tmp_path / "o", reveal_selector="greedy"))
     for bad in (0.0, 1.5):  # no novelty, or more than all of a text's n-grams, can tell news apart
         with pytest.raises(ConfigError, match=r"--reveal-min-novelty must lie in \(0, 1\]"):
-            config(memorized, request_file, tmp_path / "o", reveal_min_novelty=bad).validate()
+            check_unlearn(config(memorized, request_file, tmp_path / "o", reveal_min_novelty=bad))
     (tmp_path / "empty.txt").write_text("\n")
     code = main(["unlearn", "--reveal", str(tmp_path / "empty.txt"), "--model", str(memorized / "base"),
                  "--retain", str(memorized / "retain.txt"), "--validation", str(memorized / "validation.txt"),

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from loku.checks import check_unlearn
 from loku.cli import build_parser, main
 from loku.config import UnlearnConfig, load_config
 from loku.errors import ConfigError, DataError, ModelError
@@ -345,7 +346,7 @@ def test_a_later_request_is_anchored_to_the_model_before_the_first(requests_root
 def test_the_same_file_twice_or_overlapping_requests_are_refused_naming_the_files(requests_root, tmp_path, capsys):
     a, b = str(requests_root / "a.txt"), str(requests_root / "b.txt")
     with pytest.raises(ConfigError, match=r"a\.txt is given twice \(requests 1 and 3\).*remove the repeated"):
-        config(requests_root, tmp_path / "x", forget=[a, b, a]).validate()
+        check_unlearn(config(requests_root, tmp_path / "x", forget=[a, b, a]))
     overlapping = tmp_path / "c.txt"
     first_of_a = (requests_root / "a.txt").read_text().splitlines()[0]
     overlapping.write_text(texts_of(torch.randint(3, VOCAB, (1, 24)))[0] + "\n" + first_of_a + "\n")
@@ -355,7 +356,7 @@ def test_the_same_file_twice_or_overlapping_requests_are_refused_naming_the_file
     with pytest.raises(ConfigError, match="LoRA method"):
         unlearn_requests(config(requests_root, tmp_path / "z", method="full-ga"))
     with pytest.raises(ConfigError, match="--strategy must be one of merge, orthogonal, stack"):
-        config(requests_root, tmp_path / "w", strategy="nope").validate()
+        check_unlearn(config(requests_root, tmp_path / "w", strategy="nope"))
     from loku.trainer import unlearn
 
     with pytest.raises(ConfigError, match="sequence of deletion requests"):
@@ -395,7 +396,7 @@ def test_cli_runs_a_sequence_and_writes_adapters(requests_root, tmp_path, capsys
     assert gate == {**gate, **_gate_rates_recomputed(out, requests_root)}
     assert "Gate (target false-positive rate 0.5" in (out / "report.md").read_text()
     with pytest.raises(ConfigError, match="--gate-fpr .* use --strategy stack or orthogonal"):
-        config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1).validate()
+        check_unlearn(config(requests_root, tmp_path / "g", strategy="merge", gate_fpr=0.1))
 
 
 def _gate_rates_recomputed(out, root) -> dict:

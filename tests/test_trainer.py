@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from loku.checks import check_unlearn
 from loku.cli import main
 from loku.config import UnlearnConfig
 from loku.errors import ModelError
@@ -121,7 +122,7 @@ def test_yaml_config_with_cli_override(memorized, tmp_path):
     with pytest.raises(ConfigError, match="unknown option"):
         load_config(path)
     with pytest.raises(ConfigError, match="unknown method"):
-        UnlearnConfig(forget="f", out="o", method="magic").validate()
+        check_unlearn(UnlearnConfig(forget="f", out="o", method="magic"))
 
 
 def test_eval_suites_run_before_and_after_and_reach_the_report(memorized, tmp_path, shared_data):
@@ -205,7 +206,7 @@ def test_float16_full_fine_tuning_is_refused_and_threshold_sources_are_reported_
     from loku.errors import ConfigError
 
     with pytest.raises(ConfigError, match="bfloat16"):
-        config(memorized, tmp_path / "x", method="full-gd", dtype="float16").validate()
+        check_unlearn(config(memorized, tmp_path / "x", method="full-gd", dtype="float16"))
     report = unlearn(config(memorized, tmp_path / "run", ma_threshold=0.5, max_epochs=1)).report
     assert report["thresholds"]["ma"] == 0.5 and report["thresholds"]["el"] == report["before"]["val_el"]
     assert report["thresholds"]["source"] == "MA given and EL from the validation set, before unlearning"

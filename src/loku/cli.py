@@ -7,6 +7,7 @@ import sys
 import typing
 
 from .bench import BENCHES
+from .checks import check_unlearn
 from .config import UnlearnConfig, config_fields, load_config
 from .errors import describe_error
 from .options import add_arguments
@@ -128,7 +129,7 @@ def run_unlearn(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resumed_config(args.resume, overrides)
     else:
-        cfg = load_config(args.config, overrides).validate()
+        cfg = check_unlearn(load_config(args.config, overrides))
     return unlearn_job(cfg, resume=bool(args.resume), strategy_given=overrides.get("strategy") is not None)
 
 

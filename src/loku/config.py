@@ -213,10 +213,12 @@ class UnlearnConfig:
         return self.lr if self.lr is not None else self.method_spec().lr
 
     def validate(self) -> "UnlearnConfig":
-        """The one place options are checked, before any file is read or written: each option alone
-        (type, range and choices from its field), then the ones that must agree, then the paths
-        against each other (an --out that could destroy an input, a validation file that is the
-        forget file). One-line :class:`ConfigError` naming the flag and what to do."""
+        """The options on their own, before any file is read or written: each option alone (type, range
+        and choices from its field), the ones that must agree, the input paths against each other. What
+        another module knows (a strategy's traits, a loss term's needs, the device, the suites, what the
+        output may replace) its owner checks: :func:`loku.checks.check_unlearn` runs both, and is what
+        ``loku unlearn`` and :func:`loku.trainer.unlearn` call. One-line :class:`ConfigError` naming the flag
+        and what to do."""
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of: {', '.join(METHODS)}")
         if self.reveal is not None:
@@ -227,62 +229,16 @@ class UnlearnConfig:
         if not self.out:
             raise ConfigError("no output folder: pass --out DIR")
         check_fields(self)  # type, range and choices of every option, from its field
-        from .devices import check_quantization, resolve_device, resolve_dtype
-
-        device = resolve_device(self.device)
-        self.dtype = resolve_dtype(self.dtype, device)  # the report records the dtype the run had
-        check_quantization(self, device)
         check_targets(self.targets)
-        from .chat import check_template
-
-        check_template(self.template)
         if not all(isinstance(f, str) and f for f in self.forget_files()):
             raise ConfigError(f"--forget must be file paths, got {self.forget!r}")
         check_forget_files_distinct(self.forget_files())
-        from .strategies import STRATEGIES
-
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES.names())}, got {self.strategy!r}")
-        if self.gate_fpr is not None and not STRATEGIES.trait(self.strategy, "keeps_adapters"):
-            raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {self.strategy} "
-                              "folds into the weights: use --strategy stack or orthogonal")
         if self.gate_fpr is None and self.gate_mode != "hard":
             raise ConfigError(f"--gate-mode {self.gate_mode} sets how the gate scales the adapters: fit a gate with "
                               "--gate-fpr RATE (and --strategy stack or orthogonal)")
         if self.gate_fpr is not None and not self.validation:
             raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
-        from .losses import FORGET_TERMS, RETAIN_TERMS
-
-        if self.retain_term not in (None, "none", *RETAIN_TERMS.names()):
-            raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or none, "
-                              f"got {self.retain_term!r}")
-        if self.forget_term is not None and self.forget_term not in FORGET_TERMS:
-            raise ConfigError(f"--forget-term must be one of {', '.join(FORGET_TERMS.names())}, "
-                              f"got {self.forget_term!r}")
-        if self.method_spec().full_weights and self.dtype == "float16":
-            raise ConfigError(f"method {self.method} trains every weight: float16 needs loss scaling, which loku does "
-                              "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
-        from .stop import check_stop_options
-
-        check_stop_options(self)
-        from .losses import uses_retain
-
-        if uses_retain(self.loss_terms()[1]) and not self.retain:
-            raise ConfigError(f"method {self.method} has a retain term: pass --retain FILE (or --retain-term none)")
-        if self.eval_suites:
-            from .evaluate import expand_suites
-            from .provenance import default_data_dir
-
-            expand_suites([self.eval_suites])
-            folder = Path(self.eval_data_dir) if self.eval_data_dir else default_data_dir()
-            if not folder.is_dir():
-                raise ConfigError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set "
-                                  "LOKU_DATA_DIR")
         check_validation_apart(self)
-        check_output_apart(self)
-        from .tracking import check_tracking
-
-        check_tracking(self)
         return self
 
     def _validate_reveal(self) -> "UnlearnConfig":
@@ -295,14 +251,12 @@ class UnlearnConfig:
         if self.gate_fpr is not None:
             raise ConfigError("--gate-fpr is not supported with --reveal (the rounds' forget sets are the model's own "
                               "text, too close to everything to gate on)")
-        round_file = f"{self.out}.reveal/round-01/forget.jsonl"  # where the first round's forget set is written
-        checked = dataclasses.replace(self, reveal=None, forget=round_file).validate()
-        from .reveal import checked_settings
-        from .reveal_options import settings_from_unlearn
-
-        checked_settings(settings_from_unlearn(self), "--reveal-")  # the selector's name, before any model loads
-        self.dtype = checked.dtype  # "auto" resolved there, as for every other run
+        self.round_config().validate()
         return self
+
+    def round_config(self) -> "UnlearnConfig":
+        """A --reveal run's options as one round's run: its forget set the file the first round writes."""
+        return dataclasses.replace(self, reveal=None, forget=f"{self.out}.reveal/round-01/forget.jsonl")
 
     def eval_options(self) -> dict[str, Any]:
         """The ``eval_*`` options as :class:`loku.eval_options.EvalOptions` fields (``run_suites`` keywords)."""
@@ -327,68 +281,13 @@ def check_targets(targets: str | Sequence[str]) -> None:
                           "comma-separated module-name suffixes such as q_proj,v_proj")
 
 
-def _resolved(path: str | Path) -> Path:
+def resolved_path(path: str | Path) -> Path:
+    """``path`` made absolute with its links followed, to compare two paths for the same file."""
     path = Path(path).expanduser()
     try:
         return path.resolve()
     except (OSError, RuntimeError):  # a symlink loop: compare the path as written
         return path.absolute()
-
-
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def model_folder(model: str) -> Path | None:
-    """The local folder ``--model`` reads (a built-in model's cache folder), or None for a hub id."""
-    if not model:
-        return None
-    from .models import BUILTIN_MODELS, builtin_model_folder
-
-    if model in BUILTIN_MODELS:
-        return builtin_model_folder(model)
-    path = Path(model).expanduser()
-    return path if path.is_dir() else None
-
-
-def check_output_apart(cfg: UnlearnConfig) -> None:
-    """Refuse an ``--out`` whose writing could destroy or alter an input, before anything is written.
-
-    The output replaces OUT as a whole (``--overwrite``, ``--resume``) and removes the checkpoint
-    folder OUT.ckpt, so neither may be or contain the model folder or a data file; nor may OUT lie
-    inside the model folder (the output would be written into the model). OUT may lie inside a data
-    file's folder (``--forget forget.csv --out runs/x``): writing or removing OUT cannot touch the file.
-    """
-    if not cfg.out:
-        return
-    from .checkpoint import checkpoint_dir
-
-    out = _resolved(cfg.out)
-    owned = {"--out": out, "its checkpoint folder": _resolved(checkpoint_dir(cfg.out))}
-    hint = "choose an --out folder apart from the model and the data"
-    folder = model_folder(cfg.model)
-    if folder is not None:
-        model = _resolved(folder)
-        for what, path in owned.items():
-            if _within(model, path):
-                relation = "is" if model == path else "contains"
-                raise ConfigError(f"--out {cfg.out}: {what} {relation} the model folder {folder} (--model), which "
-                                  f"--overwrite would delete; {hint}")
-        if _within(out, model):
-            raise ConfigError(f"--out {cfg.out} lies inside the model folder {folder} (--model), so the output would "
-                              f"be written into the model; {hint}")
-    folders = [("--eval-data-dir", cfg.eval_data_dir)] if cfg.eval_suites and cfg.eval_data_dir else []
-    forgets = [("--forget", f) for f in cfg.forget_files()]
-    for flag, given in [*forgets, ("--retain", cfg.retain), ("--validation", cfg.validation), *folders]:
-        if not given:
-            continue
-        path = _resolved(given)
-        for what, mine in owned.items():
-            if _within(path, mine):
-                kind = "data folder" if flag == "--eval-data-dir" else "data file"
-                relation = "is" if path == mine else "contains"
-                raise ConfigError(f"--out {cfg.out}: {what} {relation} the {kind} {given} ({flag}), which "
-                                  f"--overwrite would delete; {hint}")
 
 
 def check_validation_apart(cfg: UnlearnConfig) -> None:
@@ -397,7 +296,7 @@ def check_validation_apart(cfg: UnlearnConfig) -> None:
     Same texts in another file are refused once the sets are read (:func:`loku.data.check_validation_not_forget`).
     """
     for forget in cfg.forget_files():
-        if cfg.validation and _resolved(cfg.validation) == _resolved(forget):
+        if cfg.validation and resolved_path(cfg.validation) == resolved_path(forget):
             raise ConfigError(f"--validation {cfg.validation} is the forget set (--forget {forget}): the stop "
                               "thresholds would be measured on the texts being unlearned; pass held-out texts the "
                               "model was never trained on, or --ma-threshold and --el-threshold instead of "
@@ -412,7 +311,7 @@ def check_forget_files_distinct(files: list[str]) -> None:
     """
     seen: dict[Path, int] = {}
     for number, given in enumerate(files, start=1):
-        key = _resolved(given)
+        key = resolved_path(given)
         if key in seen:
             raise ConfigError(f"--forget {given} is given twice (requests {seen[key]} and {number}): each deletion "
                               "request is unlearned once; remove the repeated --forget (put texts that belong "

@@ -115,6 +115,17 @@ def quantization_of(cfg: Any) -> str | None:
     return "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
 
 
+def check_device_options(cfg: Any) -> None:
+    """--device names a device here, --dtype "auto" becomes the dtype the run will have (the report records
+    it), and the dtype and quantization suit the method."""
+    device = resolve_device(cfg.device)
+    cfg.dtype = resolve_dtype(cfg.dtype, device)
+    check_quantization(cfg, device)
+    if cfg.method_spec().full_weights and cfg.dtype == "float16":
+        raise ConfigError(f"method {cfg.method} trains every weight: float16 needs loss scaling, which loku does "
+                          "not do; use --dtype bfloat16 (float32 master weights, bf16 compute) or float32")
+
+
 def check_quantization(cfg: Any, device: torch.device) -> None:
     """A 4/8-bit base trains only a LoRA adapter on a CUDA GPU with bitsandbytes: anything else is refused
     here, before the model is loaded, naming the fix."""

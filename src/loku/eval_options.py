@@ -89,6 +89,9 @@ class EvalOptions:
     load_reference: Callable[[], tuple[Any, Any]] | None = field(default=None, metadata={
         "cli": False, "help": "set by loku eval --reference"})
     files: dict[str, str] = field(default_factory=dict, metadata={"cli": False, "help": "set by the suites"})
+    # Items of named sets ("lambada", "pubmedqa", "dialogue": per dialogue set) in place of ``limit``; 0 leaves
+    # the set out. The benches score small subsets of each, in one run_suites call.
+    set_limits: dict[str, int] | None = field(default=None, metadata={"cli": False, "help": "set by the benches"})
 
     def __post_init__(self) -> None:
         if self.data_dir is None:
@@ -121,6 +124,10 @@ class EvalOptions:
 
     def eval_file(self, name: str) -> Path:
         return self.data_dir / "tdec" / "eval" / name
+
+    def limit_of(self, name: str) -> int | None:
+        """Items of the set ``name`` to score: its own limit where ``set_limits`` has one, else ``limit``."""
+        return (self.set_limits or {}).get(name, self.limit)
 
     def take(self, items: list) -> list:
         return items if self.limit is None else items[: self.limit]

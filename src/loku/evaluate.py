@@ -186,12 +186,12 @@ def suite_ppl(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
 def suite_reasoning(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
     from loku.metrics.reasoning import evaluate_lambada, evaluate_pubmedqa
 
-    out: dict[str, Any] = {
-        "lambada": evaluate_lambada(model, tokenizer, _use(opts, opts.eval_file("lambada.csv"), "LAMBADA"),
-                                    limit=opts.limit, batch_size=opts.batch_size, progress=opts.progress),
-        "pubmedqa": evaluate_pubmedqa(model, tokenizer, _use(opts, opts.eval_file("pubmed_qa.csv"), "PubMedQA"),
-                                      limit=opts.limit, batch_size=opts.batch_size, progress=opts.progress),
-    }
+    out: dict[str, Any] = {}
+    for name, score, file, role in (("lambada", evaluate_lambada, "lambada.csv", "LAMBADA"),
+                                    ("pubmedqa", evaluate_pubmedqa, "pubmed_qa.csv", "PubMedQA")):
+        if opts.limit_of(name) != 0:
+            out[name] = score(model, tokenizer, _use(opts, opts.eval_file(file), role), limit=opts.limit_of(name),
+                              batch_size=opts.batch_size, progress=opts.progress)
     if opts.lm_eval_tasks:
         from loku.metrics.lm_eval_backend import run_lm_eval
 
@@ -208,8 +208,8 @@ def suite_dialogue(model: Any, tokenizer: Any, opts: EvalOptions) -> dict:
     out: dict[str, Any] = {}
     for name in DIALOGUE_SETS:
         path = _use(opts, opts.eval_file(f"{name}.json"), f"dialogue {name}")
-        out[name] = evaluate_dialogue(model, tokenizer, path, limit=opts.limit, batch_size=opts.batch_size,
-                                      progress=opts.progress)
+        out[name] = evaluate_dialogue(model, tokenizer, path, limit=opts.limit_of("dialogue"),
+                                      batch_size=opts.batch_size, progress=opts.progress)
     out["mean_f1"] = sum(out[n]["f1"] for n in DIALOGUE_SETS) / len(DIALOGUE_SETS)
     return out
 
@@ -269,6 +269,16 @@ def expand_suites(suites: Sequence[str]) -> list[str]:
     if not out:
         raise ConfigError(f"no eval suite given; choose from: {', '.join(ALL_SUITES + EXTRA_SUITES)}, all")
     return out
+
+
+def check_suite_options(cfg: Any) -> None:
+    """``loku unlearn --eval-suites``: the suites exist and their data folder is there, before any training."""
+    if not cfg.eval_suites:
+        return
+    expand_suites([cfg.eval_suites])
+    folder = Path(cfg.eval_data_dir) if cfg.eval_data_dir else default_data_dir()
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: evaluation data folder not found; pass --eval-data-dir or set LOKU_DATA_DIR")
 
 
 def run_suites(

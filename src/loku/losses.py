@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
 from .lm import IGNORE_INDEX, shift, token_nll  # the token arithmetic every loss builds on
 from .methods import NO_RETAIN
 from .registry import Registry
@@ -170,6 +171,17 @@ def _retain_nll(x: LossInputs) -> Tensor:
 @RETAIN_TERMS.register("kl", needs_reference=True)
 def _retain_kl(x: LossInputs) -> Tensor:
     return kl_to_reference(x.logits, x.ref_logits, x.labels)
+
+
+def check_term_options(cfg) -> None:
+    """--forget-term / --retain-term name registered terms, and a retain term has its --retain set."""
+    if cfg.retain_term not in (None, NO_RETAIN, *RETAIN_TERMS.names()):
+        raise ConfigError(f"--retain-term must be one of {', '.join(RETAIN_TERMS.names())} or {NO_RETAIN}, "
+                          f"got {cfg.retain_term!r}")
+    if cfg.forget_term is not None and cfg.forget_term not in FORGET_TERMS:
+        raise ConfigError(f"--forget-term must be one of {', '.join(FORGET_TERMS.names())}, got {cfg.forget_term!r}")
+    if uses_retain(cfg.loss_terms()[1]) and not cfg.retain:
+        raise ConfigError(f"method {cfg.method} has a retain term: pass --retain FILE (or --retain-term none)")
 
 
 def uses_retain(retain_term: str) -> bool:

@@ -43,11 +43,15 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _save_png(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """``fig`` written to ``path`` as PNG (atomically: no half-written file after a crash), then closed."""
     from loku.save import atomic_file
 
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return Path(path)
 
 
@@ -88,10 +92,7 @@ def plot_epoch_curves(epochs: Sequence[dict], path: str | Path, *, title: str | 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_utility_vs_forgetting(
@@ -123,7 +124,4 @@ def plot_utility_vs_forgetting(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

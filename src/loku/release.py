@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .checks import check_unlearn
 from .config import UnlearnConfig
 from .errors import ConfigError
 
@@ -81,7 +82,7 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
     from .save import check_output_dir
     from .trainer import master_dtype
 
-    cfg.validate()
+    check_unlearn(cfg)
     request = load_request(cfg.reveal)
     work = work_dir(cfg.out)
     accelerator = accelerator or dist.make_accelerator(cfg.device)

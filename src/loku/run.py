@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .checks import check_unlearn
 from .config import UnlearnConfig
 from .tracking import refuse_sequence
 
@@ -90,4 +91,4 @@ def resumed_config(out: str, overrides: dict) -> UnlearnConfig:
     values = saved_config(out) if resumable(out) else read_state(out)["config"]
     values.update({k: v for k, v in overrides.items() if v is not None and k in RESUME_MAY_CHANGE})
     values["out"] = out
-    return UnlearnConfig(**values).validate()
+    return check_unlearn(UnlearnConfig(**values))

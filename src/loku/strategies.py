@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -32,6 +33,15 @@ def orthogonal_penalty(earlier: Tensor, current: Tensor) -> Tensor:
 # strategy(earlier deltas, the new request's LoRA layers by name, its config) -> the extra loss term or None
 Strategy = Callable[[list["Delta"], dict[str, Any], "UnlearnConfig"], Callable[[Any], Tensor] | None]
 STRATEGIES: Registry[Strategy] = Registry("strategy")
+
+
+def check_strategy_options(cfg: "UnlearnConfig") -> None:
+    """--strategy is registered, and a gate (--gate-fpr) has adapters of its own to switch."""
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES.names())}, got {cfg.strategy!r}")
+    if cfg.gate_fpr is not None and not STRATEGIES.trait(cfg.strategy, "keeps_adapters"):
+        raise ConfigError(f"--gate-fpr switches each request's own adapter, which --strategy {cfg.strategy} "
+                          "folds into the weights: use --strategy stack or orthogonal")
 
 
 @STRATEGIES.register("merge", keeps_adapters=False)

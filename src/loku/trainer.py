@@ -32,6 +32,7 @@ from . import measure
 from . import tracking
 from .checkpoint import (checkpoint_dir, load_checkpoint, restore_rng, restore_weights, save_checkpoint,
                          trainable_state)
+from .checks import check_unlearn
 from .config import UnlearnConfig, option_defaults
 from .errors import ConfigError, TrainingDiverged
 from .initializers import lora_layers, moved_start
@@ -188,7 +189,7 @@ def train_until_stop(run: Run) -> None:
 def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None, resume: bool = False,
             stop: StopRule | None = None, train_in_place: bool = False) -> Run:
     """Check everything that can be checked cheaply, then load and tokenize: bad input fails in seconds."""
-    cfg.validate()
+    check_unlearn(cfg)
     if len(cfg.forget_files()) > 1:
         raise ConfigError(f"several --forget files ({', '.join(cfg.forget_files())}) are a sequence of deletion "
                           "requests: run them with loku.requests.unlearn_requests (`loku unlearn` does)")

@@ -246,8 +246,10 @@ def free_memory() -> None:
 # --------------------------------------------------------------------------- the command
 
 
-def add_common_arguments(parser, bench: str, cached: str) -> None:
-    """The flags every `loku bench` shares (--data-dir, --cache-dir, --jobs, --smoke, --report-only, ...)."""
+def add_common_arguments(parser, bench: str, cached: str, configs: str) -> None:
+    """The flags every `loku bench` shares (--config, --data-dir, --cache-dir, --jobs, --smoke, --report-only,
+    ...); ``configs``: the named configurations, for --config's help."""
+    parser.add_argument("--config", default="cpu", help=f"{configs} or a YAML file [default: cpu]")
     parser.add_argument("--out", default=None, help=f"bench folder (resumable) [default: runs/bench-{bench}-NAME]")
     parser.add_argument("--model", default=None, help="model instead of the config's")
     parser.add_argument("--seed", type=int, default=None, help="seed of unlearning (and fine-tuning)")
@@ -307,6 +309,41 @@ def run_bench_command(args, bench: str, load_config: Callable, run_bench: Callab
     summary = run_bench(cfg, out, progress=args.progress, jobs=args.jobs, command=command_line(),
                         report_only=args.report_only)
     return finish_command(bench, summary, out, args.report_only)
+
+
+def write_results(out: Path, bench: str, cfg, record: dict[str, Any], *, command: list[str] | None,
+                  seconds: float | None, seeds: dict[str, Any], fields: dict[str, Any],
+                  plot: Callable[[dict[str, Any]], list[Path]], render: Callable[[dict[str, Any]], str]) -> dict:
+    """A bench folder's results.json and results.md: what every bench records (command, machine, library
+    versions, config, identity and data hashes, seeds, times, every invocation), the bench's own ``fields``,
+    the paths ``plot(summary)`` drew (none where matplotlib is missing) and the verdicts against the §12
+    targets; ``render(summary)`` is results.md."""
+    from ..provenance import jsonable, library_versions
+    from ..save import atomic_write_json, atomic_write_text
+    from .verdicts import verdicts
+
+    history = out / "invocations.json"
+    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
+               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
+               "seeds": seeds, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds, **fields,
+               "invocations": read_json(history) if history.is_file() else []}
+    try:
+        paths = plot(summary)
+    except ImportError:  # matplotlib missing: the numbers are all in results.json
+        paths = []
+    summary["plots"] = [str(Path(p).relative_to(out)) for p in paths]
+    summary["verdicts"] = verdicts(bench, summary)
+    atomic_write_json(out / "results.json", jsonable(summary))
+    atomic_write_text(out / "results.md", render(summary))
+    return summary
+
+
+def header_lines(summary: dict[str, Any], bench: str) -> list[str]:
+    """The title, command and machine lines of a bench's results.md."""
+    return [f"# loku bench {bench}: {summary['config']['name']}", "",
+            f"Command: `{' '.join(summary['command'] or [])}`  ",
+            f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
+            + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft"))]
 
 
 def command_line() -> list[str]:

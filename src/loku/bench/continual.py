@@ -103,6 +103,7 @@ class ContinualConfig:
 
     def request_config(self, variant: str, forget: str, retain: str, validation: str, out: str,
                        model: str = "planted"):
+        from ..checks import check_unlearn
         from ..config import load_config
 
         options = dict(self.variants[variant] or {})
@@ -111,7 +112,7 @@ class ContinualConfig:
         values = {**self.unlearn, **options, "forget": forget, "retain": retain, "validation": validation,
                   "out": out, "model": model, "seed": self.seed}
         try:
-            return load_config(None, values).validate()
+            return check_unlearn(load_config(None, values))
         except ConfigError as err:
             raise ConfigError(f"variant {variant}: {err}") from None
 
@@ -440,9 +441,8 @@ def _variant_task(cfg: ContinualConfig, out: str, variant: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .base import add_common_arguments
 
-    parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo-125M, "
-                                                        "a GPU) or a YAML file [default: cpu]")
-    add_common_arguments(parser, "continual", "planted models")
+    add_common_arguments(parser, "continual", "planted models",
+                         "cpu (SmolLM2-135M on 2 CPU cores), paper (GPT-Neo-125M, a GPU)")
     return parser
 
 

@@ -1,12 +1,12 @@
 """results.json, results.md and plots/figure4.png of a `loku bench continual` folder."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from ..requests import forgetting, forgetting_lines
-from .verdicts import verdict_lines, verdicts
+from .base import header_lines
+from .verdicts import verdict_lines
 
 __all__ = ["summarise", "write_outputs"]
 
@@ -78,9 +78,7 @@ def dilution_lines(dilution: dict[str, Any] | None) -> list[str]:
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
                   seconds: float | None = None) -> dict[str, Any]:
-    from ..provenance import jsonable, library_versions
-    from ..save import atomic_write_json, atomic_write_text
-    from .base import machine, read_json
+    from .base import read_json, write_results
 
     shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
     variants = {}
@@ -88,29 +86,22 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
         path = out / "variants" / f"{name}.json"
         if path.is_file() and shared:
             variants[name] = summarise(shared, read_json(path))
-    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
-               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
-               "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed}, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "seconds": seconds, "planting": shared.get("planting", {}).get("measurements"),
-               "original": shared.get("original_downstream"), "variants": variants,
-               "missing": [v for v in cfg.variants if v not in variants],
-               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
-    summary["verdicts"] = verdicts("continual", summary)
-    summary["plots"] = []
-    if variants:
-        try:
-            path = plot_figure4(variants, out / "plots" / "figure4.png", f"{cfg.model}: {cfg.requests} requests")
-            summary["plots"] = [str(path.relative_to(out))]
-        except ImportError:  # matplotlib missing: the numbers are all in results.json
-            pass
-    atomic_write_json(out / "results.json", jsonable(summary))
-    atomic_write_text(out / "results.md", render_markdown(summary))
-    return summary
+    fields = {"planting": shared.get("planting", {}).get("measurements"),
+              "original": shared.get("original_downstream"), "variants": variants,
+              "missing": [v for v in cfg.variants if v not in variants]}
+
+    def plot(summary: dict[str, Any]) -> list[Path]:
+        title = f"{cfg.model}: {cfg.requests} requests"
+        return [plot_figure4(variants, out / "plots" / "figure4.png", title)] if variants else []
+
+    return write_results(out, "continual", cfg, record, command=command, seconds=seconds,
+                         seeds={"bench": cfg.seed, "planting": cfg.planting.seed}, fields=fields, plot=plot,
+                         render=render_markdown)
 
 
 def plot_figure4(variants: dict[str, dict], path: Path, title: str) -> Path:
     """The paper's Figure 4: each score after each task, one line per variant (gated: a star at the end)."""
-    from ..plots import _pyplot, _save_png
+    from ..plots import _pyplot, save_figure
 
     plt = _pyplot()
     panels = [("ma_so_far", "forget MA (requests so far)")] + [(k, label) for k, label, _ in SCORES]
@@ -128,21 +119,11 @@ def plot_figure4(variants: dict[str, dict], path: Path, title: str) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    saved = _save_png(fig, path)
-    plt.close(fig)
-    return saved
+    return save_figure(fig, path)
 
 
 def _f(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def header_lines(summary: dict[str, Any], bench: str) -> list[str]:
-    """The title, command and machine lines of a bench's results.md."""
-    return [f"# loku bench {bench}: {summary['config']['name']}", "",
-            f"Command: `{' '.join(summary['command'] or [])}`  ",
-            f"Machine: {summary['machine'].get('processor')}, {summary['machine'].get('cpu_count')} CPU(s); "
-            + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if k in ("torch", "transformers", "peft"))]
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..plots import _pyplot, _save_png, plot_utility_vs_forgetting
+from ..plots import _pyplot, save_figure, plot_utility_vs_forgetting
 
 __all__ = ["plot_model"]
 
@@ -54,10 +54,7 @@ def plot_figure1(table: dict[str, dict], path: Path, title: str) -> Path | None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_epochs(splits: dict[str, Any], path: Path, title: str) -> Path | None:
@@ -99,10 +96,7 @@ def plot_epochs(splits: dict[str, Any], path: Path, title: str) -> Path | None:
     axes[0].legend(fontsize=7)
     fig.suptitle(title + " (dotted: stop thresholds)")
     fig.tight_layout()
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_relearn(splits: dict[str, Any], path: Path, title: str) -> Path | None:
@@ -132,10 +126,7 @@ def plot_relearn(splits: dict[str, Any], path: Path, title: str) -> Path | None:
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_model(folder: Path, prefix: str, model: str, entry: dict[str, Any], summary: dict[str, Any]) -> list[Path]:

@@ -100,6 +100,7 @@ class RevealBenchConfig:
 
     def unlearn_config(self, forget: str | None, retain: str, validation: str, out: str, *, reveal: str | None = None,
                        **options):
+        from ..checks import check_unlearn
         from ..config import load_config
 
         values = {**self.unlearn, "method": self.method, "forget": forget, "retain": retain, "validation": validation,
@@ -107,7 +108,7 @@ class RevealBenchConfig:
         if reveal is not None:
             values.update({f"reveal_{k}": v for k, v in self.reveal.items()}, reveal=reveal, strategy="orthogonal")
         try:
-            return load_config(None, values).validate()
+            return check_unlearn(load_config(None, values))
         except ConfigError as err:
             raise ConfigError(f"unlearn/reveal options: {err}") from None
 
@@ -354,9 +355,7 @@ def run_reveal_bench(cfg: RevealBenchConfig, out: str | Path, *, progress: bool 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .base import add_common_arguments
 
-    parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M on 2 CPU cores), paper (a GPU) or a "
-                                                        "YAML file [default: cpu]")
-    add_common_arguments(parser, "reveal", "planted models")
+    add_common_arguments(parser, "reveal", "planted models", "cpu (SmolLM2-135M on 2 CPU cores), paper (a GPU)")
     return parser
 
 

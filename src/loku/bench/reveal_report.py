@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from .continual_report import _f, header_lines
-from .verdicts import verdict_lines, verdicts
+from .base import header_lines
+from .continual_report import _f
+from .verdicts import verdict_lines
 
 __all__ = ["queries_to_reach", "write_outputs"]
 
@@ -43,37 +43,26 @@ def summarise_coverage(curves: dict[str, list[list[float]]]) -> dict[str, Any]:
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
                   seconds: float | None = None) -> dict[str, Any]:
-    from ..provenance import jsonable, library_versions
-    from ..save import atomic_write_json, atomic_write_text
-    from .base import machine, read_json
+    from .base import read_json, write_results
 
     shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
     arms = {a: read_json(out / "arms" / f"{a}.json") for a in ARMS if (out / "arms" / f"{a}.json").is_file()}
-    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
-               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
-               "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed, "coverage": cfg.coverage["seeds"]},
-               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
-               "planting": shared.get("planting", {}).get("measurements"), "original": shared.get("original"),
-               "planted": shared.get("planted"), "arms": arms, "missing": [a for a in ARMS if a not in arms],
-               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
+    fields = {"planting": shared.get("planting", {}).get("measurements"), "original": shared.get("original"),
+              "planted": shared.get("planted"), "arms": arms, "missing": [a for a in ARMS if a not in arms]}
     if "coverage" in arms:
-        summary["coverage"] = summarise_coverage(arms["coverage"]["curves"])
-    summary["plots"] = []
-    if arms and shared.get("original"):
-        try:
-            path = plot_reveal(summary, out / "plots" / "reveal.png")
-            summary["plots"] = [str(path.relative_to(out))]
-        except ImportError:  # matplotlib missing: the numbers are all in results.json
-            pass
-    summary["verdicts"] = verdicts("reveal", summary)
-    atomic_write_json(out / "results.json", jsonable(summary))
-    atomic_write_text(out / "results.md", render_markdown(summary))
-    return summary
+        fields["coverage"] = summarise_coverage(arms["coverage"]["curves"])
+
+    def plot(summary: dict[str, Any]) -> list[Path]:
+        return [plot_reveal(summary, out / "plots" / "reveal.png")] if arms and shared.get("original") else []
+
+    return write_results(out, "reveal", cfg, record, command=command, seconds=seconds,
+                         seeds={"bench": cfg.seed, "planting": cfg.planting.seed, "coverage": cfg.coverage["seeds"]},
+                         fields=fields, plot=plot, render=render_markdown)
 
 
 def plot_reveal(summary: dict[str, Any], path: Path) -> Path:
     """Coverage of the hidden text against queries per selector; MA / EL_10 of the real text per arm."""
-    from ..plots import _pyplot, _save_png
+    from ..plots import _pyplot, save_figure
 
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -97,9 +86,7 @@ def plot_reveal(summary: dict[str, Any], path: Path) -> Path:
     right.legend(fontsize=7)
     fig.suptitle(f"{summary['config']['model']}: unlearning from self-generated data")
     path.parent.mkdir(parents=True, exist_ok=True)
-    saved = _save_png(fig, path)
-    plt.close(fig)
-    return saved
+    return save_figure(fig, path)
 
 
 def _score_row(name: str, what: str, epochs: Any, s: dict[str, Any] | None, original: dict[str, Any]) -> str:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-from .verdicts import verdict_lines, verdicts
+from .verdicts import verdict_lines
 
 __all__ = ["METRICS", "aggregate", "collect", "render_markdown", "row_metrics", "write_outputs"]
 
@@ -382,9 +381,7 @@ def _openunlearning_section(result: dict[str, Any]) -> list[str]:
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
                   seconds: float | None = None) -> dict[str, Any]:
     """results.json, results.md and the plots of everything finished in ``out``."""
-    from ..provenance import jsonable, library_versions
-    from ..save import atomic_write_json, atomic_write_text
-    from .base import machine, slug
+    from .base import slug, write_results
 
     collected = collect(out)
     models = {name: summarise_model(entry) for name, entry in collected.items()}
@@ -393,22 +390,15 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
         for split in cfg.splits:
             runs = _get(collected, model, "splits", split, "runs") or {}
             missing += [[model, split, m] for m in cfg.methods if m not in runs]
-    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
-               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
-               "seeds": {"bench": cfg.seed, "planting": cfg.planting.seed, "relearn": cfg.relearn.seed},
-               "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds, "models": models,
-               "missing": missing, "runs": {m: e["splits"] for m, e in collected.items()},
-               "invocations": _read(out / "invocations.json") if (out / "invocations.json").is_file() else []}
-    plots: list[str] = []
-    try:
+
+    def plot(summary: dict[str, Any]) -> list[Path]:
         from .plots import plot_model
 
-        for name, entry in collected.items():
-            plots += plot_model(out / "plots", slug(name) if len(collected) > 1 else "", name, entry, models[name])
-    except ImportError:  # matplotlib missing: the numbers are all in results.json
-        pass
-    summary["plots"] = [str(Path(p).relative_to(out)) for p in plots]
-    summary["verdicts"] = verdicts("tdec", summary)
-    atomic_write_json(out / "results.json", jsonable(summary))
-    atomic_write_text(out / "results.md", render_markdown(summary))
-    return summary
+        return [path for name, entry in collected.items()
+                for path in plot_model(out / "plots", slug(name) if len(collected) > 1 else "", name, entry,
+                                       models[name])]
+
+    fields = {"models": models, "missing": missing, "runs": {m: e["splits"] for m, e in collected.items()}}
+    return write_results(out, "tdec", cfg, record, command=command, seconds=seconds,
+                         seeds={"bench": cfg.seed, "planting": cfg.planting.seed, "relearn": cfg.relearn.seed},
+                         fields=fields, plot=plot, render=render_markdown)

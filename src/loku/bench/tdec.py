@@ -164,8 +164,10 @@ class BenchConfig:
         if self.sizes.n_forget < 2:
             raise ConfigError("sizes.n_forget must be at least 2 (the relearning check trains on one half and "
                               "measures the other)")
+        from ..checks import check_unlearn
+
         for method in self.methods:
-            self.unlearn_config(method, "f.jsonl", "r.jsonl", "v.jsonl", "out").validate()
+            check_unlearn(self.unlearn_config(method, "f.jsonl", "r.jsonl", "v.jsonl", "out"))
         bad = sorted(set(self.method_options) - set(METHODS))
         if bad:
             raise ConfigError(f"method_options for unknown method(s) {', '.join(bad)}; choose from: "
@@ -292,28 +294,26 @@ def load_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any
 
 def downstream(model, tokenizer, texts: dict[str, list[str]], cfg: BenchConfig) -> dict[str, Any]:
     """Pile / WikiText perplexity, LAMBADA, PubMedQA and dialogue F1 (the configured subsets) and their seconds."""
+    from ..evaluate import run_suites
     from ..metrics.perplexity import perplexity
 
     started = time.time()
-    ev, root = cfg.evals, cfg.data_root() / "tdec" / "eval"
-    out: dict[str, Any] = {}
-    for key in ("ppl_pile", "ppl_wiki"):
-        out[key] = perplexity(model, tokenizer, texts[key], batch_size=ev.batch_size)["ppl"]
-    if ev.lambada:
-        from ..metrics.reasoning import evaluate_lambada
-
-        out["lambada"] = evaluate_lambada(model, tokenizer, root / "lambada.csv", limit=ev.lambada,
-                                          batch_size=ev.batch_size)["accuracy"]
-    if ev.pubmedqa:
-        from ..metrics.reasoning import evaluate_pubmedqa
-
-        out["pubmedqa"] = evaluate_pubmedqa(model, tokenizer, root / "pubmed_qa.csv", limit=ev.pubmedqa,
-                                            batch_size=ev.batch_size)["accuracy"]
-    if ev.dialogue:
-        from ..metrics.dialogue import evaluate_dialogue_sets
-
-        out["dialogue_f1"] = evaluate_dialogue_sets(model, tokenizer, cfg.data_root(), limit=ev.dialogue,
-                                                    batch_size=ev.batch_size)["mean_f1"]
+    ev = cfg.evals
+    # perplexity on the bench's own excerpts (data.ROWS: apart from every other role), not the ppl suite's sets
+    out: dict[str, Any] = {key: perplexity(model, tokenizer, texts[key], batch_size=ev.batch_size)["ppl"]
+                           for key in ("ppl_pile", "ppl_wiki")}
+    limits = {"lambada": ev.lambada or 0, "pubmedqa": ev.pubmedqa or 0, "dialogue": ev.dialogue or 0}
+    suites = [suite for suite, sets in (("reasoning", ("lambada", "pubmedqa")), ("dialogue", ("dialogue",)))
+              if any(limits[name] for name in sets)]
+    if suites:
+        scores = run_suites(model, tokenizer, suites, data_dir=cfg.data_root(), batch_size=ev.batch_size,
+                            seed=cfg.seed, set_limits=limits)["suites"]
+        for key, suite, name, metric in (("lambada", "reasoning", "lambada", "accuracy"),
+                                         ("pubmedqa", "reasoning", "pubmedqa", "accuracy"),
+                                         ("dialogue_f1", "dialogue", "mean_f1", None)):
+            if name in scores.get(suite, {}):
+                value = scores[suite][name]
+                out[key] = value if metric is None else value[metric]
     out["seconds"] = time.time() - started
     return out
 

@@ -94,8 +94,10 @@ class TofuBenchConfig:
                               f"{', '.join(METHODS)}")
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        from ..checks import check_unlearn
+
         for method in self.methods:
-            self.unlearn_config(method, self.ranks[0], "f.jsonl", "r.jsonl", "out").validate()
+            check_unlearn(self.unlearn_config(method, self.ranks[0], "f.jsonl", "r.jsonl", "out"))
         self.finetune_config("t.jsonl", "out").validate()
         return self
 
@@ -394,12 +396,11 @@ def _task(cfg: TofuBenchConfig, out: str, split: str, method: str, rank: int | N
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .base import add_common_arguments
 
-    parser.add_argument("--config", default="cpu", help="cpu (SmolLM2-135M, a TOFU subset, 2 CPU cores), paper "
-                                                        "(Phi-1.5 / Llama-2-7B, full TOFU, a GPU) or a YAML file")
+    add_common_arguments(parser, "tofu", "target and reference models",
+                         "cpu (SmolLM2-135M, a TOFU subset, 2 CPU cores), paper (Phi-1.5 / Llama-2-7B, full TOFU, a GPU)")
     parser.add_argument("--methods", default=None, help="methods, comma-separated")
     parser.add_argument("--ranks", default=None, help="LoRA ranks, comma-separated (e.g. 4,8,16,32)")
     parser.add_argument("--forget-splits", dest="forget_splits", default=None, help="forget01,forget05,forget10")
-    add_common_arguments(parser, "tofu", "target and reference models")
     return parser
 
 

@@ -1,12 +1,11 @@
 """results.json, results.md and plots/figure5.png of a `loku bench tofu` folder."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from .continual_report import header_lines
-from .verdicts import verdict_lines, verdicts
+from .base import header_lines
+from .verdicts import verdict_lines
 
 __all__ = ["write_outputs"]
 
@@ -20,9 +19,7 @@ def _trajectory(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
                   seconds: float | None = None) -> dict[str, Any]:
-    from ..provenance import jsonable, library_versions
-    from ..save import atomic_write_json, atomic_write_text
-    from .base import machine, read_json
+    from .base import read_json, write_results
 
     shared = read_json(out / "shared.json") if (out / "shared.json").is_file() else {}
     runs, missing = {}, []
@@ -38,27 +35,16 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
             "method": method, "rank": rank, "trainable_share": entry["trainable_share"], "trajectory": trajectory,
             "best_forget_quality": max(qualities), "reached_target": max(qualities) >= QUALITY_TARGET,
             "final": trajectory[-1], "seconds": entry["seconds"]})
-    summary = {"command": command, "machine": machine(), "versions": library_versions(), "config": cfg.to_dict(),
-               "identity_sha256": record.get("identity_sha256"), "data_sha256": record["identity"]["data"],
-               "seeds": {"bench": cfg.seed}, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": seconds,
-               "target": {s: _point(shared.get(f"target/{s}")) for s in cfg.forget_splits},
-               "reference": {s: _point(shared.get(f"reference/{s}")) for s in cfg.forget_splits},
-               "reference_seed_quality": {s: _get_quality(shared.get(f"reference_seed_quality/{s}"))
-                                          for s in cfg.forget_splits},
-               "finetune": {"target": shared.get("target_finetune"),
-                            "reference": {s: shared.get(f"reference_finetune/{s}") for s in cfg.forget_splits}},
-               "runs": runs, "missing": missing,
-               "invocations": read_json(out / "invocations.json") if (out / "invocations.json").is_file() else []}
-    summary["plots"] = []
-    if runs:
-        try:
-            summary["plots"] = [str(p.relative_to(out)) for p in plot_figure5(summary, out / "plots")]
-        except ImportError:  # matplotlib missing: the numbers are all in results.json
-            pass
-    summary["verdicts"] = verdicts("tofu", summary)
-    atomic_write_json(out / "results.json", jsonable(summary))
-    atomic_write_text(out / "results.md", render_markdown(summary))
-    return summary
+    fields = {"target": {s: _point(shared.get(f"target/{s}")) for s in cfg.forget_splits},
+              "reference": {s: _point(shared.get(f"reference/{s}")) for s in cfg.forget_splits},
+              "reference_seed_quality": {s: _get_quality(shared.get(f"reference_seed_quality/{s}"))
+                                         for s in cfg.forget_splits},
+              "finetune": {"target": shared.get("target_finetune"),
+                           "reference": {s: shared.get(f"reference_finetune/{s}") for s in cfg.forget_splits}},
+              "runs": runs, "missing": missing}
+    return write_results(out, "tofu", cfg, record, command=command, seconds=seconds, seeds={"bench": cfg.seed},
+                         fields=fields, plot=lambda summary: plot_figure5(summary, out / "plots") if runs else [],
+                         render=render_markdown)
 
 
 def _point(scores: dict | None) -> dict[str, Any] | None:
@@ -70,7 +56,7 @@ def _point(scores: dict | None) -> dict[str, Any] | None:
 def plot_figure5(summary: dict[str, Any], folder: Path) -> list[Path]:
     """The paper's Figure 5: model utility (x) against forget quality (y, log), one trajectory per method
     (epochs 1..E), one panel per LoRA rank plus one for full fine-tuning; the target model as a cross."""
-    from ..plots import _pyplot, _save_png
+    from ..plots import _pyplot, save_figure
 
     plt = _pyplot()
     paths = []
@@ -96,8 +82,7 @@ def plot_figure5(summary: dict[str, Any], folder: Path) -> list[Path]:
         axes[0][0].set_ylabel("forget quality")
         fig.suptitle(f"TOFU {split}")
         folder.mkdir(parents=True, exist_ok=True)
-        paths.append(_save_png(fig, folder / ("figure5.png" if len(summary["runs"]) == 1 else f"figure5-{split}.png")))
-        plt.close(fig)
+        paths.append(save_figure(fig, folder / ("figure5.png" if len(summary["runs"]) == 1 else f"figure5-{split}.png")))
     return paths
 
 

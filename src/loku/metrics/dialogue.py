@@ -38,7 +38,6 @@ __all__ = [
     "cut_reply",
     "dialogue_prompt",
     "evaluate_dialogue",
-    "evaluate_dialogue_sets",
     "load_dialogues",
     "normalize_answer",
     "tidy_turn",
@@ -162,25 +161,3 @@ def evaluate_dialogue(
     if return_samples:
         result["samples"] = [{"reference": ref, "reply": r, "f1": s} for r, (_, ref), s in zip(replies, pairs, scores)]
     return result
-
-
-def evaluate_dialogue_sets(
-    model: Any,
-    tokenizer: Any,
-    data_dir: str | Path,
-    *,
-    names: Sequence[str] = DIALOGUE_SETS,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    progress: bool = False,
-) -> dict[str, dict]:
-    """:func:`evaluate_dialogue` on each named set under ``data_dir/tdec/eval``, plus their mean F1."""
-    results: dict[str, Any] = {}
-    for name in names:
-        path = Path(data_dir) / "tdec" / "eval" / f"{name}.json"
-        results[name] = evaluate_dialogue(model, tokenizer, path, limit=limit, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens, progress=progress)
-    if results:
-        results["mean_f1"] = sum(r["f1"] for r in results.values()) / len(results)
-    return results

@@ -15,6 +15,7 @@ from .. import data as data_mod
 from .. import measure
 from ..checkpoint import RESUME_MAY_CHANGE, STATE, checkpoint_dir, read_state
 from ..checkpoint import discard as discard_checkpoint
+from ..checks import check_unlearn
 from ..config import UnlearnConfig, check_forget_files_distinct
 from ..errors import ConfigError, ModelError
 from ..save import atomic_dir, atomic_write_json
@@ -62,7 +63,7 @@ def check_requests(configs: Sequence[UnlearnConfig], earlier: Sequence[str] = ()
             raise ConfigError(f"a request has one --forget file, got {c.forget!r}")
     check_forget_files_distinct([*earlier, *(c.forget for c in configs)])
     for c in configs:
-        c.validate()
+        check_unlearn(c)
         if c.method_spec().full_weights:
             raise ConfigError(f"method {c.method} trains every weight; a sequence of requests keeps each request as "
                               "a LoRA adapter: use a LoRA method (lora-ihl, fila-ihl, ...)")
