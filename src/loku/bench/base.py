@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import yaml
 
@@ -110,6 +110,29 @@ def config_values(name_or_path: str | None, bench: str, overrides: dict[str, Any
 
 def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class BenchSettings:
+    """What every bench configuration (a dataclass with ``name``, ``data_dir`` and ``cache_dir``) shares: where
+    its data is, its record as JSON and its identity: the record without the name, the folders and the
+    fields a bench folder may grow by (``GROWS``: more methods, splits, variants), which every result in one
+    folder must share."""
+
+    GROWS: ClassVar[tuple[str, ...]] = ()
+
+    def data_root(self) -> Path:
+        from ..provenance import default_data_dir
+
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def identity(self) -> dict[str, Any]:
+        values = self.to_dict()
+        for name in ("name", "data_dir", "cache_dir", *self.GROWS):
+            values.pop(name)
+        return values
 
 
 def read_json(path: Path) -> Any:

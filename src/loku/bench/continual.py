@@ -34,7 +34,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, DataError
 from .data import Sizes, bench_texts, clip_texts, forget_file, write_jsonl
 from .planting import PlantingRecipe
-from .base import Store, config_values, existing_folder, read_json, section
+from .base import BenchSettings, Store, config_values, existing_folder, read_json, section
 from .tdec import EvalSubsets, downstream
 
 __all__ = ["ContinualConfig", "gated_scores", "load_continual_config", "run", "run_continual"]
@@ -50,7 +50,9 @@ SMOKE: dict[str, Any] = {
 
 
 @dataclass
-class ContinualConfig:
+class ContinualConfig(BenchSettings):
+    GROWS = ("variants",)  # variants may be added to a folder; each records its own options
+
     name: str = "custom"
     model: str = "smollm2-135m"
     split: str = "0"  # the requests' rows come from lm_extraction_{pool}_{split}.csv
@@ -78,11 +80,6 @@ class ContinualConfig:
         for name in self.variants:
             self.request_config(name, "f.jsonl", "r.jsonl", "v.jsonl", "out")
         return self
-
-    def data_root(self) -> Path:
-        from ..provenance import default_data_dir
-
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
 
     def check_data(self) -> dict[str, str]:
         from ..data import read_texts
@@ -115,19 +112,6 @@ class ContinualConfig:
             return check_unlearn(load_config(None, values))
         except ConfigError as err:
             raise ConfigError(f"variant {variant}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("sizes", "planting", "evals"):
-            out[name] = dataclasses.asdict(out[name])
-        return json.loads(json.dumps(out))
-
-    def identity(self) -> dict[str, Any]:
-        """What every variant in a folder shares (variants may be added; each records its own options)."""
-        values = self.to_dict()
-        for name in ("name", "variants", "data_dir", "cache_dir"):
-            values.pop(name)
-        return values
 
 
 def load_continual_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,

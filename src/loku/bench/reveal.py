@@ -32,7 +32,7 @@ from typing import Any, Callable
 from ..errors import ConfigError
 from .data import Sizes, bench_texts, forget_file, role_texts, write_jsonl
 from .planting import PlantingRecipe
-from .base import Store, config_values, existing_folder, read_json, section
+from .base import BenchSettings, Store, config_values, existing_folder, read_json, section
 from .reveal_report import ARMS
 
 __all__ = ["ARMS", "RevealBenchConfig", "load_reveal_config", "run", "run_reveal_bench"]
@@ -51,7 +51,7 @@ SMOKE: dict[str, Any] = {
 
 
 @dataclass
-class RevealBenchConfig:
+class RevealBenchConfig(BenchSettings):
     name: str = "custom"
     model: str = "smollm2-135m"
     split: str = "0"
@@ -85,11 +85,6 @@ class RevealBenchConfig:
         self.unlearn_config(None, "r.jsonl", "v.jsonl", "out", reveal=__file__)  # any existing file stands for the request
         return self
 
-    def data_root(self) -> Path:
-        from ..provenance import default_data_dir
-
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
-
     def check_data(self) -> dict[str, str]:
         from ..provenance import file_sha256
 
@@ -111,18 +106,6 @@ class RevealBenchConfig:
             return check_unlearn(load_config(None, values))
         except ConfigError as err:
             raise ConfigError(f"unlearn/reveal options: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("sizes", "planting"):
-            out[name] = dataclasses.asdict(out[name])
-        return json.loads(json.dumps(out))
-
-    def identity(self) -> dict[str, Any]:
-        values = self.to_dict()
-        for name in ("name", "data_dir", "cache_dir"):
-            values.pop(name)
-        return values
 
 
 def load_reveal_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,

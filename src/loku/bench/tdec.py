@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -45,7 +44,8 @@ from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
 from . import jobs as jobs_mod
-from .base import Store, check_known, config_values, existing_folder, free_memory, read_json, section, slug
+from .base import (BenchSettings, Store, check_known, config_values, existing_folder,
+                   free_memory, read_json, section, slug)
 from .data import HELDOUT_SOURCES, ROWS, Sizes, forget_file
 from .planting import PlantingRecipe
 
@@ -85,8 +85,12 @@ class ReferenceOptions:
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(BenchSettings):
     """One benchmark configuration; ``models``, ``splits`` and ``methods`` may grow in an existing folder."""
+
+    # The attack settings change no unlearning, only the attack numbers, which each run records with its
+    # settings (attacks.*.settings): a folder made before the attacks were measured stays readable.
+    GROWS = ("models", "splits", "methods", "attacks")
 
     name: str = "custom"
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
@@ -174,11 +178,6 @@ class BenchConfig:
                               f"{', '.join(METHODS)}")
         return self
 
-    def data_root(self) -> Path:
-        from ..provenance import default_data_dir
-
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
-
     def check_data(self) -> dict[str, str]:
         """Every file the bench reads exists (before any model is loaded); returns {path: sha256}."""
         from ..provenance import file_sha256
@@ -230,28 +229,6 @@ class BenchConfig:
             return load_config(None, values)
         except ConfigError as err:
             raise ConfigError(f"unlearn options of method {method}: {err}") from None
-
-    # ------------------------------------------------------------------ records
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("sizes", "planting", "evals", "reference"):
-            out[name] = dataclasses.asdict(out[name])
-        out["relearn"] = self.relearn.to_dict()
-        out["attacks"] = self.attacks.to_dict()
-        return json.loads(json.dumps(out))
-
-    def identity(self) -> dict[str, Any]:
-        """What every result in a bench folder must share (models, splits and methods may be added).
-
-        The attack settings are not part of it: they change no unlearning, only the attack numbers, which
-        each run records with its settings (``attacks.*.settings``); so a folder made before the attacks
-        were measured stays readable, its earlier runs without attack numbers."""
-        values = self.to_dict()
-        for name in ("name", "models", "splits", "methods", "data_dir", "cache_dir", "attacks"):
-            values.pop(name)
-        values["method_options"] = {m: o for m, o in values["method_options"].items()}
-        return values
 
 
 # --------------------------------------------------------------------------- loading

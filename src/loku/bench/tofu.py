@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError
-from .base import Store, config_values, existing_folder, read_json
+from .base import BenchSettings, Store, config_values, existing_folder, read_json
 
 __all__ = ["TofuBenchConfig", "author_rows", "load_tofu_bench_config", "run", "run_tofu_bench"]
 
@@ -62,7 +62,9 @@ class TofuEvals:
 
 
 @dataclass
-class TofuBenchConfig:
+class TofuBenchConfig(BenchSettings):
+    GROWS = ("methods", "ranks", "forget_splits")  # may be added to a folder
+
     name: str = "custom"
     model: str = "smollm2-135m"
     retain_authors: int = 8
@@ -100,11 +102,6 @@ class TofuBenchConfig:
             check_unlearn(self.unlearn_config(method, self.ranks[0], "f.jsonl", "r.jsonl", "out"))
         self.finetune_config("t.jsonl", "out").validate()
         return self
-
-    def data_root(self) -> Path:
-        from ..provenance import default_data_dir
-
-        return Path(self.data_dir) if self.data_dir else default_data_dir()
 
     def check_data(self) -> dict[str, str]:
         from ..provenance import file_sha256
@@ -151,17 +148,6 @@ class TofuBenchConfig:
 
         return FinetuneConfig(**{"epochs": 5, "lr": 1e-5, **self.finetune, "model": self.model, "data": [data],
                                  "out": out, "template": self.template, "seed": self.seed, "progress": False})
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["evals"] = dataclasses.asdict(self.evals)
-        return json.loads(json.dumps(out))
-
-    def identity(self) -> dict[str, Any]:
-        values = self.to_dict()
-        for name in ("name", "methods", "ranks", "forget_splits", "data_dir", "cache_dir"):
-            values.pop(name)
-        return values
 
 
 def load_tofu_bench_config(name_or_path: str | None = "cpu", overrides: dict[str, Any] | None = None, *,
