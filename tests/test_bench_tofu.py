@@ -39,6 +39,7 @@ def tofu_env(tmp_path_factory):
                                "perturbed_answer": [_words(rng, 5) for _ in range(2)]} for r in rows]
     _write(tofu / "forget01_perturbed.jsonl", perturbed(full[3960:]))
     _write(tofu / "retain_perturbed.jsonl", perturbed(full[:400]))
+    _write(tofu / "holdout01.jsonl", [_qa(rng) for _ in range(40)])  # authors outside full.jsonl
     for name in ("real_authors_perturbed", "world_facts_perturbed"):
         _write(tofu / f"{name}.jsonl", [{k: v for k, v in _qa(rng, True).items() if k != "paraphrased_answer"}
                                         for _ in range(6)])
@@ -98,7 +99,35 @@ def test_smoke_tofu_bench_end_to_end(tofu_env, tmp_path, monkeypatch):
     assert run_tofu_bench(_cfg(tofu_env), out, progress=False)["missing"] == []
 
 
+def test_tofu_runs_stop_at_the_held_out_level_and_report_the_kept_state(tofu_env, tmp_path):
+    """§12 on TOFU: with held_out, each run stops by the two-sided rule with TOFU's held-out authors as its
+    validation set, and its final point is the state the rule kept, scored once more."""
+    cfg = _cfg(tofu_env, methods=["fila-ihl"], held_out="holdout01",
+               unlearn={"stop_rule": "two-sided", "check_every": 1, "max_epochs": 3})
+    out = tmp_path / "tofu-stopped"
+    summary = run_tofu_bench(cfg, out, progress=False, command=["loku", "bench", "tofu", "--smoke"])
+    entry = json.loads((out / "forget01" / "fila-ihl-r2.json").read_text())
+    assert entry["unlearn_config"]["validation"] == str(out / "data" / "holdout01.jsonl")
+    stop = entry["final"]["stop"]
+    assert stop["rule"] == "two-sided" and stop["checks"] == sum(len(e["checks"]) for e in entry["epochs"])
+    checks = [c for e in entry["epochs"] for c in e["checks"]]
+    assert stop["chosen"] == min(checks, key=lambda c: c["distance"])  # the closest check is the state kept
+    # The kept state was scored: its forget MA (the trainer's "after") is the chosen check's.
+    assert entry["final"]["after"]["forget_ma"] == pytest.approx(stop["chosen"]["forget_ma"], abs=1e-6)
+    run = summary["runs"]["forget01"][0]
+    assert run["final"]["forget_quality"] == entry["final"]["tofu"]["forget_quality"]
+    assert run["final"]["step"] == stop["chosen"]["step"]
+    assert summary["verdicts"]["forget01"]["fila-ihl r2"]["forget_quality"]["value"] == run["final"]["forget_quality"]
+    assert "Stopped by the two-sided rule on holdout01" in (out / "results.md").read_text()
+    # Folders made before held_out existed keep their identity.
+    assert "held_out" not in _cfg(tofu_env).identity() and cfg.identity()["held_out"] == "holdout01"
+
+
 def test_bad_tofu_bench_input(tofu_env, tmp_path):
+    with pytest.raises(ConfigError, match="held_out"):
+        _cfg(tofu_env, unlearn={"stop_rule": "two-sided"}).validate()
+    with pytest.raises(ConfigError, match="held_out: choose from"):
+        _cfg(tofu_env, held_out="forget01").validate()
     with pytest.raises(ConfigError, match="forget_splits"):
         _cfg(tofu_env, forget_splits="forget99").validate()
     with pytest.raises(ConfigError, match="unknown method"):

@@ -16,7 +16,10 @@ keyed by the base model's fingerprint, the data and the recipe):
 
 Then every method (LoRA methods at every rank of ``ranks``, full fine-tuning methods once) unlearns
 each forget split from the target for ``unlearn.max_epochs`` epochs (TOFU's 5; no stop rule: TOFU
-reports every epoch), the retain set being the retain authors' QA. After every epoch the model is
+reports every epoch), the retain set being the retain authors' QA. With ``held_out`` (holdout01/05/10:
+TOFU's questions on authors that no model here was trained on) the runs stop by ``unlearn.stop_rule``
+instead, that split as their validation set (docs/algorithms.md §12: the two-sided rule stops at the
+held-out level); the state the rule keeps is scored once more as the run's final point. After every epoch the model is
 scored on the forget split (TOFU's truth ratio -> forget quality against the reference) and on the
 utility splits (retain authors, real authors, world facts: Prob, ROUGE-L recall, truth ratio ->
 model utility), subsets as configured. Results: OUT/results.json, results.md, plots/figure5.png
@@ -41,6 +44,7 @@ __all__ = ["TofuBenchConfig", "author_rows", "load_tofu_bench_config", "run", "r
 
 AUTHOR_ITEMS = 20  # TOFU: 20 questions per author, authors in order in full.jsonl
 FORGET_AUTHORS = {"forget01": 2, "forget05": 10, "forget10": 20}
+HELD_OUT_SPLITS = ("holdout01", "holdout05", "holdout10")  # TOFU: questions on authors outside full.jsonl
 SMOKE: dict[str, Any] = {
     "retain_authors": 2, "forget_splits": ["forget01"], "ranks": [2], "methods": ["lora-gd", "fila-ihl", "full-ga"],
     "finetune": {"epochs": 2, "lr": 1e-2, "batch_size": 4, "max_length": 32},
@@ -78,6 +82,7 @@ class TofuBenchConfig(BenchSettings):
     unlearn: dict[str, Any] = field(default_factory=dict)  # loku unlearn options of every run
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     evals: TofuEvals = field(default_factory=TofuEvals)
+    held_out: str | None = None  # holdout01/05/10: the validation set of a stop rule; None: TOFU's fixed epochs
     data_dir: str | None = None
     cache_dir: str | None = None
 
@@ -96,6 +101,14 @@ class TofuBenchConfig(BenchSettings):
                               f"{', '.join(METHODS)}")
         if not self.ranks or any(not isinstance(r, int) or r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be positive integers, got {self.ranks!r}")
+        if self.held_out is not None and self.held_out not in HELD_OUT_SPLITS:
+            raise ConfigError(f"held_out: choose from {', '.join(HELD_OUT_SPLITS)} (TOFU's questions on authors "
+                              f"never trained on), or leave it out for TOFU's fixed epochs; got {self.held_out!r}")
+        stop_options = sorted({k for opts in (self.unlearn, *self.method_options.values()) for k in opts
+                               if k in ("stop_rule", "check_every", "stop_interval")})
+        if stop_options and self.held_out is None:
+            raise ConfigError(f"{', '.join(stop_options)}: TOFU runs a fixed number of epochs unless it has a "
+                              "held-out set to stop at; add held_out: holdout01 (or drop the stop options)")
         from ..checks import check_unlearn
 
         for method in self.methods:
@@ -108,12 +121,18 @@ class TofuBenchConfig(BenchSettings):
 
         folder = existing_folder(self.data_root()) / "tofu"
         names = ["full", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed",
-                 *(f"{s}_perturbed" for s in self.forget_splits)]
+                 *(f"{s}_perturbed" for s in self.forget_splits), *([self.held_out] if self.held_out else [])]
         missing = [n for n in names if not (folder / f"{n}.jsonl").is_file()]
         if missing:
             raise DataError(f"{folder}/{missing[0]}.jsonl: TOFU file not found ({len(missing)} missing); pass "
                             "--data-dir pointing at the shared data folder")
         return {f"tofu/{n}.jsonl": file_sha256(folder / f"{n}.jsonl") for n in names}
+
+    def identity(self) -> dict[str, Any]:
+        values = super().identity()
+        if values["held_out"] is None:  # added later: folders made before it keep their identity
+            del values["held_out"]
+        return values
 
     def runs(self) -> list[tuple[str, str, int | None]]:
         """Every (forget split, method, rank) of the grid; full fine-tuning has no rank."""
@@ -128,14 +147,17 @@ class TofuBenchConfig(BenchSettings):
         return out / split / (f"{method}" + (f"-r{rank}" if rank is not None else "") + ".json")
 
     def unlearn_config(self, method: str, rank: int | None, forget: str, retain: str, out: str,
-                       model: str = "target"):
+                       model: str = "target", validation: str = "v.jsonl"):
         from ..config import load_config
 
         values = {**self.unlearn, **self.method_options.get(method, {}), "method": method, "forget": forget,
-                  "retain": retain, "out": out, "model": model, "seed": self.seed, "template": self.template,
-                  # TOFU runs a fixed number of epochs (run_one: unlearn(measure=False), no stop rule); given
-                  # thresholds only spare the held-out set it would need
-                  "ma_threshold": 0.0, "el_threshold": 0.0}
+                  "retain": retain, "out": out, "model": model, "seed": self.seed, "template": self.template}
+        if self.held_out is None:
+            # TOFU runs a fixed number of epochs (run_one: unlearn(measure=False), no stop rule); given
+            # thresholds only spare the held-out set it would need
+            values.update(ma_threshold=0.0, el_threshold=0.0)
+        else:
+            values["validation"] = validation
         if rank is not None:
             values.update(rank=rank, lora_alpha=2 * rank)
         try:
@@ -192,6 +214,7 @@ def author_rows(cfg: TofuBenchConfig) -> dict[str, Any]:
     evals = cfg.evals
     retain_eval = _rows(root, "retain_perturbed")[: min(cfg.retain_authors, 20) * AUTHOR_ITEMS]
     out = {"train": train, "retain": retain, "forget": forget,
+           "held_out": _rows(root, cfg.held_out) if cfg.held_out else None,
            "reference_train": {s: [r for r in train if r not in forget[s]] for s in cfg.forget_splits},
            "eval": {s: {"forget": _rows(root, f"{s}_perturbed")[: evals.forget],
                         "retain": retain_eval[: evals.retain],
@@ -270,7 +293,8 @@ def prepare(cfg: TofuBenchConfig, out: Path, say: Callable[[str], None]) -> dict
     data = out / "data"
     files = {"train": _write_qa(data / "train.jsonl", rows["train"]),
              "retain": _write_qa(data / "retain.jsonl", rows["retain"]),
-             "forget": {s: _write_qa(data / f"{s}.jsonl", rows["forget"][s]) for s in cfg.forget_splits}}
+             "forget": {s: _write_qa(data / f"{s}.jsonl", rows["forget"][s]) for s in cfg.forget_splits},
+             "held_out": _write_qa(data / f"{cfg.held_out}.jsonl", rows["held_out"]) if cfg.held_out else None}
     store = Store(out / "shared.json")
     target, target_log = finetuned(cfg, base, tokenizer, files["train"], "target", say)
     store.get("target_finetune", lambda: {k: target_log[k] for k in ("epochs", "items", "template", "seconds")})
@@ -305,7 +329,8 @@ def _second_reference_quality(cfg: TofuBenchConfig, base, tokenizer, data_file: 
 
 def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int | None, shared: dict[str, Any],
             say: Callable[[str], None], progress: bool = False) -> dict[str, Any]:
-    """One (split, method, rank): unlearn for the configured epochs, TOFU's scores after each epoch."""
+    """One (split, method, rank): unlearn for the configured epochs (or until the stop rule ends it, with a
+    held-out set), TOFU's scores after each epoch and, for a stopped run, of the state the rule kept."""
     from ..checkpoint import STATE, checkpoint_dir
     from ..checkpoint import discard as discard_checkpoint
     from ..provenance import jsonable
@@ -317,31 +342,39 @@ def run_one(cfg: TofuBenchConfig, out: Path, split: str, method: str, rank: int 
         return read_json(result_path)
     run_out = result_path.with_suffix("")
     tag = run_out.name
-    ucfg = cfg.unlearn_config(method, rank, shared["files"]["forget"][split], shared["files"]["retain"], str(run_out))
+    ucfg = cfg.unlearn_config(method, rank, shared["files"]["forget"][split], shared["files"]["retain"], str(run_out),
+                              validation=shared["files"]["held_out"])
+    stopped = cfg.held_out is not None
     ucfg.progress, ucfg.overwrite = progress, False
     resume = (checkpoint_dir(run_out) / STATE).is_file()
     say(f"loku bench tofu: {split}, {tag}: {'resuming' if resume else 'unlearning'}")
     scores = Store(out / split / f"{tag}.epochs.json")
     started = time.time()
 
-    def score(record: dict[str, Any], trained) -> None:
+    def score(key: str, trained) -> dict[str, Any]:
         model = merged_copy(trained).eval()
-        scores.get(str(record["epoch"]), lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split],
-                                                             cfg, shared["references"][split]))
+        return scores.get(key, lambda: tofu_scores(model, shared["tokenizer"], shared["rows"]["eval"][split], cfg,
+                                                   shared["references"][split]))
 
-    # TOFU runs a fixed number of epochs and scores each itself: the stop rule's MA/EL would only cost time.
-    result = unlearn(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume, measure=False,
-                     on_epoch=score)
+    # Without a held-out set TOFU runs a fixed number of epochs and scores each itself: the stop rule's
+    # MA/EL would only cost time.
+    result = unlearn(ucfg, model=shared["target"], tokenizer=shared["tokenizer"], resume=resume, measure=stopped,
+                     on_epoch=lambda record, trained: score(str(record["epoch"]), trained))
     entry = {"split": split, "method": method, "rank": rank, "seed": ucfg.seed, "unlearn_config": ucfg.to_dict(),
              "trainable_share": result.report["trainable_share"],
-             "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in result.report["epochs"]],
-             "seconds": time.time() - started}
+             "epochs": [{**rec, "tofu": scores.data[str(rec["epoch"])]} for rec in result.report["epochs"]]}
+    if stopped:  # the rule may keep an earlier state than the last epoch's: that state is the run's result
+        entry["final"] = {"tofu": score("final", result.model), "outcome": result.report["outcome"],
+                          "stop": result.report.get("stop"), "after": result.report["after"],
+                          "epochs_run": len(result.report["epochs"])}
+    entry["seconds"] = time.time() - started
     atomic_write_json(result_path, jsonable(entry))
     discard_checkpoint(run_out)
     (out / split / f"{tag}.epochs.json").unlink(missing_ok=True)
-    last = entry["epochs"][-1]["tofu"]
+    last = (entry.get("final") or entry["epochs"][-1])["tofu"]
     say(f"loku bench tofu: {split}, {tag}: forget quality {last['forget_quality']:.3g}, model utility "
-        f"{last['model_utility']:.3f} after {len(entry['epochs'])} epochs")
+        f"{last['model_utility']:.3f} after {len(entry['epochs'])} epochs"
+        + (f" ({entry['final']['outcome']}: the state the stop rule kept)" if stopped else ""))
     return entry
 
 

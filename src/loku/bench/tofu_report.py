@@ -17,6 +17,17 @@ def _trajectory(entry: dict[str, Any]) -> list[dict[str, Any]]:
              "model_utility": e["tofu"]["model_utility"]} for e in entry["epochs"]]
 
 
+def _final(entry: dict[str, Any], trajectory: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's result: the state a stop rule kept (a run with a held-out set), else the last epoch's."""
+    if "final" not in entry:
+        return trajectory[-1]
+    final, chosen = entry["final"], (entry["final"].get("stop") or {}).get("chosen") or {}
+    return {"epoch": None, "forget_quality": final["tofu"]["forget_quality"],
+            "model_utility": final["tofu"]["model_utility"], "outcome": final["outcome"],
+            "verdict": (final.get("stop") or {}).get("verdict"), "step": chosen.get("step"),
+            "epochs_run": final["epochs_run"]}
+
+
 def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] | None = None,
                   seconds: float | None = None) -> dict[str, Any]:
     from .base import read_json, write_results
@@ -34,7 +45,7 @@ def write_outputs(out: Path, cfg, record: dict[str, Any], *, command: list[str] 
         runs.setdefault(split, []).append({
             "method": method, "rank": rank, "trainable_share": entry["trainable_share"], "trajectory": trajectory,
             "best_forget_quality": max(qualities), "reached_target": max(qualities) >= QUALITY_TARGET,
-            "final": trajectory[-1], "seconds": entry["seconds"]})
+            "final": _final(entry, trajectory), "seconds": entry["seconds"]})
     fields = {"target": {s: _point(shared.get(f"target/{s}")) for s in cfg.forget_splits},
               "reference": {s: _point(shared.get(f"reference/{s}")) for s in cfg.forget_splits},
               "reference_seed_quality": {s: _get_quality(shared.get(f"reference_seed_quality/{s}"))
@@ -72,6 +83,9 @@ def plot_figure5(summary: dict[str, Any], folder: Path) -> list[Path]:
                 xs = [t["model_utility"] for t in e["trajectory"]]
                 ys = [max(t["forget_quality"], 1e-30) for t in e["trajectory"]]
                 ax.plot(xs, ys, "-o", ms=3, color=colors[e["method"]], label=e["method"])
+                if e["final"].get("epoch") is None:  # the state a stop rule kept
+                    ax.plot([e["final"]["model_utility"]], [max(e["final"]["forget_quality"], 1e-30)], "*", ms=9,
+                            color=colors[e["method"]])
             if target and target["forget_quality"] is not None:
                 ax.plot([target["model_utility"]], [max(target["forget_quality"], 1e-30)], "kx", ms=8, label="target")
             ax.axhline(QUALITY_TARGET, color="grey", lw=0.8, ls="--")
@@ -127,6 +141,15 @@ def render_markdown(summary: dict[str, Any]) -> str:
         for e in ordered:
             lines.append(f"| {e['method']} | {e['rank'] or 'full'} | " + " | ".join(
                 f"{_f(t['forget_quality'], '.3g')} / {_f(t['model_utility'])}" for t in e["trajectory"]) + " |")
+        kept = [e for e in ordered if "step" in e["final"]]
+        if kept:
+            lines += ["", f"Stopped by the {cfg['unlearn'].get('stop_rule', 'paper')} rule on {cfg['held_out']} "
+                      "(the final point is the state the rule kept, scored once more):", "",
+                      "| method | rank | rule's verdict | step kept | epochs run | forget quality | model utility |",
+                      "|---|---:|---|---:|---:|---:|---:|"]
+            lines += [f"| {e['method']} | {e['rank'] or 'full'} | {e['final']['verdict'] or e['final']['outcome']} | "
+                      f"{_f(e['final']['step'], 'd')} | {e['final']['epochs_run']} | "
+                      f"{_f(e['final']['forget_quality'], '.3g')} | {_f(e['final']['model_utility'])} |" for e in kept]
         lines += ["", *verdict_lines("tofu", (summary.get("verdicts") or {}).get(split, {}),
                                      "### Against the targets (§12: the final point, not the best epoch)")]
     if summary["missing"]:
