@@ -39,7 +39,11 @@ def test_smoke_reveal_bench_end_to_end(bench_env, tmp_path, monkeypatch):  # noq
     assert all(a <= b for cs in curves.values() for c in cs for a, b in zip(c, c[1:]))  # coverage only grows
     md = (out / "results.md").read_text()
     assert "upper bound" in md and "lower bound" in md and (out / "plots" / "reveal.png").is_file()
-    assert set(summary["verdicts"]) == {"real-text", "self-generated", "random-text"}
+    assert set(summary["verdicts"]) == {"real-text", "self-generated", "self-generated-fragments", "random-text"}
+    # §9 with §12: the fragments arm's rounds are stopped by the two-sided rule on the request's fragments
+    fragment_rounds = [r for r in arms["self-generated-fragments"]["rounds"] if r["outcome"] is not None]
+    assert fragment_rounds and all(r["stop_verdict"] is not None for r in fragment_rounds)
+    assert all(r["stop_verdict"] is None for r in rounds if r["outcome"] is not None)  # the paper rule's rounds
     assert summary["verdicts"]["real-text"]["real_text_ma"]["value"] == arms["real-text"]["scores"]["ma"]
     assert "Against the targets" in md
     request = json.loads((out / "data" / "request.json").read_text())

@@ -178,7 +178,47 @@ def test_every_round_is_anchored_to_the_model_before_the_first(memorized, reques
     assert seen["parts"]["retain"] > 1e-3  # KL(before || after round 1) > 0; anchored to round 1's model it is ~0
 
 
+def test_rounds_stopped_on_the_requests_fragments_end_once_the_fragments_are_at_the_held_out_level(
+        memorized, request_file, tmp_path, monkeypatch):
+    """§9 with §12 (--reveal-stop-on fragments): each round's stop rule measures the request's fragments
+    against the validation set cut to their length, not the round's own generated texts; a round that
+    leaves them at the held-out level (or takes them past it) ends the loop, though rounds are left."""
+    import loku.reveal
+
+    model, tokenizer = load_model(str(memorized / "base"))
+    first = (memorized / "forget.txt").read_text().splitlines()  # round 1 reveals the whole request
+    new = texts_of(torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(11)))
+    monkeypatch.setattr(loku.reveal, "reveal", _scripted_reveal({1: first, 2: new, 3: new}, tokenizer))
+    cfg = config(memorized, request_file, tmp_path / "out", reveal_rounds=3, reveal_stop_on="fragments",
+                 method="lora-ga", stop_rule="two-sided", check_every=1, max_epochs=20)
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=lambda n: RevealSettings(seed=n),
+                                 say=lambda m: None)
+    assert len(release.rounds) == 1 and release.rounds[0]["request"] == "request-01"
+    verdict = release.rounds[0]["stop_verdict"]
+    assert verdict in ("at the held-out level", "overshoot") and "fragments" in release.stopped
+    run = release.requests.state["finished"][0]["run"]
+    fragments = json.loads(request_file.read_text())["fragments"]
+    assert run["data"]["stop_on"]["sequences"] == len(fragments) == 4  # measured: all 4 fragments, not 2 texts
+    ids = torch.tensor([tokenizer(f, add_special_tokens=False)["input_ids"] for f in fragments])
+    assert run["before"]["forget_ma"] == pytest.approx(float(memorization_accuracy(model, ids).double().mean()),
+                                                       abs=1e-6)
+
+    # The same rounds stopped on their own generated texts go on to round 2: the default is unchanged.
+    cfg = config(memorized, request_file, tmp_path / "own", reveal_rounds=2, method="lora-ga", stop_rule="two-sided",
+                 check_every=1, max_epochs=20)
+    release = reveal_and_release(cfg, model=model, tokenizer=tokenizer, settings=lambda n: RevealSettings(seed=n),
+                                 say=lambda m: None)
+    assert len(release.rounds) == 2
+
+
 def test_bad_reveal_options(memorized, request_file, tmp_path):
+    (tmp_path / "no-fragments.json").write_text(json.dumps({"description": "the text about w5"}))
+    with pytest.raises(ConfigError, match="has none; add fragments"):
+        reveal_and_release(config(memorized, tmp_path / "no-fragments.json", tmp_path / "o",
+                                  reveal_stop_on="fragments"), say=lambda m: None)
+    with pytest.raises(ConfigError, match="drop --stop-on"):
+        check_unlearn(config(memorized, request_file, tmp_path / "o", reveal_stop_on="fragments",
+                             stop_on=str(memorized / "forget.txt")))
     with pytest.raises(ConfigError, match="not both"):
         check_unlearn(config(memorized, request_file, tmp_path / "o", forget=str(memorized / "forget.txt")))
     with pytest.raises(ConfigError, match="request file not found"):

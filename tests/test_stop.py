@@ -200,3 +200,44 @@ def test_two_sided_sigkill_mid_epoch_then_resume_equals_uninterrupted(memorized,
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
     ra, rb = (json.loads((p / "report.json").read_text()) for p in (killed, straight))
     assert comparable(ra) == comparable(rb) and ra["stop"] == rb["stop"]
+
+
+def test_stop_on_measures_its_own_texts_against_validation_cut_to_their_length(memorized, tmp_path):
+    """§12 with --stop-on: the rule measures the given texts (here the forget texts' first 8 words, as a
+    request's fragments), and the held-out level is the validation set's first 8 tokens, not its whole
+    sequences: every check, the band and the "before" numbers are of those, measured again here."""
+    from loku import data as data_mod
+    from loku.models import load_model
+
+    fragments = tmp_path / "fragments.txt"
+    fragments.write_text("\n".join(" ".join(t.split()[:8]) for t in (memorized / "forget.txt").read_text().splitlines()))
+    cfg = config(memorized, tmp_path / "run", stop_on=str(fragments), max_epochs=2)
+    result = unlearn(cfg)
+    report = result.report
+    assert report["data"]["stop_on"]["sequences"] == 4 and report["data"]["forget"]["sequences"] == 4
+
+    model, tokenizer = load_model(str(memorized / "base"))
+    pad = tokenizer.pad_token_id
+
+    def batches(path, cut=None):
+        ids = data_mod.tokenize_set(tokenizer, data_mod.load_text_set(str(path), "x"), max_length=64).ids
+        return data_mod.make_batches([i[:cut] for i in ids], 8, pad)
+
+    frag_ma, _ = sequence_scores(model, batches(fragments))
+    held_ma, _ = sequence_scores(model, batches(memorized / "validation.txt", cut=8))
+    whole_ma, _ = sequence_scores(model, batches(memorized / "validation.txt"))
+    assert report["before"]["forget_ma"] == pytest.approx(float(frag_ma.double().mean()), abs=1e-6)
+    assert report["before"]["val_ma"] == pytest.approx(float(held_ma.double().mean()), abs=1e-6)
+    assert float(held_ma.mean()) != pytest.approx(float(whole_ma.mean()), abs=1e-3)  # the cut matters here
+    assert report["stop"]["bands"]["forget_ma"]["center"] == pytest.approx(float(held_ma.double().mean()), abs=1e-6)
+    frag_after, _ = sequence_scores(result.model, batches(fragments))
+    assert report["after"]["forget_ma"] == pytest.approx(float(frag_after.double().mean()), abs=1e-6)
+
+
+def test_stop_on_needs_a_validation_set(memorized, tmp_path):
+    from loku.checks import check_unlearn
+    from loku.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--stop-on .* --validation"):
+        check_unlearn(config(memorized, tmp_path / "o", stop_on=str(memorized / "forget.txt"), validation=None,
+                             stop_rule="paper", check_every=None, ma_threshold=0.1, el_threshold=0.1))

@@ -84,6 +84,11 @@ class UnlearnConfig:
         "range": ">= 1"})
     stop_interval: float = field(default=0.9, metadata={
         "help": "--stop-rule two-sided: the held-out band is this central bootstrap interval", "range": "(0, 1)"})
+    stop_on: str | None = field(default=None, metadata={
+        "help": "measure the stop rule on these texts instead of the forget set (the forget set's MA, EL and NLL "
+                "in the records are theirs), e.g. the fragments a request gives when the forget set is the model's "
+                "own text; the validation set is cut to their longest token length so both are measured alike "
+                "(docs/algorithms.md §12)"})
     fisher_mode: str = field(default="per_sample", metadata={
         "help": "per_sample (paper, default) or batch (official code)", "choices": ("per_sample", "batch")})
     fisher_eps: float = field(default=1e-5, metadata={
@@ -190,6 +195,11 @@ class UnlearnConfig:
                 "its n-grams in neither the request nor an earlier round's texts; a round that reveals nothing new "
                 "is not unlearned (it would push the earlier rounds' text down again) and counts towards "
                 "--reveal-patience", "range": "(0, 1]"})
+    reveal_stop_on: str = field(default="revealed", metadata={
+        "help": "--reveal: what each round's stop rule measures: revealed (its own generated texts) or fragments "
+                "(the request's fragments, against the validation set cut to their length: the rounds end once "
+                "a round leaves the fragments at the held-out level; docs/algorithms.md §9, §12)",
+        "choices": ("revealed", "fragments")})
 
     def __post_init__(self) -> None:
         # One --forget (the flag appends) is the single run it always was: the field holds a path.
@@ -239,6 +249,9 @@ class UnlearnConfig:
         if self.gate_fpr is not None and not self.validation:
             raise ConfigError("--gate-fpr calibrates the gate on held-out text: pass --validation FILE")
         check_validation_apart(self)
+        if self.stop_on is not None and not self.validation:
+            raise ConfigError(f"--stop-on {self.stop_on} is measured against the held-out level: pass --validation "
+                              "FILE (cut to the --stop-on texts' length)")
         return self
 
     def _validate_reveal(self) -> "UnlearnConfig":
@@ -251,12 +264,19 @@ class UnlearnConfig:
         if self.gate_fpr is not None:
             raise ConfigError("--gate-fpr is not supported with --reveal (the rounds' forget sets are the model's own "
                               "text, too close to everything to gate on)")
+        if self.reveal_stop_on == "fragments" and self.stop_on is not None:
+            raise ConfigError("--reveal-stop-on fragments measures the request's fragments: drop --stop-on, or pass "
+                              "--reveal-stop-on revealed")
         self.round_config().validate()
         return self
 
     def round_config(self) -> "UnlearnConfig":
-        """A --reveal run's options as one round's run: its forget set the file the first round writes."""
-        return dataclasses.replace(self, reveal=None, forget=f"{self.out}.reveal/round-01/forget.jsonl")
+        """A --reveal run's options as one round's run: its forget set the file the first round writes (and,
+        with --reveal-stop-on fragments, its stop rule on the request's fragments, which the run writes)."""
+        work = f"{self.out}.reveal"
+        return dataclasses.replace(self, reveal=None, forget=f"{work}/round-01/forget.jsonl",
+                                   stop_on=f"{work}/fragments.jsonl" if self.reveal_stop_on == "fragments"
+                                   else self.stop_on)
 
     def eval_options(self) -> dict[str, Any]:
         """The ``eval_*`` options as :class:`loku.eval_options.EvalOptions` fields (``run_suites`` keywords)."""

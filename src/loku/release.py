@@ -12,6 +12,12 @@ Every round is anchored to the model before the first round (the sequence's orig
 term (and NPO's or UNDIAL's reference) compares against that model, not against the one the earlier rounds
 left, so the rounds' drift does not compound.
 
+With ``reveal_stop_on`` ``fragments`` each round's stop rule measures the request's fragments (OUT.reveal/
+fragments.jsonl) against the validation set cut to their length, not the round's generated texts: the model's
+own greedy text is "memorized" (MA near 1) by any model, trained on the request or not, so bringing it to
+the held-out level unlearns far past the request (the reveal bench: x7 Pile perplexity after round 2). The
+loop then also ends after a round that met its stop rule: the fragments are at the held-out level.
+
 The loop ends at ``reveal_rounds`` rounds, when a round's mean reward falls below
 ``reveal_stop_reward`` (the generations stopped revealing: what that round did collect is unlearned
 first), or after ``reveal_patience`` rounds in a row that reveal nothing new, each with a message. A round
@@ -84,6 +90,9 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
 
     check_unlearn(cfg)
     request = load_request(cfg.reveal)
+    if cfg.reveal_stop_on == "fragments" and not request.fragments:
+        raise ConfigError(f"{cfg.reveal}: --reveal-stop-on fragments measures the request's fragments, and this "
+                          "request has none; add fragments, or pass --reveal-stop-on revealed")
     work = work_dir(cfg.out)
     accelerator = accelerator or dist.make_accelerator(cfg.device)
     main = accelerator.is_main_process  # the only process that writes the rounds' records
@@ -100,6 +109,13 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
         if main:
             _start_rounds(cfg)
         saved = []
+    if main and cfg.reveal_stop_on == "fragments":
+        import json
+
+        from .save import atomic_write_text
+
+        atomic_write_text(cfg.round_config().stop_on, "".join(json.dumps({"text": f}, ensure_ascii=False) + "\n"
+                                                              for f in request.fragments))
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress)
@@ -156,6 +172,13 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
         # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
         # what the model was just seen to produce, and stopping first would ship a model that still produces
         # them. (Deciding before generating would need the reward of texts not generated yet.)
+        if cfg.reveal_stop_on == "fragments" and (record.get("outcome") == "success"
+                                                  or record.get("stop_verdict") == "overshoot"):
+            stopped = (f"round {number} left the request's fragments at the held-out level (its stop rule met; "
+                       "--reveal-stop-on fragments)" if record["outcome"] == "success" else
+                       f"round {number} took the request's fragments past the held-out level (an overshoot; "
+                       "another round would push them further)")
+            break
         if record["mean_reward"] < cfg.reveal_stop_reward:
             stopped = (f"round {number}: the generations stopped revealing (mean reward {record['mean_reward']:.3f} "
                        f"< --reveal-stop-reward {cfg.reveal_stop_reward:g})"
@@ -266,10 +289,11 @@ def _unlearn_round(cfg: UnlearnConfig, record: dict[str, Any], base, tokenizer, 
     """One round's collected texts unlearned as the next request of the rounds' sequence; ``record`` notes it."""
     from .requests import unlearn_requests
 
-    round_cfg = dataclasses.replace(cfg, reveal=None, forget=record["forget"], overwrite=True)
+    round_cfg = dataclasses.replace(cfg.round_config(), forget=record["forget"], overwrite=True)
     result = unlearn_requests(round_cfg, model=base, tokenizer=tokenizer, accelerator=accelerator, previous=previous)
     finished = result.state["finished"][-1]
-    record.update(request=finished["name"], outcome=finished["outcome"], epochs_run=finished["epochs_run"])
+    record.update(request=finished["name"], outcome=finished["outcome"], epochs_run=finished["epochs_run"],
+                  stop_verdict=(finished["run"].get("stop") or {}).get("verdict"))
     return result
 
 

@@ -205,7 +205,8 @@ class TwoSidedRule(StopRule):
 
         def measure() -> dict[str, Any]:
             ma, nll = sequence_scores(anchor, run.eval_batches["validation"])
-            draws, seed = len(run.sets.forget_ids), self.cfg.seed + BOOTSTRAP_SEED_OFFSET
+            # as many draws as the set the checks measure (the forget set, or --stop-on's texts)
+            draws, seed = len(run.sets.measured()[0].ids), self.cfg.seed + BOOTSTRAP_SEED_OFFSET
             return {"forget_ma": asdict(bootstrap_band(ma, draws, self.cfg.stop_interval, seed, +1)),
                     "forget_nll": asdict(bootstrap_band(nll, draws, self.cfg.stop_interval, seed + 1, -1))}
 

@@ -53,6 +53,19 @@ class Sets:
     forget_ids: data_mod.TokenizedSet
     retain_ids: data_mod.TokenizedSet
     validation_ids: data_mod.TokenizedSet
+    stop_on: data_mod.TextSet | None = None  # --stop-on: what the stop rule measures instead of the forget set
+    stop_on_ids: data_mod.TokenizedSet | None = None
+
+    def measured(self) -> tuple[data_mod.TokenizedSet, data_mod.TokenizedSet]:
+        """(the set the stop rule measures, the held-out set it is measured against): the forget and validation
+        sets, or the --stop-on texts and the validation set cut to their longest length (a 16-token fragment's
+        MA and EL against 16-token held-out text, not against whole sequences with more context)."""
+        if self.stop_on_ids is None:
+            return self.forget_ids, self.validation_ids
+        cut = max(len(ids) for ids in self.stop_on_ids.ids)
+        held = self.validation_ids
+        return self.stop_on_ids, data_mod.TokenizedSet([ids[:cut] for ids in held.ids],
+                                                       [min(n, cut) for n in held.prompt_lengths], held.template)
 
 
 @dataclass
@@ -199,6 +212,9 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
     if accelerator.is_main_process and cfg.out and not resume:
         guard_output(cfg)
     forget_set, retain_set, validation_set = load_sets(cfg)
+    stop_on = data_mod.load_text_set(cfg.stop_on, "stop-on") if cfg.stop_on else None
+    if stop_on is not None and validation_set is not None:
+        data_mod.check_validation_not_forget(stop_on.texts, validation_set.texts, cfg.stop_on, cfg.validation)
     if model is None:
         model, tokenizer = load_model(cfg.model, dtype=master_dtype(cfg), trust_remote_code=cfg.trust_remote_code,
                                       progress=cfg.progress, quantization=devices.quantization_of(cfg),
@@ -208,14 +224,16 @@ def prepare(cfg: UnlearnConfig, *, model=None, tokenizer=None, accelerator=None,
         if master_dtype(cfg) == "float32":
             model.float()
     pad = ensure_pad_token(tokenizer)
-    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set, model=model)
+    sets = tokenize_sets(cfg, tokenizer, model_context(model, cfg), forget_set, retain_set, validation_set, model=model,
+                         stop_on=stop_on)
     if not cfg.method_spec().full_weights:  # bad --targets / --rank fail now, not after the "before" evaluation
         check_rank(model, resolve_targets(model, cfg.targets), cfg.rank)
     fingerprint = model_fingerprint(model)
     checkpoint = load_checkpoint(cfg.out, cfg.to_dict(), fingerprint, option_defaults()) if resume else None
     devices.place(model, accelerator.device).eval()
-    eval_batches = {"forget": data_mod.make_batches(sets.forget_ids, cfg.eval_batch_size, pad),
-                    "validation": data_mod.make_batches(sets.validation_ids, cfg.eval_batch_size, pad)}
+    measured, held_out = sets.measured()
+    eval_batches = {"forget": data_mod.make_batches(measured, cfg.eval_batch_size, pad),
+                    "validation": data_mod.make_batches(held_out, cfg.eval_batch_size, pad)}
     # A resumed run re-logs the steps after its checkpoint: the killed run's later events are purged.
     resume_step = checkpoint.state["epochs"][-1].get("optimizer_steps", 0) + 1 if checkpoint is not None else None
     return Run(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, sets=sets,
@@ -257,7 +275,7 @@ def model_context(model, cfg: UnlearnConfig) -> int:
     return cfg.max_length or context_length(model)
 
 
-def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, model=None) -> Sets:
+def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, model=None, stop_on=None) -> Sets:
     """Token ids of each set; question/answer and chat items get ``--template`` (the chat template by default),
     the prompt masked."""
     overflow = "truncate" if cfg.truncate else "error"
@@ -269,7 +287,8 @@ def tokenize_sets(cfg, tokenizer, context: int, forget, retain, validation, mode
                                      model_context=not cfg.max_length, model=model,
                                      template=cfg.template)
 
-    return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation))
+    return Sets(forget, retain, validation, tok(forget), tok(retain), tok(validation), stop_on,
+                tok(stop_on) if stop_on is not None else None)
 
 
 def master_dtype(cfg: UnlearnConfig) -> str:
@@ -622,7 +641,8 @@ def finish(run: Run) -> RunResult:
         "resumed": run.resumed,
         "data": {name: {"path": s.path, "sha256": s.sha256, "sequences": len(ids), "qa_template": ids.template}
                  for name, s, ids in (("forget", sets.forget, sets.forget_ids), ("retain", sets.retain, sets.retain_ids),
-                                      ("validation", sets.validation, sets.validation_ids)) if s is not None},
+                                      ("validation", sets.validation, sets.validation_ids),
+                                      ("stop_on", sets.stop_on, sets.stop_on_ids)) if s is not None},
     }
     if (stop := run.stop_rule.report()) is not None:  # the two-sided rule: bands, checks, the state kept
         report["stop"] = stop

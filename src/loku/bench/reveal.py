@@ -198,7 +198,7 @@ def _real_text(cfg, out: Path, shared) -> dict[str, Any]:
             "scores": scores(result.model, shared["tokenizer"], shared["texts"], cfg)}
 
 
-def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
+def _self_generated(cfg, out: Path, shared, arm: str = "self-generated", **options: Any) -> dict[str, Any]:
     import shutil
 
     from ..checkpoint import discard as discard_checkpoint
@@ -206,9 +206,9 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
     from ..requests import apply_deltas
 
     files, tokenizer = shared["files"], shared["tokenizer"]
-    run_out = out / "arms" / "self-generated.run"
+    run_out = out / "arms" / f"{arm}.run"
     run_cfg = cfg.unlearn_config(None, files["retain"], files["heldout"], str(run_out), reveal=files["request"],
-                                 overwrite=True)
+                                 overwrite=True, **options)
     # a bench restarted after a kill goes on after the arm's last finished round
     release = reveal_and_release(run_cfg, model=shared["planted"], tokenizer=tokenizer, say=lambda m: None,
                                  resume=resumable(run_out))
@@ -218,7 +218,8 @@ def _self_generated(cfg, out: Path, shared) -> dict[str, Any]:
         collected += texts
         entry = {**{key: record[key] for key in ("round", "queries", "collected", "repeated", "novel", "new_ngram_share",
                                                   "mean_reward", "refused", "seconds_reveal")},
-                 "outcome": record.get("outcome"), "epochs_run": record.get("epochs_run", 0),
+                 "outcome": record.get("outcome"), "stop_verdict": record.get("stop_verdict"),
+                 "epochs_run": record.get("epochs_run", 0),
                  "coverage": coverage(tokenizer, texts, shared["hidden"]) if texts else 0.0,
                  "coverage_so_far": coverage(tokenizer, collected, shared["hidden"]) if collected else 0.0,
                  "tokens": [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts],
@@ -280,7 +281,15 @@ def _random_text(cfg, out: Path, shared) -> dict[str, Any]:
             "scores": scores(result.model, shared["tokenizer"], shared["texts"], cfg)}
 
 
-_ARM_FUNCTIONS = {"real-text": _real_text, "self-generated": _self_generated, "coverage": _coverage,
+def _self_generated_fragments(cfg, out: Path, shared) -> dict[str, Any]:
+    """The self-generated arm with each round's stop rule on the request's fragments (§9, §12): two-sided,
+    checked every optimizer step, against the held-out texts cut to the fragments' length."""
+    return _self_generated(cfg, out, shared, "self-generated-fragments", reveal_stop_on="fragments",
+                           stop_rule="two-sided", check_every=1)
+
+
+_ARM_FUNCTIONS = {"real-text": _real_text, "self-generated": _self_generated,
+                  "self-generated-fragments": _self_generated_fragments, "coverage": _coverage,
                   "random-text": _random_text}
 
 

@@ -11,9 +11,12 @@ from .verdicts import verdict_lines
 
 __all__ = ["queries_to_reach", "write_outputs"]
 
-ARMS = ("real-text", "self-generated", "coverage", "random-text")  # random-text needs self-generated's sizes
+# random-text needs self-generated's sizes; self-generated-fragments: each round's stop rule on the request's
+# fragments (--reveal-stop-on fragments, two-sided, every step), the rest as self-generated
+ARMS = ("real-text", "self-generated", "self-generated-fragments", "coverage", "random-text")
 
-UNLEARNED = ("real-text", "self-generated", "random-text")
+UNLEARNED = ("real-text", "self-generated", "self-generated-fragments", "random-text")
+ROUNDS = ("self-generated", "self-generated-fragments")  # the arms of rounds
 
 
 def queries_to_reach(curve: list[float], level: float) -> int | None:
@@ -111,15 +114,18 @@ def render_markdown(summary: dict[str, Any]) -> str:
                   _score_row("original", "–", "–", original, original),
                   _score_row("planted", "–", "–", summary["planted"], original)]
         labels = {"real-text": "the planted text (upper bound)", "self-generated": "what the model revealed",
+                  "self-generated-fragments": "what the model revealed, rounds stopped on the request's fragments",
                   "random-text": "unplanted Pile text, same size and epochs (lower bound)"}
         for arm in UNLEARNED:
             if arm in arms:
                 a = arms[arm]
                 lines.append(_score_row(arm, f"{labels[arm]}: {a.get('forget_texts', 0)} texts", a.get("epochs_run"),
                                         a.get("scores"), original))
-    gen = arms.get("self-generated")
-    if gen:
-        lines += ["", f"Self-generated rounds ({gen['stopped']}; mean subspace overlap of the rounds' A: "
+    for arm in (a for a in ROUNDS if a in arms):
+        gen = arms[arm]
+        title = {"self-generated": "Self-generated rounds",
+                 "self-generated-fragments": "Self-generated rounds, each stopped on the request's fragments"}[arm]
+        lines += ["", f"{title} ({gen['stopped']}; mean subspace overlap of the rounds' A: "
                       f"{_f(gen.get('mean_overlap'), 4)}):", "",
                   "| round | queries | collected | repeated | texts with new n-grams (share new) | mean reward | "
                   "hidden 4-gram recall (round / so far) | retain texts inside | outcome (epochs) | "
@@ -128,7 +134,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
             s = r.get("scores")
             lines.append(f"| {r['round']} | {r['queries']} | {r['collected']} | {r['repeated']} | "
                          f"{r.get('novel', '–')} ({_f(r.get('new_ngram_share'))}) | {_f(r['mean_reward'])} | {_f(r['coverage'])} / {_f(r['coverage_so_far'])} | "
-                         f"{r['retain_verbatim']} | {r['outcome'] or 'not unlearned'} ({r['epochs_run']}) | "
+                         f"{r['retain_verbatim']} | {r['outcome'] or 'not unlearned'}"
+                         + (f", {r['stop_verdict']}" if r.get("stop_verdict") else "") + f" ({r['epochs_run']}) | "
                          + (f"{_f(s['ma'])} / {_f(s['el'])}" if s else "–") + " |")
     cov = summary.get("coverage")
     if cov:

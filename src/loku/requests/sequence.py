@@ -265,11 +265,12 @@ def _held_out_before_first(original, state: dict):
 
     def held_out(run) -> dict[str, float]:
         cache = state.setdefault("validation_before", {})
-        if run.cfg.validation not in cache:
-            cache[run.cfg.validation] = (
+        key = run.cfg.validation if run.cfg.stop_on is None else f"{run.cfg.validation} cut to --stop-on {run.cfg.stop_on}"
+        if key not in cache:
+            cache[key] = (
                 {"ma": run.before["val_ma"], "el": run.before["val_el"]} if not state["finished"]
                 else measure_request(original, run.eval_batches["validation"], run.cfg.el_n))
-        return cache[run.cfg.validation]
+        return cache[key]
 
     return held_out
 
