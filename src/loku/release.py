@@ -168,10 +168,6 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
         if record["novel"]:
             seen |= {_normal(item["text"]) for item in fresh}
             unlearned += [item["ids"] for item in fresh]
-        # The stop is decided after the round's texts are unlearned, not before: a low mean reward says the
-        # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
-        # what the model was just seen to produce, and stopping first would ship a model that still produces
-        # them. (Deciding before generating would need the reward of texts not generated yet.)
         if cfg.reveal_stop_on == "fragments" and (record.get("outcome") == "success"
                                                   or record.get("stop_verdict") == "overshoot"):
             stopped = (f"round {number} left the request's fragments at the held-out level (its stop rule met; "
@@ -179,6 +175,10 @@ def reveal_and_release(cfg: UnlearnConfig, *, model=None, tokenizer=None, accele
                        f"round {number} took the request's fragments past the held-out level (an overshoot; "
                        "another round would push them further)")
             break
+        # The stop is decided after the round's texts are unlearned, not before: a low mean reward says the
+        # NEXT round would reveal little; the texts this round did collect (each new, above --min-reward) are
+        # what the model was just seen to produce, and stopping first would ship a model that still produces
+        # them. (Deciding before generating would need the reward of texts not generated yet.)
         if record["mean_reward"] < cfg.reveal_stop_reward:
             stopped = (f"round {number}: the generations stopped revealing (mean reward {record['mean_reward']:.3f} "
                        f"< --reveal-stop-reward {cfg.reveal_stop_reward:g})"
